@@ -1,0 +1,74 @@
+"""Backbone adapters, one per diffusers family, and the registry that picks one for a model folder."""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import torch
+
+from .base import BackboneAdapter, Cond, FrameLayout, cat_conds, read_model_index, repeat_cond
+
+# family -> "module:Class"; modules are imported on first use so a missing optional piece of one
+# family never breaks the others.
+_ADAPTERS: dict[str, str] = {
+    "wan": "longgen.backbones.wan:WanAdapter",
+    "skyreels_v2": "longgen.backbones.skyreels_v2:SkyReelsV2Adapter",
+    "ltx": "longgen.backbones.ltx:LTXAdapter",
+    "cogvideox": "longgen.backbones.cogvideox:CogVideoXAdapter",
+    "hunyuan_video": "longgen.backbones.hunyuan_video:HunyuanVideoAdapter",
+    "animatediff": "longgen.backbones.animatediff:AnimateDiffAdapter",
+    "svd": "longgen.backbones.svd:SVDAdapter",
+}
+
+FAMILIES = tuple(_ADAPTERS)
+
+
+def get_adapter_class(family: str) -> type[BackboneAdapter]:
+    """The adapter class of a family name (``wan``, ``ltx``, ...)."""
+    if family not in _ADAPTERS:
+        raise ValueError(f"unknown backbone family {family!r}; choose one of: {', '.join(FAMILIES)}")
+    module, name = _ADAPTERS[family].split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def adapter_class_for_pipeline(class_name: str) -> type[BackboneAdapter]:
+    """The adapter whose ``pipeline_class_names`` lists a diffusers pipeline class name."""
+    supported = []
+    for family in FAMILIES:
+        cls = get_adapter_class(family)
+        if class_name in cls.pipeline_class_names:
+            return cls
+        supported.extend(cls.pipeline_class_names)
+    raise ValueError(
+        f"longgen has no backbone adapter for diffusers pipeline class {class_name!r}. "
+        f"Supported pipeline classes: {', '.join(supported)}."
+    )
+
+
+def load_adapter(path: str | os.PathLike, torch_dtype: torch.dtype = torch.float32, **kwargs) -> BackboneAdapter:
+    """Load a local diffusers pipeline folder and wrap it in the adapter its ``model_index.json`` names."""
+    index = read_model_index(os.fspath(path))
+    cls = adapter_class_for_pipeline(index.get("_class_name", "<missing _class_name>"))
+    return cls.from_pretrained(path, torch_dtype=torch_dtype, **kwargs)
+
+
+def build_tiny(family: str, seed: int = 0) -> BackboneAdapter:
+    """A tiny randomly initialised adapter of a family (CPU tests and the demo; no downloads)."""
+    cls = get_adapter_class(family)
+    return cls(cls.tiny_pipeline(seed=seed))
+
+
+__all__ = [
+    "FAMILIES",
+    "BackboneAdapter",
+    "Cond",
+    "FrameLayout",
+    "adapter_class_for_pipeline",
+    "build_tiny",
+    "cat_conds",
+    "get_adapter_class",
+    "load_adapter",
+    "read_model_index",
+    "repeat_cond",
+]

@@ -1,0 +1,272 @@
+"""The backbone adapter contract: one denoiser form for every diffusers video model.
+
+An adapter wraps a stock diffusers pipeline (never a fork of it) and exposes
+
+    denoise(x[B, C, F, H, W], sigma[B, F], cond) -> x0
+
+in longgen's flow-sigma convention (see :mod:`longgen.schedules`), with one noise level per latent
+frame. Everything model-specific — the model's own parameterisation, how its timestep enters, how to
+encode prompts, how the VAE compresses time, which layers extensions and LoRA touch — is declared or
+implemented by the adapter, so samplers, extensions and training stay model-agnostic
+(k-diffusion's ``external.py`` wrappers are the pattern).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from ..schedules import flow_sigmas
+
+Cond = dict[str, Any]
+"""Model inputs besides x and the noise level. Tensor values carry the batch on dim 0, so two conds
+(prompt and negative prompt) concatenate into one batch for classifier-free guidance."""
+
+
+def cat_conds(conds: list[Cond]) -> Cond:
+    """Concatenate conds along the batch; non-tensor values must agree and are kept once."""
+    out: Cond = {}
+    for key in conds[0]:
+        values = [c[key] for c in conds]
+        if isinstance(values[0], torch.Tensor):
+            out[key] = torch.cat(values, dim=0)
+        elif values[0] is None or all(v is values[0] or v == values[0] for v in values):
+            out[key] = values[0]
+        else:
+            raise ValueError(f"cannot batch cond entry {key!r}: values differ and are not tensors")
+    return out
+
+
+def repeat_cond(cond: Cond, repeats: int) -> Cond:
+    """Repeat every batched tensor of a cond ``repeats`` times along the batch (windows in one call)."""
+    return {k: (v.repeat_interleave(repeats, dim=0) if isinstance(v, torch.Tensor) else v) for k, v in cond.items()}
+
+
+@dataclass(frozen=True)
+class FrameLayout:
+    """How pixel frames map to latent frames for one VAE.
+
+    A *causal* video VAE (Wan, HunyuanVideo, LTX, CogVideoX) encodes the first pixel frame alone and
+    every following ``temporal_compression`` frames into one latent frame:
+    ``num_frames = temporal_compression * (num_latent_frames - 1) + 1``. A per-frame image VAE
+    (AnimateDiff, SVD) has ``temporal_compression == 1``.
+    """
+
+    temporal_compression: int
+    causal: bool
+
+    def num_latent_frames(self, num_frames: int, family: str = "this model") -> int:
+        tc = self.temporal_compression
+        if num_frames < 1:
+            raise ValueError(f"num_frames must be positive, got {num_frames}")
+        if self.causal and tc > 1:
+            if (num_frames - 1) % tc != 0:
+                lower = (num_frames - 1) // tc * tc + 1
+                raise ValueError(
+                    f"{family} needs num_frames = {tc}k+1 because its VAE compresses time by {tc} after the "
+                    f"first frame; got {num_frames}. Use {lower} or {lower + tc}."
+                )
+            return (num_frames - 1) // tc + 1
+        if num_frames % tc != 0:
+            lower = num_frames // tc * tc
+            raise ValueError(
+                f"{family} needs num_frames divisible by {tc} (its VAE temporal stride); got {num_frames}. "
+                f"Use {max(lower, tc)} or {lower + tc}."
+            )
+        return num_frames // tc
+
+    def num_pixel_frames(self, num_latent_frames: int) -> int:
+        tc = self.temporal_compression
+        return tc * (num_latent_frames - 1) + 1 if (self.causal and tc > 1) else tc * num_latent_frames
+
+
+class BackboneAdapter:
+    """Base class of the per-family adapters in ``longgen/backbones/<family>.py``.
+
+    Subclasses set the class attributes below and implement ``tiny_pipeline``, ``encode_prompt``,
+    ``denoise`` and ``decode``. They must not change the wrapped model's weights or classes.
+    """
+
+    family: ClassVar[str] = ""
+    pipeline_class_names: ClassVar[tuple[str, ...]] = ()
+    """``_class_name`` values in ``model_index.json`` this adapter loads."""
+    model_attr: ClassVar[str] = "transformer"
+    """Pipeline attribute of the denoising network (``transformer`` or ``unet``)."""
+    temporal_compression: ClassVar[int] = 4
+    spatial_compression: ClassVar[int] = 8
+    causal_vae: ClassVar[bool] = True
+    patch_size: ClassVar[tuple[int, int, int]] = (1, 2, 2)
+    """Latent frames, rows, columns per token."""
+    prediction: ClassVar[str] = "flow"
+    """The model's own output: ``flow`` (velocity), ``eps``, ``v`` or ``edm_v``."""
+    native_per_frame_timesteps: ClassVar[bool] = False
+    """True when the stock model accepts per-token timesteps; otherwise the adapter adds them by a hook."""
+    lora_target_modules: ClassVar[tuple[str, ...]] = ("to_q", "to_k", "to_v", "to_out.0")
+    default_num_steps: ClassVar[int] = 30
+    default_guidance_scale: ClassVar[float] = 5.0
+    default_height: ClassVar[int] = 480
+    default_width: ClassVar[int] = 832
+    default_num_frames: ClassVar[int] = 81
+    """The model's native (training) clip length in pixel frames."""
+    supports_image_condition: ClassVar[bool] = False
+    requires_image_condition: ClassVar[bool] = False
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+        if getattr(pipe, self.model_attr, None) is None:
+            raise ValueError(f"{type(pipe).__name__} has no '{self.model_attr}' component")
+
+    # --- construction -------------------------------------------------------------------------
+    @classmethod
+    def pipeline_class(cls):
+        """The diffusers pipeline class this adapter builds by default."""
+        import diffusers
+
+        return getattr(diffusers, cls.pipeline_class_names[0])
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, torch_dtype: torch.dtype = torch.float32, **kwargs):
+        """Load a local diffusers pipeline folder (no hub access) and wrap it."""
+        path = os.fspath(path)
+        index = read_model_index(path)
+        import diffusers
+
+        pipe_cls = getattr(diffusers, index["_class_name"], None) or cls.pipeline_class()
+        pipe = pipe_cls.from_pretrained(path, torch_dtype=torch_dtype, local_files_only=True, **kwargs)
+        return cls(pipe)
+
+    @classmethod
+    def tiny_pipeline(cls, seed: int = 0):
+        """A tiny randomly initialised pipeline of this family (tests, demo); no downloads."""
+        raise NotImplementedError
+
+    # --- shapes -------------------------------------------------------------------------------
+    @property
+    def model(self) -> torch.nn.Module:
+        return getattr(self.pipe, self.model_attr)
+
+    @property
+    def vae(self):
+        return self.pipe.vae
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def frame_layout(self) -> FrameLayout:
+        return FrameLayout(self.temporal_compression, self.causal_vae)
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.model.config.in_channels)
+
+    def num_latent_frames(self, num_frames: int) -> int:
+        return self.frame_layout.num_latent_frames(num_frames, self.family)
+
+    def num_pixel_frames(self, num_latent_frames: int) -> int:
+        return self.frame_layout.num_pixel_frames(num_latent_frames)
+
+    def latent_shape(self, num_frames: int, height: int, width: int, batch_size: int = 1) -> tuple[int, ...]:
+        """``(B, C, F_latent, H_latent, W_latent)``, validating the pixel sizes against VAE and patch."""
+        mult = self.spatial_compression * self.patch_size[1]
+        if height % mult or width % mult:
+            raise ValueError(
+                f"{self.family} needs height and width divisible by {mult} (VAE stride "
+                f"{self.spatial_compression} x patch {self.patch_size[1]}); got {height}x{width}. "
+                f"Use {height // mult * mult or mult}x{width // mult * mult or mult}."
+            )
+        f = self.num_latent_frames(num_frames)
+        return (batch_size, self.latent_channels, f, height // self.spatial_compression, width // self.spatial_compression)
+
+    # --- noise levels -------------------------------------------------------------------------
+    def sigmas(self, num_steps: int, shift: float | None = None) -> torch.Tensor:
+        """The model's default descending flow sigmas ``[num_steps + 1]``, ending at 0."""
+        return flow_sigmas(num_steps, shift=1.0 if shift is None else shift)
+
+    # --- the contract -------------------------------------------------------------------------
+    def encode_prompt(
+        self,
+        prompt: list[str],
+        negative_prompt: list[str] | None = None,
+        image=None,
+        do_classifier_free_guidance: bool = True,
+        num_frames: int | None = None,
+        height: int | None = None,
+        width: int | None = None,
+    ) -> tuple[Cond, Cond | None]:
+        """Encode prompts (and an optional conditioning image) with the pipeline's own encoders."""
+        raise NotImplementedError
+
+    def denoise(self, x: torch.Tensor, sigma: torch.Tensor, cond: Cond) -> torch.Tensor:
+        """x0 prediction for ``x`` ``[B, C, F, H, W]`` at per-frame flow sigmas ``sigma`` ``[B, F]``."""
+        raise NotImplementedError
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Decode latents ``[B, C, f, h, w]`` to frames ``[B, num_pixel_frames(f), H, W, 3]`` in [0, 1]."""
+        raise NotImplementedError
+
+    def iter_decode(
+        self, latents: torch.Tensor, chunk_latent_frames: int = 8, context_latent_frames: int = 2
+    ) -> Iterator[torch.Tensor]:
+        """Decode in temporal chunks, yielding ``[B, n, H, W, 3]`` frame blocks in order.
+
+        Peak decode memory depends on the chunk, not the clip. A causal VAE gets
+        ``context_latent_frames`` of the previous chunk decoded again in front of each chunk, whose
+        frames are dropped: the chunk then starts from warm causal state, not from a "first frame".
+        """
+        num_latent = latents.shape[2]
+        start = 0
+        while start < num_latent:
+            end = min(start + chunk_latent_frames, num_latent)
+            ctx_start = max(0, start - (context_latent_frames if self.causal_vae else 0))
+            frames = self.decode(latents[:, :, ctx_start:end])
+            drop = self.num_pixel_frames(start - ctx_start) if start > ctx_start else 0
+            yield frames[:, drop:]
+            start = end
+
+    # --- what extensions and training need ----------------------------------------------------
+    def rope_module(self) -> torch.nn.Module | None:
+        """The model's rotary embedding module (3D-RoPE DiTs) or None."""
+        return None
+
+    def temporal_attention_modules(self) -> list[tuple[str, torch.nn.Module]]:
+        """(name, module) of attention layers that mix information across frames."""
+        return []
+
+    def context_parallel_plan(self) -> dict | None:
+        """The diffusers ``_cp_plan`` when the model supports context parallel, else None."""
+        return getattr(self.model, "_cp_plan", None)
+
+
+def read_model_index(path: str) -> dict:
+    """Read a diffusers folder's ``model_index.json`` with errors that say what is wrong."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"model folder {path!r} does not exist. Pass a local diffusers pipeline folder "
+            "(one with model_index.json); longgen does not download from a hub."
+        )
+    if not os.path.isdir(path):
+        raise NotADirectoryError(f"{path!r} is a file; pass the diffusers pipeline folder that holds model_index.json")
+    index_path = os.path.join(path, "model_index.json")
+    if not os.path.exists(index_path):
+        raise FileNotFoundError(
+            f"{path!r} has no model_index.json: it is not a diffusers pipeline folder. Save one with "
+            "`pipe.save_pretrained(path)` or `longgen make-tiny`."
+        )
+    with open(index_path) as f:
+        return json.load(f)
+
+
+def per_frame_to_tokens(values: torch.Tensor, tokens_per_frame: int) -> torch.Tensor:
+    """``[B, F] -> [B, F * tokens_per_frame]``: one value per token, frames outermost (F, H, W order)."""
+    return values.repeat_interleave(tokens_per_frame, dim=1)
