@@ -113,6 +113,8 @@ class BackboneAdapter:
     default_width: ClassVar[int] = 832
     default_num_frames: ClassVar[int] = 81
     """The model's native (training) clip length in pixel frames."""
+    tiny_video_size: ClassVar[tuple[int, int, int]] = (9, 32, 32)
+    """(num_frames, height, width) of the native clip of ``tiny_pipeline`` (tests and the demo)."""
     supports_image_condition: ClassVar[bool] = False
     requires_image_condition: ClassVar[bool] = False
 
