@@ -56,7 +56,7 @@ def load_adapter(path: str | os.PathLike, torch_dtype: torch.dtype = torch.float
 def build_tiny(family: str, seed: int = 0) -> BackboneAdapter:
     """A tiny randomly initialised adapter of a family (CPU tests and the demo; no downloads)."""
     cls = get_adapter_class(family)
-    return cls(cls.tiny_pipeline(seed=seed))
+    return cls(cls.tiny_pipeline(seed=seed), native_video_size=cls.tiny_video_size)
 
 
 __all__ = [

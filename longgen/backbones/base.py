@@ -118,10 +118,12 @@ class BackboneAdapter:
     supports_image_condition: ClassVar[bool] = False
     requires_image_condition: ClassVar[bool] = False
 
-    def __init__(self, pipe):
+    def __init__(self, pipe, native_video_size: tuple[int, int, int] | None = None):
         self.pipe = pipe
         if getattr(pipe, self.model_attr, None) is None:
             raise ValueError(f"{type(pipe).__name__} has no '{self.model_attr}' component")
+        self.native_video_size = tuple(native_video_size or (self.default_num_frames, self.default_height, self.default_width))
+        """(num_frames, height, width) the model was trained on: the window of long samplers."""
 
     # --- construction -------------------------------------------------------------------------
     @classmethod
@@ -140,7 +142,18 @@ class BackboneAdapter:
 
         pipe_cls = getattr(diffusers, index["_class_name"], None) or cls.pipeline_class()
         pipe = pipe_cls.from_pretrained(path, torch_dtype=torch_dtype, local_files_only=True, **kwargs)
-        return cls(pipe)
+        meta = read_longgen_meta(path)
+        native = (meta["num_frames"], meta["height"], meta["width"]) if "num_frames" in meta else None
+        return cls(pipe, native_video_size=native)
+
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        """Save the wrapped pipeline plus ``longgen.json`` (family and native clip size)."""
+        path = os.fspath(path)
+        self.pipe.save_pretrained(path)
+        num_frames, height, width = self.native_video_size
+        meta = {"family": self.family, "num_frames": num_frames, "height": height, "width": width}
+        with open(os.path.join(path, LONGGEN_META), "w") as f:
+            json.dump(meta, f, indent=2)
 
     @classmethod
     def tiny_pipeline(cls, seed: int = 0):
@@ -248,6 +261,18 @@ class BackboneAdapter:
     def context_parallel_plan(self) -> dict | None:
         """The diffusers ``_cp_plan`` when the model supports context parallel, else None."""
         return getattr(self.model, "_cp_plan", None)
+
+
+LONGGEN_META = "longgen.json"
+
+
+def read_longgen_meta(path: str) -> dict:
+    """longgen's own metadata next to ``model_index.json`` (written by ``save_pretrained``), or {}."""
+    meta_path = os.path.join(path, LONGGEN_META)
+    if not os.path.exists(meta_path):
+        return {}
+    with open(meta_path) as f:
+        return json.load(f)
 
 
 def read_model_index(path: str) -> dict:
