@@ -1,0 +1,218 @@
+"""The ``longgen`` command: ``generate``, ``make-tiny``, ``info``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+
+logger = logging.getLogger("longgen")
+
+
+def _attention_backends() -> list[str]:
+    try:
+        from diffusers.models.attention_dispatch import AttentionBackendName
+
+        return [b.value for b in AttentionBackendName if "hub" not in b.value]
+    except ImportError:  # pragma: no cover - older diffusers
+        return ["native"]
+
+
+def add_generate_args(p: argparse.ArgumentParser) -> None:
+    from .pipeline import DTYPES
+
+    g = p.add_argument_group("model")
+    g.add_argument("--model", required=True, help="local diffusers pipeline folder (with model_index.json)")
+    g.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="weights and compute dtype (bf16 on GPU)")
+    g.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1")
+    g.add_argument(
+        "--offload",
+        choices=["none", "model", "group"],
+        default="none",
+        help="diffusers offloading for large models on small GPUs: 'model' moves whole components to the "
+        "device when used, 'group' streams layers (slower, least memory)",
+    )
+    g.add_argument(
+        "--attention-backend",
+        default="native",
+        choices=_attention_backends(),
+        help="attention kernel through diffusers' dispatch: native = torch SDPA (default); flash / xformers / "
+        "sage need their packages installed",
+    )
+    g = p.add_argument_group("clip")
+    g.add_argument("--prompt", default="", help="text prompt")
+    g.add_argument("--negative-prompt", default="", help="negative prompt for classifier-free guidance")
+    g.add_argument("--image", default=None, help="conditioning image path (image-to-video models, e.g. SVD)")
+    g.add_argument(
+        "--num-frames",
+        type=int,
+        default=None,
+        help="pixel frames to generate (default: the model's native length); must fit the VAE's temporal "
+        "stride, e.g. 4k+1 for Wan",
+    )
+    g.add_argument("--height", type=int, default=None, help="frame height in pixels (default: native)")
+    g.add_argument("--width", type=int, default=None, help="frame width in pixels (default: native)")
+    g.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
+    g.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale; 1 disables it")
+    g.add_argument("--shift", type=float, default=None, help="flow timestep shift (default: the scheduler's)")
+    g.add_argument("--seed", type=int, default=0, help="random seed of the initial noise")
+    g = p.add_argument_group("sampler")
+    g.add_argument(
+        "--sampler",
+        default="full",
+        help="full: the whole clip at once (naive baseline); sliding: overlapping windows of the native "
+        "length fused every step; fifo / df when available",
+    )
+    g.add_argument("--window", type=int, default=None, help="window in latent frames (default: native length)")
+    g.add_argument("--stride", type=int, default=None, help="window stride in latent frames (default: window/2)")
+    g.add_argument(
+        "--weighting",
+        choices=["pyramid", "uniform"],
+        default=None,
+        help="how overlapping windows are blended (sliding sampler; default pyramid)",
+    )
+    g = p.add_argument_group("output")
+    g.add_argument("--out", default="outputs/longgen.mp4", help="output mp4 path")
+    g.add_argument("--fps", type=float, default=16.0, help="frames per second of the mp4")
+    g.add_argument(
+        "--decode-chunk",
+        type=int,
+        default=4,
+        help="latent frames decoded at a time; peak decode memory depends on this, not on clip length",
+    )
+    g.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from .pipeline import DTYPES, LongVideoPipeline
+
+    image = None
+    if args.image:
+        from PIL import Image
+
+        image = Image.open(args.image).convert("RGB")
+    start = time.perf_counter()
+    pipe = LongVideoPipeline.from_pretrained(
+        args.model,
+        torch_dtype=DTYPES[args.dtype],
+        device=args.device,
+        offload=args.offload,
+        attention_backend=args.attention_backend,
+    )
+    options = {"window": args.window, "stride": args.stride, "weighting": args.weighting}
+    result = pipe.generate(
+        prompt=args.prompt,
+        negative_prompt=args.negative_prompt,
+        image=image,
+        num_frames=args.num_frames,
+        height=args.height,
+        width=args.width,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance,
+        shift=args.shift,
+        seed=args.seed,
+        sampler=args.sampler,
+        sampler_options=options,
+        output_path=args.out,
+        fps=args.fps,
+        decode_chunk_latent_frames=args.decode_chunk,
+        show_progress=not args.quiet,
+    )
+    elapsed = time.perf_counter() - start
+    peak = ""
+    if torch.cuda.is_available() and str(args.device).startswith("cuda"):
+        peak = f", peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB"
+    print(f"wrote {result.path}: {result.num_frames} frames in {elapsed:.1f} s{peak}")
+    return 0
+
+
+def cmd_make_tiny(args: argparse.Namespace) -> int:
+    from .backbones import build_tiny
+
+    adapter = build_tiny(args.family, seed=args.seed)
+    adapter.save_pretrained(args.out)
+    n, h, w = adapter.native_video_size
+    print(f"wrote a tiny random {args.family} pipeline to {args.out} (native clip {n} frames at {h}x{w})")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .backbones import load_adapter
+
+    adapter = load_adapter(args.model)
+    n, h, w = adapter.native_video_size
+    info = {
+        "family": adapter.family,
+        "pipeline": type(adapter.pipe).__name__,
+        "model": type(adapter.model).__name__,
+        "parameters": sum(p.numel() for p in adapter.model.parameters()),
+        "prediction": adapter.prediction,
+        "native_per_frame_timesteps": adapter.native_per_frame_timesteps,
+        "vae_temporal_compression": adapter.temporal_compression,
+        "vae_spatial_compression": adapter.spatial_compression,
+        "patch_size": adapter.patch_size,
+        "native_clip": {"num_frames": n, "height": h, "width": w, "latent_frames": adapter.num_latent_frames(n)},
+        "lora_target_modules": list(adapter.lora_target_modules),
+        "temporal_attention_layers": len(adapter.temporal_attention_modules()),
+        "context_parallel": adapter.context_parallel_plan() is not None,
+    }
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .backbones import FAMILIES
+
+    parser = argparse.ArgumentParser(
+        prog="longgen",
+        description="Long videos from short-clip diffusers video models: training-free long samplers, "
+        "extensions and fine-tuning.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser(
+        "generate",
+        help="generate a (long) clip from a local diffusers pipeline folder and write an mp4",
+        description="Generate a clip, possibly many times longer than the model's native length, and "
+        "stream it to an mp4 (frames are decoded in chunks as they finish).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_generate_args(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser(
+        "make-tiny",
+        help="write a tiny randomly initialised pipeline of a family (tests, demos; no downloads)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--family", choices=FAMILIES, default="wan", help="backbone family")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--seed", type=int, default=0, help="weights seed")
+    p.set_defaults(func=cmd_make_tiny)
+
+    p = sub.add_parser("info", help="print what longgen knows about a model folder (adapter, shapes, layers)")
+    p.add_argument("--model", required=True, help="local diffusers pipeline folder")
+    p.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(name)s: %(message)s"
+    )
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, NotADirectoryError) as err:
+        print(f"longgen {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
