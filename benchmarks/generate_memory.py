@@ -1,0 +1,93 @@
+"""Peak memory and wall time of `longgen generate` vs clip length (issue: foundation).
+
+Each (sampler, length) runs `longgen generate` in a fresh process on a tiny saved pipeline, and the peak
+resident memory of that process (ru_maxrss of the child) and its wall time are recorded; each setting is
+repeated and the median taken. The baseline is the same command at the native length, in the same run,
+so ratios are immune to the machine's speed.
+
+    python -m benchmarks.generate_memory --family wan --factors 1 2 8 --samplers full sliding
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+
+def run_once(model: str, num_frames: int, sampler: str, steps: int, out: str) -> tuple[float, float]:
+    cmd = [sys.executable, "-m", "longgen.cli", "generate", "--model", model, "--num-frames", str(num_frames),
+           "--sampler", sampler, "--steps", str(steps), "--out", out, "--quiet"]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    start = time.perf_counter()
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    seconds = time.perf_counter() - start
+    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    if peak_kib < before:  # pragma: no cover
+        raise RuntimeError("ru_maxrss went down")
+    return seconds, peak_kib / 1024.0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--family", default="wan", help="tiny backbone family")
+    p.add_argument("--factors", type=int, nargs="+", default=[1, 2, 8], help="clip lengths as multiples of native")
+    p.add_argument("--samplers", nargs="+", default=["full", "sliding"], help="samplers to measure")
+    p.add_argument("--steps", type=int, default=4, help="denoising steps")
+    p.add_argument("--repeats", type=int, default=3, help="runs per setting (median reported)")
+    p.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    args = p.parse_args(argv)
+
+    from longgen.backbones import build_tiny
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        model = os.path.join(tmp, "model")
+        adapter = build_tiny(args.family)
+        adapter.save_pretrained(model)
+        native_latent = adapter.num_latent_frames(adapter.native_video_size[0])
+        # ru_maxrss of RUSAGE_CHILDREN is the max over all children so far: run in increasing memory order
+        # per sampler is not guaranteed, so each measurement gets its own grandchild via a wrapper process.
+        for sampler in args.samplers:
+            for factor in args.factors:
+                num_frames = adapter.num_pixel_frames(native_latent * factor)
+                secs, mems = [], []
+                for _ in range(args.repeats):
+                    out = subprocess.run(
+                        [sys.executable, "-m", "benchmarks.generate_memory", "--_child", model, str(num_frames),
+                         sampler, str(args.steps), os.path.join(tmp, "o.mp4")],
+                        check=True, capture_output=True, text=True,
+                    ).stdout.strip().splitlines()[-1]
+                    s, m = map(float, out.split())
+                    secs.append(s)
+                    mems.append(m)
+                rows.append({"sampler": sampler, "factor": factor, "num_frames": num_frames,
+                             "seconds": statistics.median(secs), "peak_rss_mib": statistics.median(mems)})
+                print(json.dumps(rows[-1]), flush=True)
+    print()
+    print("| sampler | length | frames | s/frame | peak RSS MiB | RSS vs 1x | time vs 1x |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        base = next(b for b in rows if b["sampler"] == r["sampler"] and b["factor"] == args.factors[0])
+        print(f"| {r['sampler']} | {r['factor']}x | {r['num_frames']} | {r['seconds'] / r['num_frames']:.3f} | "
+              f"{r['peak_rss_mib']:.0f} | {r['peak_rss_mib'] / base['peak_rss_mib']:.2f} | "
+              f"{r['seconds'] / base['seconds']:.2f} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--_child":
+        model, frames, sampler, steps, out = sys.argv[2:7]
+        s, m = run_once(model, int(frames), sampler, int(steps), out)
+        print(f"{s} {m}")
+        sys.exit(0)
+    sys.exit(main())
