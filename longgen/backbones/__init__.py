@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 
 import torch
 
 from .base import BackboneAdapter, Cond, FrameLayout, cat_conds, read_model_index, repeat_cond
+
+logger = logging.getLogger(__name__)
 
 # family -> "module:Class"; modules are imported on first use so a missing optional piece of one
 # family never breaks the others.
@@ -36,7 +39,11 @@ def adapter_class_for_pipeline(class_name: str) -> type[BackboneAdapter]:
     """The adapter whose ``pipeline_class_names`` lists a diffusers pipeline class name."""
     supported = []
     for family in FAMILIES:
-        cls = get_adapter_class(family)
+        try:
+            cls = get_adapter_class(family)
+        except ImportError as err:  # one family's missing optional dependency must not hide the others
+            logger.warning("backbone family %s unavailable: %s", family, err)
+            continue
         if class_name in cls.pipeline_class_names:
             return cls
         supported.extend(cls.pipeline_class_names)

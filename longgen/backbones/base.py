@@ -141,7 +141,7 @@ class BackboneAdapter:
         import diffusers
 
         pipe_cls = getattr(diffusers, index["_class_name"], None) or cls.pipeline_class()
-        pipe = pipe_cls.from_pretrained(path, torch_dtype=torch_dtype, local_files_only=True, **kwargs)
+        pipe = pipe_cls.from_pretrained(path, dtype=torch_dtype, local_files_only=True, **kwargs)
         meta = read_longgen_meta(path)
         native = (meta["num_frames"], meta["height"], meta["width"]) if "num_frames" in meta else None
         return cls(pipe, native_video_size=native)
