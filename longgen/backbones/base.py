@@ -92,15 +92,17 @@ class BackboneAdapter:
     ``denoise`` and ``decode``. They must not change the wrapped model's weights or classes.
     """
 
+    # Class attributes are the family's defaults; an adapter may override the compression, patch and
+    # image-condition attributes per instance from the loaded configs (e.g. Wan 2.2's 16x VAE).
     family: ClassVar[str] = ""
     pipeline_class_names: ClassVar[tuple[str, ...]] = ()
     """``_class_name`` values in ``model_index.json`` this adapter loads."""
     model_attr: ClassVar[str] = "transformer"
     """Pipeline attribute of the denoising network (``transformer`` or ``unet``)."""
-    temporal_compression: ClassVar[int] = 4
-    spatial_compression: ClassVar[int] = 8
+    temporal_compression: int = 4
+    spatial_compression: int = 8
     causal_vae: ClassVar[bool] = True
-    patch_size: ClassVar[tuple[int, int, int]] = (1, 2, 2)
+    patch_size: tuple[int, int, int] = (1, 2, 2)
     """Latent frames, rows, columns per token."""
     prediction: ClassVar[str] = "flow"
     """The model's own output: ``flow`` (velocity), ``eps``, ``v`` or ``edm_v``."""
@@ -111,12 +113,12 @@ class BackboneAdapter:
     default_guidance_scale: ClassVar[float] = 5.0
     default_height: ClassVar[int] = 480
     default_width: ClassVar[int] = 832
-    default_num_frames: ClassVar[int] = 81
+    default_num_frames: int = 81
     """The model's native (training) clip length in pixel frames."""
     tiny_video_size: ClassVar[tuple[int, int, int]] = (9, 32, 32)
     """(num_frames, height, width) of the native clip of ``tiny_pipeline`` (tests and the demo)."""
-    supports_image_condition: ClassVar[bool] = False
-    requires_image_condition: ClassVar[bool] = False
+    supports_image_condition: bool = False
+    requires_image_condition: bool = False
 
     def __init__(self, pipe, native_video_size: tuple[int, int, int] | None = None):
         self.pipe = pipe

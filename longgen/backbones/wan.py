@@ -1,0 +1,498 @@
+"""Wan 2.1 / 2.2 (Wan Team 2025, "Wan: Open and Advanced Large-Scale Video Generative Models") adapter.
+
+Wraps diffusers' stock ``WanPipeline`` / ``WanImageToVideoPipeline`` / ``WanVideoToVideoPipeline`` and
+their ``WanTransformer3DModel``. Wan is a rectified-flow model (it predicts the velocity
+``v = eps - x0`` at timestep ``sigma * 1000``), so longgen's flow sigma is the model's own and
+``x0 = x - sigma * v``. The stock transformer already accepts one timestep per token
+(``timestep`` of shape ``(B, seq_len)``, the Wan 2.2 TI2V path), so per-frame noise levels need no hook:
+each latent frame's level is repeated over that frame's tokens.
+
+Latents in longgen are the transformer's space: the VAE latents normalised per channel with the VAE
+config's ``latents_mean`` / ``latents_std``, exactly as ``WanPipeline`` does before decoding.
+
+Wan 2.2 A14B (two experts, ``transformer_2`` + ``boundary_ratio``) picks the expert per sample from the
+sample's highest noise level, the pipeline's rule ``t >= boundary`` applied to per-frame levels.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+
+from ..schedules import check_sigma, flow_sigmas
+from .base import BackboneAdapter, Cond, per_frame_to_tokens
+
+# cond keys the adapter understands; everything else is an error that names these.
+_TRANSFORMER_COND_KEYS = ("encoder_hidden_states", "encoder_hidden_states_image", "attention_kwargs")
+CONDITION_LATENTS = "condition_latents"
+"""Cond key of the image-to-video channels (first-frame mask + VAE latents of [image, zeros...]),
+``[B, temporal_compression + C, f, h, w]``, concatenated to ``x`` along channels (Wan 2.1 I2V)."""
+
+
+class WanAdapter(BackboneAdapter):
+    """Backbone adapter of Wan 2.1 / 2.2 (T2V, Wan 2.1-style I2V, V2V; Wan 2.2 two-expert MoE)."""
+
+    family: ClassVar[str] = "wan"
+    pipeline_class_names: ClassVar[tuple[str, ...]] = (
+        "WanPipeline",
+        "WanImageToVideoPipeline",
+        "WanVideoToVideoPipeline",
+    )
+    image_to_video_pipeline_class_names: ClassVar[tuple[str, ...]] = ("WanImageToVideoPipeline",)
+    model_attr: ClassVar[str] = "transformer"
+    temporal_compression: ClassVar[int] = 4
+    spatial_compression: ClassVar[int] = 8
+    causal_vae: ClassVar[bool] = True
+    patch_size: ClassVar[tuple[int, int, int]] = (1, 2, 2)
+    prediction: ClassVar[str] = "flow"
+    native_per_frame_timesteps: ClassVar[bool] = True
+    # Self- and cross-attention projections of every block (suffix match in PEFT) and the block MLP.
+    lora_target_modules: ClassVar[tuple[str, ...]] = (
+        "to_q",
+        "to_k",
+        "to_v",
+        "to_out.0",
+        "ffn.net.0.proj",
+        "ffn.net.2",
+    )
+    default_num_steps: ClassVar[int] = 50
+    default_guidance_scale: ClassVar[float] = 5.0
+    default_height: ClassVar[int] = 480
+    default_width: ClassVar[int] = 832
+    default_num_frames: ClassVar[int] = 81
+    tiny_video_size: ClassVar[tuple[int, int, int]] = (9, 32, 32)
+    max_sequence_length: ClassVar[int] = 512
+    """Text tokens per prompt: the pipelines' ``__call__`` default (Wan's I2V attention assumes 512)."""
+
+    def __init__(self, pipe, native_video_size: tuple[int, int, int] | None = None):
+        super().__init__(pipe, native_video_size)
+        vae_config = pipe.vae.config
+        downsample = list(getattr(vae_config, "temperal_downsample", [False, True, True]))
+        # Instance values shadow the class defaults: Wan 2.2's TI2V VAE compresses space by 16.
+        self.temporal_compression = int(
+            getattr(vae_config, "scale_factor_temporal", None) or 2 ** sum(downsample)
+        )
+        self.spatial_compression = int(
+            getattr(vae_config, "scale_factor_spatial", None) or 2 ** len(downsample)
+        )
+        self.patch_size = tuple(int(p) for p in self.model.config.patch_size)
+        if self.patch_size[0] != 1:
+            raise ValueError(
+                f"{type(self).__name__} expects a temporal patch of 1 (one token row per latent frame); "
+                f"the transformer has patch_size {self.patch_size}"
+            )
+        is_i2v = type(pipe).__name__ in self.image_to_video_pipeline_class_names
+        self.supports_image_condition = is_i2v
+        self.requires_image_condition = is_i2v
+        self.force_per_frame_timesteps = False
+        """Always give the model per-frame levels, even when every frame of a sample shares one (the
+        default then passes the scalar timestep, as the stock pipeline does; both agree to float error)."""
+        self.timestep_table: tuple[torch.Tensor, torch.Tensor] | None = None
+        """Optional (sigmas, timesteps) a scheduler feeds the model; see :meth:`match_scheduler_timesteps`."""
+
+    # --- construction -------------------------------------------------------------------------
+    @classmethod
+    def tiny_pipeline(cls, seed: int = 0, image_to_video: bool = False, two_experts: bool = False):
+        """A tiny random ``WanPipeline`` (or ``WanImageToVideoPipeline``): 2-layer DiT, small VAE, UMT5.
+
+        ``two_experts`` adds a ``transformer_2`` with ``boundary_ratio=0.5`` (Wan 2.2 A14B layout).
+        """
+        from diffusers import (
+            UniPCMultistepScheduler,
+            WanImageToVideoPipeline,
+            WanPipeline,
+            WanTransformer3DModel,
+        )
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            vae = _tiny_wan_vae()
+            text_encoder, tokenizer = _tiny_umt5()
+            z_dim = vae.config.z_dim
+            image_kwargs: dict[str, Any] = {}
+            if image_to_video:
+                image_encoder, image_processor = _tiny_clip_vision()
+                # I2V input = noisy latents + first-frame mask (one channel per compressed frame) + image latents.
+                image_kwargs = {"in_channels": 2 * z_dim + 4, "image_dim": image_encoder.config.hidden_size}
+            transformer = _tiny_transformer(WanTransformer3DModel, z_dim, **image_kwargs)
+            transformer_2 = (
+                _tiny_transformer(WanTransformer3DModel, z_dim, **image_kwargs) if two_experts else None
+            )
+            scheduler = UniPCMultistepScheduler(
+                prediction_type="flow_prediction",
+                use_flow_sigmas=True,
+                flow_shift=3.0,
+                num_train_timesteps=1000,
+            )
+            common = dict(
+                tokenizer=tokenizer,
+                text_encoder=text_encoder,
+                vae=vae,
+                scheduler=scheduler,
+                transformer=transformer,
+                transformer_2=transformer_2,
+                boundary_ratio=0.5 if two_experts else None,
+            )
+            if image_to_video:
+                return WanImageToVideoPipeline(
+                    image_encoder=image_encoder, image_processor=image_processor, **common
+                )
+            return WanPipeline(**common)
+
+    # --- shapes and noise levels --------------------------------------------------------------
+    @property
+    def latent_channels(self) -> int:
+        """Channels of the denoised latents (the VAE's z_dim; I2V models take more input channels)."""
+        return int(self.model.config.out_channels or self.vae.config.z_dim)
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return int(self.pipe.scheduler.config.get("num_train_timesteps", 1000))
+
+    @property
+    def default_shift(self) -> float:
+        """The flow shift the pipeline's scheduler is configured with (``flow_shift`` or ``shift``)."""
+        config = self.pipe.scheduler.config
+        for key in ("flow_shift", "shift"):
+            if config.get(key) is not None:
+                return float(config[key])
+        return 1.0
+
+    def sigmas(self, num_steps: int, shift: float | None = None) -> torch.Tensor:
+        """Descending flow sigmas shifted by the scheduler's flow shift (SD3 shift), ending at 0."""
+        return flow_sigmas(num_steps, shift=self.default_shift if shift is None else shift)
+
+    def model_timestep(self, sigma: torch.Tensor) -> torch.Tensor:
+        """Flow sigma -> the transformer's timestep, ``sigma * num_train_timesteps`` (float32).
+
+        With a :attr:`timestep_table`, sigmas found in the table (within 1e-6) map to the table's
+        timesteps instead: diffusers' UniPC scheduler feeds the model ``int64`` timesteps, so exact
+        parity with a stock pipeline needs its table.
+        """
+        t = sigma.float() * self.num_train_timesteps
+        if self.timestep_table is not None:
+            table_sigmas, table_timesteps = (v.to(sigma.device) for v in self.timestep_table)
+            dist, idx = (sigma.float()[..., None] - table_sigmas).abs().min(dim=-1)
+            t = torch.where(dist <= 1e-6, table_timesteps[idx], t)
+        return t
+
+    def match_scheduler_timesteps(self, scheduler) -> None:
+        """Feed the model ``scheduler.timesteps`` at ``scheduler.sigmas`` (call after ``set_timesteps``).
+
+        Only for bit-parity with a stock diffusers pipeline; ``None`` (``self.timestep_table = None``)
+        restores the continuous ``sigma * 1000``.
+        """
+        timesteps = torch.as_tensor(scheduler.timesteps).float().cpu()
+        sigmas = torch.as_tensor(scheduler.sigmas).float().cpu()[: timesteps.numel()]
+        self.timestep_table = (sigmas, timesteps)
+
+    # --- the contract -------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_prompt(
+        self,
+        prompt: list[str],
+        negative_prompt: list[str] | None = None,
+        image=None,
+        do_classifier_free_guidance: bool = True,
+        num_frames: int | None = None,
+        height: int | None = None,
+        width: int | None = None,
+    ) -> tuple[Cond, Cond | None]:
+        """UMT5 embeddings through the pipeline's own ``encode_prompt`` (negative prompt "" by default).
+
+        An image-to-video pipeline also needs ``image``: it adds the CLIP image tokens
+        (``encoder_hidden_states_image``, when the model has ``image_dim``) and the first-frame
+        condition channels (:data:`CONDITION_LATENTS`) for a clip of ``num_frames`` x ``height`` x ``width``
+        (default: the native clip), shared by the conditional and unconditional branch.
+        """
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        negatives = None
+        if do_classifier_free_guidance:
+            negatives = [""] * len(prompts) if negative_prompt is None else negative_prompt
+            negatives = [negatives] * len(prompts) if isinstance(negatives, str) else list(negatives)
+        device = self.pipe._execution_device
+        embeds, negative_embeds = self.pipe.encode_prompt(
+            prompt=prompts,
+            negative_prompt=negatives,
+            do_classifier_free_guidance=do_classifier_free_guidance,
+            max_sequence_length=self.max_sequence_length,
+            device=device,
+            dtype=self.dtype,
+        )
+        cond: Cond = {"encoder_hidden_states": embeds}
+        uncond: Cond | None = (
+            {"encoder_hidden_states": negative_embeds} if do_classifier_free_guidance else None
+        )
+        image_cond = self._image_condition(image, len(prompts), num_frames, height, width, device)
+        cond.update(image_cond)
+        if uncond is not None:
+            uncond.update(image_cond)
+        return cond, uncond
+
+    def _image_condition(self, image, batch_size: int, num_frames, height, width, device) -> Cond:
+        """Wan 2.1 I2V conditioning through the pipeline's ``encode_image`` and ``prepare_latents``."""
+        pipe = self.pipe
+        if image is None:
+            if self.requires_image_condition:
+                raise ValueError(
+                    f"{type(pipe).__name__} is an image-to-video pipeline: pass image=<PIL image or tensor>"
+                )
+            return {}
+        if not self.supports_image_condition:
+            raise ValueError(
+                f"{type(pipe).__name__} takes no image. Load an image-to-video pipeline folder "
+                f"({', '.join(self.image_to_video_pipeline_class_names)}) or drop image=."
+            )
+        if getattr(pipe.config, "expand_timesteps", False):
+            raise NotImplementedError(
+                "Wan 2.2 TI2V image conditioning (expand_timesteps) is a clean first latent frame: encode the "
+                "image with encode_video and hold it as sigma-0 context in the sampler instead of image=."
+            )
+        num_frames = num_frames or self.native_video_size[0]
+        height = height or self.native_video_size[1]
+        width = width or self.native_video_size[2]
+        cond: Cond = {}
+        if self.model.config.image_dim is not None:
+            image_embeds = pipe.encode_image(image, device)  # (1, image tokens, image_dim)
+            cond["encoder_hidden_states_image"] = image_embeds.repeat(batch_size, 1, 1).to(self.dtype)
+        pixels = pipe.video_processor.preprocess(image, height=height, width=width).to(device, torch.float32)
+        shape = self.latent_shape(num_frames, height, width, batch_size=batch_size)
+        # Passing zero latents keeps prepare_latents from drawing noise we would throw away.
+        _, condition = pipe.prepare_latents(
+            pixels,
+            batch_size,
+            shape[1],
+            height,
+            width,
+            num_frames,
+            torch.float32,
+            device,
+            None,
+            torch.zeros(shape, device=device),
+        )
+        cond[CONDITION_LATENTS] = condition.to(self.dtype)  # (B, tc + C, f, h, w)
+        return cond
+
+    def denoise(self, x: torch.Tensor, sigma: torch.Tensor, cond: Cond) -> torch.Tensor:
+        """x0 from the velocity: ``x0 = x - sigma * v``, the model seeing ``t = sigma * 1000`` per frame."""
+        if x.ndim != 5:
+            raise ValueError(f"x must be [B, C, F, H, W] latents, got shape {tuple(x.shape)}")
+        batch, _, num_latent_frames, height, width = x.shape
+        if sigma.shape != (batch, num_latent_frames):
+            raise ValueError(
+                f"sigma must hold one level per latent frame, shape {(batch, num_latent_frames)}; "
+                f"got {tuple(sigma.shape)}"
+            )
+        if height % self.patch_size[1] or width % self.patch_size[2]:
+            raise ValueError(
+                f"latent height/width {height}x{width} must be divisible by the patch {self.patch_size[1:]}"
+            )
+        check_sigma(sigma)
+        sigma = sigma.to(device=x.device, dtype=torch.float32)
+        timestep = self.model_timestep(sigma)  # (B, F)
+        kwargs = self._model_kwargs(cond, num_latent_frames)
+        hidden_states = x
+        if CONDITION_LATENTS in cond:
+            hidden_states = torch.cat([x, cond[CONDITION_LATENTS].to(x)], dim=1)  # (B, C + tc + C, F, H, W)
+
+        experts = self._experts(timestep)
+        if len(experts) == 1:
+            velocity = self._run_model(
+                experts[0][0], hidden_states.to(experts[0][0].dtype), timestep, kwargs
+            ).float()
+        else:
+            velocity = torch.empty_like(x, dtype=torch.float32)
+            for model, rows in experts:
+                sub_kwargs = {k: (v[rows] if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
+                velocity[rows] = self._run_model(
+                    model, hidden_states[rows].to(model.dtype), timestep[rows], sub_kwargs
+                ).float()
+        return x.float() - sigma[:, None, :, None, None] * velocity
+
+    def _model_kwargs(self, cond: Cond, num_latent_frames: int) -> dict[str, Any]:
+        unknown = sorted(set(cond) - set(_TRANSFORMER_COND_KEYS) - {CONDITION_LATENTS})
+        if unknown:
+            raise ValueError(
+                f"{type(self).__name__}.denoise got unknown cond keys {unknown}; it takes "
+                f"{sorted((*_TRANSFORMER_COND_KEYS, CONDITION_LATENTS))} (build conds with encode_prompt)"
+            )
+        if "encoder_hidden_states" not in cond:
+            raise ValueError("cond needs 'encoder_hidden_states' (the text embeddings from encode_prompt)")
+        if CONDITION_LATENTS in cond and cond[CONDITION_LATENTS].shape[2] != num_latent_frames:
+            raise ValueError(
+                f"the image condition covers {cond[CONDITION_LATENTS].shape[2]} latent frames but x has "
+                f"{num_latent_frames}: Wan I2V conditions one whole clip, so encode the prompt for the clip "
+                "length you denoise (num_frames=) and denoise it in one piece"
+            )
+        if self.model.config.in_channels != self.latent_channels and CONDITION_LATENTS not in cond:
+            raise ValueError(
+                f"this transformer takes {self.model.config.in_channels} input channels: an image-to-video "
+                "model needs the image condition; call encode_prompt(..., image=...)"
+            )
+        dtype = self.dtype
+        return {
+            k: (v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
+            for k, v in cond.items()
+            if k in _TRANSFORMER_COND_KEYS and v is not None
+        }
+
+    def _experts(self, timestep: torch.Tensor) -> list[tuple[torch.nn.Module, torch.Tensor | None]]:
+        """(model, batch rows or None for all) pairs: Wan 2.2 MoE sends a sample to ``transformer`` while its highest
+        level is at or above ``boundary_ratio * num_train_timesteps`` and to ``transformer_2`` after."""
+        boundary_ratio = getattr(self.pipe.config, "boundary_ratio", None)
+        second = getattr(self.pipe, "transformer_2", None)
+        if boundary_ratio is None or second is None:
+            return [(self.model, None)]
+        high = timestep.max(dim=1).values >= boundary_ratio * self.num_train_timesteps
+        if bool(high.all()) or not bool(high.any()):
+            return [(self.model if bool(high.all()) else second, None)]
+        rows = torch.arange(timestep.shape[0], device=timestep.device)
+        return [(self.model, rows[high]), (second, rows[~high])]
+
+    def _run_model(
+        self,
+        model: torch.nn.Module,
+        hidden_states: torch.Tensor,
+        timestep: torch.Tensor,
+        kwargs: dict[str, Any],
+    ) -> torch.Tensor:
+        """One forward of the stock transformer with per-frame timesteps ``(B, F)`` spread over tokens."""
+        _, _, num_latent_frames, height, width = hidden_states.shape
+        if not self.force_per_frame_timesteps and bool((timestep == timestep[:, :1]).all()):
+            model_timestep = timestep[:, 0]  # (B,): the stock pipelines' path
+        else:
+            # The transformer flattens patch tokens frame-major, (F, H/ph, W/pw), after patch_embedding.
+            tokens_per_frame = (height // self.patch_size[1]) * (width // self.patch_size[2])
+            model_timestep = per_frame_to_tokens(timestep, tokens_per_frame)  # (B, F * h * w)
+        return model(hidden_states=hidden_states, timestep=model_timestep, return_dict=False, **kwargs)[0]
+
+    # --- VAE ----------------------------------------------------------------------------------
+    def _latent_stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-channel (mean, 1 / std) of the VAE latents, ``[1, C, 1, 1, 1]``, computed as the pipelines do
+        (``WanPipeline`` divides by ``1 / std`` when decoding; bit-identical inputs to the VAE)."""
+        config = self.vae.config
+        mean = torch.tensor(config.latents_mean).view(1, -1, 1, 1, 1).to(like.device, like.dtype)
+        inv_std = (1.0 / torch.tensor(config.latents_std).view(1, -1, 1, 1, 1)).to(like.device, like.dtype)
+        return mean, inv_std
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Un-normalise (``z * std + mean``), decode with the causal Wan VAE, return ``[B, F, H, W, 3]``."""
+        vae = self.vae
+        vae_param = next(vae.parameters())
+        z = latents.to(vae_param.device, vae_param.dtype)
+        mean, inv_std = self._latent_stats(z)
+        video = vae.decode(z / inv_std + mean, return_dict=False)[0]  # (B, 3, F, H, W) in [-1, 1]
+        return (video.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 4, 1).contiguous()
+
+    @torch.no_grad()
+    def encode_video(self, frames: torch.Tensor, sample: bool = False, generator=None) -> torch.Tensor:
+        """Frames ``[B, F, H, W, 3]`` in [0, 1] -> normalised latents ``[B, C, f, h, w]`` (float32).
+
+        The distribution's mode by default (what the I2V pipelines use); ``sample=True`` draws from it.
+        """
+        self.num_latent_frames(frames.shape[1])  # validates 4k+1 with a message that names the fix
+        vae = self.vae
+        vae_param = next(vae.parameters())
+        video = frames.permute(0, 4, 1, 2, 3).to(vae_param.device, vae_param.dtype) * 2 - 1  # (B, 3, F, H, W)
+        dist = vae.encode(video).latent_dist
+        z = (dist.sample(generator) if sample else dist.mode()).float()
+        mean, inv_std = self._latent_stats(z)
+        return (z - mean) * inv_std
+
+    # --- what extensions and training need ----------------------------------------------------
+    def rope_module(self) -> torch.nn.Module | None:
+        """``WanRotaryPosEmbed``: t/h/w rotary tables (t gets head_dim - 4 * (head_dim // 6) dims)."""
+        return self.model.rope
+
+    def temporal_attention_modules(self) -> list[tuple[str, torch.nn.Module]]:
+        """Each block's full 3D self-attention (``blocks.N.attn1``): the layers that mix frames."""
+        return [(f"blocks.{i}.attn1", block.attn1) for i, block in enumerate(self.model.blocks)]
+
+    def experts(self) -> list[torch.nn.Module]:
+        """The denoising networks: ``[transformer]``, or ``[transformer, transformer_2]`` for Wan 2.2 MoE."""
+        second = getattr(self.pipe, "transformer_2", None)
+        return [self.model] if second is None else [self.model, second]
+
+
+# --- tiny components (tests, the demo): built offline, no hub ----------------------------------
+def _tiny_wan_vae(z_dim: int = 4):
+    """A 3-level causal Wan VAE (8x space, 4x time) with a few channels and non-trivial latent stats."""
+    from diffusers import AutoencoderKLWan
+
+    return AutoencoderKLWan(
+        base_dim=4,
+        z_dim=z_dim,
+        dim_mult=[1, 1, 1, 1],
+        num_res_blocks=1,
+        temperal_downsample=[False, True, True],
+        latents_mean=[0.1 * (i - z_dim / 2) for i in range(z_dim)],
+        latents_std=[0.5 + 0.25 * i for i in range(z_dim)],
+    )
+
+
+def _tiny_umt5(d_model: int = 32):
+    """A 1-layer UMT5 encoder over ``tiny_tokenizer``'s 64-word vocabulary."""
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    from .tiny import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer(model_max_length=512, vocab_size=64)
+    config = UMT5Config(
+        vocab_size=64,
+        d_model=d_model,
+        d_kv=8,
+        d_ff=64,
+        num_layers=1,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=16,
+        dropout_rate=0.0,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+    )
+    return UMT5EncoderModel(config).eval(), tokenizer
+
+
+def _tiny_clip_vision():
+    """A 2-layer CLIP vision tower (its penultimate hidden states are Wan's image tokens) and processor."""
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    config = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=32,
+        patch_size=8,
+    )
+    processor = CLIPImageProcessor(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, do_center_crop=True
+    )
+    return CLIPVisionModel(config).eval(), processor
+
+
+def _tiny_transformer(
+    model_cls, z_dim: int, in_channels: int | None = None, image_dim: int | None = None, **extra
+):
+    """2 blocks, 2 heads of 12 dims: Wan's RoPE splits a head as t = d - 4(d//6), h = w = 2(d//6) (4/4/4)."""
+    heads, head_dim = 2, 12
+    return model_cls(
+        patch_size=(1, 2, 2),
+        num_attention_heads=heads,
+        attention_head_dim=head_dim,
+        in_channels=in_channels or z_dim,
+        out_channels=z_dim,
+        text_dim=32,
+        freq_dim=32,
+        ffn_dim=48,
+        num_layers=2,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        image_dim=image_dim,
+        added_kv_proj_dim=heads * head_dim if image_dim is not None else None,
+        rope_max_seq_len=64,
+        **extra,
+    ).eval()
