@@ -21,9 +21,9 @@ import tempfile
 import time
 
 
-def run_once(model: str, num_frames: int, sampler: str, steps: int, out: str) -> tuple[float, float]:
+def run_once(model: str, num_frames: int, sampler: str, steps: int, out: str, extra: list[str]) -> tuple[float, float]:
     cmd = [sys.executable, "-m", "longgen.cli", "generate", "--model", model, "--num-frames", str(num_frames),
-           "--sampler", sampler, "--steps", str(steps), "--out", out, "--quiet"]
+           "--sampler", sampler, "--steps", str(steps), "--out", out, "--quiet", *extra]
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     start = time.perf_counter()
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
@@ -41,6 +41,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--samplers", nargs="+", default=["full", "sliding"], help="samplers to measure")
     p.add_argument("--steps", type=int, default=4, help="denoising steps")
     p.add_argument("--repeats", type=int, default=3, help="runs per setting (median reported)")
+    p.add_argument("--height", type=int, default=None, help="frame height (default: the tiny model's native)")
+    p.add_argument("--width", type=int, default=None, help="frame width (default: the tiny model's native)")
+    p.add_argument(
+        "--whole-decode",
+        action="store_true",
+        help="also measure decoding the whole clip in one VAE call (no streaming) as the memory baseline",
+    )
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = p.parse_args(argv)
 
@@ -54,28 +61,40 @@ def main(argv: list[str] | None = None) -> int:
         native_latent = adapter.num_latent_frames(adapter.native_video_size[0])
         # ru_maxrss of RUSAGE_CHILDREN is the max over all children so far: run in increasing memory order
         # per sampler is not guaranteed, so each measurement gets its own grandchild via a wrapper process.
-        for sampler in args.samplers:
+        size = []
+        if args.height:
+            size += ["--height", str(args.height)]
+        if args.width:
+            size += ["--width", str(args.width)]
+        variants = [(s, "streamed") for s in args.samplers]
+        if args.whole_decode:
+            variants += [(s, "whole") for s in args.samplers]
+        for sampler, decode in variants:
             for factor in args.factors:
-                num_frames = adapter.num_pixel_frames(native_latent * factor)
+                num_latent = native_latent * factor
+                num_frames = adapter.num_pixel_frames(num_latent)
+                extra = size + ["--decode-chunk", str(num_latent if decode == "whole" else 4)]
                 secs, mems = [], []
                 for _ in range(args.repeats):
                     out = subprocess.run(
                         [sys.executable, "-m", "benchmarks.generate_memory", "--_child", model, str(num_frames),
-                         sampler, str(args.steps), os.path.join(tmp, "o.mp4")],
+                         sampler, str(args.steps), os.path.join(tmp, "o.mp4"), *extra],
                         check=True, capture_output=True, text=True,
                     ).stdout.strip().splitlines()[-1]
                     s, m = map(float, out.split())
                     secs.append(s)
                     mems.append(m)
-                rows.append({"sampler": sampler, "factor": factor, "num_frames": num_frames,
+                rows.append({"sampler": sampler, "decode": decode, "factor": factor, "num_frames": num_frames,
                              "seconds": statistics.median(secs), "peak_rss_mib": statistics.median(mems)})
                 print(json.dumps(rows[-1]), flush=True)
     print()
-    print("| sampler | length | frames | s/frame | peak RSS MiB | RSS vs 1x | time vs 1x |")
-    print("|---|---|---|---|---|---|---|")
+    print("| sampler | decode | length | frames | s/frame | peak RSS MiB | RSS vs 1x | time vs 1x |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        base = next(b for b in rows if b["sampler"] == r["sampler"] and b["factor"] == args.factors[0])
-        print(f"| {r['sampler']} | {r['factor']}x | {r['num_frames']} | {r['seconds'] / r['num_frames']:.3f} | "
+        base = next(b for b in rows if (b["sampler"], b["decode"]) == (r["sampler"], r["decode"])
+                    and b["factor"] == args.factors[0])
+        print(f"| {r['sampler']} | {r['decode']} | {r['factor']}x | {r['num_frames']} | "
+              f"{r['seconds'] / r['num_frames']:.3f} | "
               f"{r['peak_rss_mib']:.0f} | {r['peak_rss_mib'] / base['peak_rss_mib']:.2f} | "
               f"{r['seconds'] / base['seconds']:.2f} |")
     if args.json:
@@ -87,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--_child":
         model, frames, sampler, steps, out = sys.argv[2:7]
-        s, m = run_once(model, int(frames), sampler, int(steps), out)
+        s, m = run_once(model, int(frames), sampler, int(steps), out, sys.argv[7:])
         print(f"{s} {m}")
         sys.exit(0)
     sys.exit(main())
