@@ -1,0 +1,116 @@
+"""`longgen generate` end to end on tiny saved pipelines of every family: mp4 with the requested frames."""
+
+import pytest
+import torch
+
+from longgen.backbones import FAMILIES, build_tiny, load_adapter
+from longgen.cli import build_parser, main
+from longgen.io import read_video, video_info
+from longgen.pipeline import GuidedDenoiser, LongVideoPipeline
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """family -> folder of a saved tiny pipeline (built once per test module)."""
+    cache = {}
+
+    def get(family):
+        if family not in cache:
+            path = tmp_path_factory.mktemp(family)
+            build_tiny(family).save_pretrained(path)
+            cache[family] = str(path)
+        return cache[family]
+
+    return get
+
+
+def _image(tmp_path, size):
+    from PIL import Image
+
+    path = tmp_path / "cond.png"
+    Image.new("RGB", (size, size), (200, 40, 40)).save(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_generate_writes_requested_frames(family, saved, tmp_path, capsys):
+    model = saved(family)
+    adapter = load_adapter(model)
+    native_frames, height, width = adapter.native_video_size
+    # twice the native length in latent frames, with the sliding sampler (the first long sampler)
+    num_frames = adapter.num_pixel_frames(2 * adapter.num_latent_frames(native_frames))
+    out = tmp_path / "clip.mp4"
+    args = ["generate", "--model", model, "--num-frames", str(num_frames), "--steps", "2", "--sampler", "sliding",
+            "--prompt", "a red ball", "--out", str(out), "--quiet"]
+    if adapter.requires_image_condition:
+        args += ["--image", _image(tmp_path, width)]
+    assert main(args) == 0
+    assert f"{num_frames} frames" in capsys.readouterr().out
+    info = video_info(out)
+    assert (info["num_frames"], info["height"], info["width"]) == (num_frames, height, width)
+    assert read_video(out).shape == (num_frames, height, width, 3)
+
+
+def test_bad_frame_count_is_explained(saved, tmp_path, capsys):
+    code = main(["generate", "--model", saved("wan"), "--num-frames", "12", "--out", str(tmp_path / "x.mp4")])
+    assert code == 2
+    assert "4k+1" in capsys.readouterr().err
+
+
+def test_missing_model_folder_is_explained(tmp_path, capsys):
+    assert main(["generate", "--model", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x.mp4")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_unknown_sampler_option_is_rejected(saved):
+    pipe = LongVideoPipeline.from_pretrained(saved("wan"))
+    with pytest.raises(ValueError, match="takes no option"):
+        pipe.generate("x", sampler="full", sampler_options={"window": 3}, num_inference_steps=1)
+    with pytest.raises(ValueError, match="unknown sampler"):
+        pipe.generate("x", sampler="magic", num_inference_steps=1)
+
+
+def test_sliding_with_one_window_is_full_sampling(saved):
+    pipe = LongVideoPipeline.from_pretrained(saved("wan"))
+    full = pipe.generate("a ball", sampler="full", num_inference_steps=3, seed=1, show_progress=False)
+    one_window = pipe.generate("a ball", sampler="sliding", num_inference_steps=3, seed=1, show_progress=False)
+    torch.testing.assert_close(one_window.latents, full.latents, rtol=0, atol=0)
+
+
+def test_guidance_combines_cond_and_uncond(saved):
+    adapter = load_adapter(saved("wan"))
+    cond, uncond = adapter.encode_prompt(["a red ball"], [""])
+    shape = adapter.latent_shape(*adapter.native_video_size)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    sigma = torch.full(shape[:1] + shape[2:3], 0.7)
+    x0_c = adapter.denoise(x, sigma, cond)
+    x0_u = adapter.denoise(x, sigma, uncond)
+    guided = GuidedDenoiser(adapter, cond, uncond, guidance_scale=3.0)(x, sigma)
+    torch.testing.assert_close(guided, x0_u + 3.0 * (x0_c - x0_u), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(GuidedDenoiser(adapter, cond, uncond, 1.0)(x, sigma), x0_c)
+
+
+def test_streamed_decode_matches_frame_count_and_whole_decode(saved):
+    adapter = load_adapter(saved("wan"))
+    latents = torch.randn(1, adapter.latent_channels, 7, 4, 4)
+    whole = adapter.decode(latents)
+    blocks = list(adapter.iter_decode(latents, chunk_latent_frames=7))
+    assert len(blocks) == 1
+    torch.testing.assert_close(blocks[0], whole)
+    chunked = torch.cat(list(adapter.iter_decode(latents, chunk_latent_frames=2)), dim=1)
+    assert chunked.shape == whole.shape == (1, adapter.num_pixel_frames(7), 32, 32, 3)
+
+
+def test_every_subcommand_has_help(capsys):
+    parser = build_parser()
+    for command in ("generate", "make-tiny", "info"):
+        with pytest.raises(SystemExit) as exc:
+            parser.parse_args([command, "--help"])
+        assert exc.value.code == 0
+        text = capsys.readouterr().out
+        assert "usage: longgen " + command in text
+
+
+def test_info_reports_the_adapter(saved, capsys):
+    assert main(["info", "--model", saved("wan")]) == 0
+    assert '"family": "wan"' in capsys.readouterr().out
