@@ -1,0 +1,19 @@
+"""Long-video evaluation: metrics over time that need no downloaded weights, reports with plots, and the
+model-free scorer for the synthetic bouncing-shapes world."""
+
+from .metrics import METRICS, Series, compute_series, evaluate_frames, summarize, window_means
+from .report import evaluate_videos, read_clip
+from .synthetic_score import score_clip, score_video
+
+__all__ = [
+    "METRICS",
+    "Series",
+    "compute_series",
+    "evaluate_frames",
+    "evaluate_videos",
+    "read_clip",
+    "score_clip",
+    "score_video",
+    "summarize",
+    "window_means",
+]
