@@ -42,7 +42,25 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
         "sage need their packages installed",
     )
     g = p.add_argument_group("clip")
-    g.add_argument("--prompt", default="", help="text prompt")
+    g.add_argument(
+        "--prompt",
+        action="append",
+        default=None,
+        help="text prompt; repeat it with --prompt-frames for a multi-prompt video",
+    )
+    g.add_argument(
+        "--prompt-frames",
+        type=int,
+        nargs="+",
+        default=None,
+        help="pixel frame where each --prompt starts (first must be 0), e.g. --prompt-frames 0 81 161",
+    )
+    g.add_argument(
+        "--prompt-transition",
+        type=float,
+        default=0.0,
+        help="latent frames over which neighbouring prompts' conditioning is blended",
+    )
     g.add_argument("--negative-prompt", default="", help="negative prompt for classifier-free guidance")
     g.add_argument("--image", default=None, help="conditioning image path (image-to-video models, e.g. SVD)")
     g.add_argument(
@@ -62,11 +80,68 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--sampler",
         default="full",
+        choices=["full", "sliding", "fifo", "df"],
         help="full: the whole clip at once (naive baseline); sliding: overlapping windows of the native "
-        "length fused every step; fifo / df when available",
+        "length fused every step; fifo: FIFO-Diffusion queue (diagonal denoising, constant memory); df: "
+        "diffusion forcing, chunk after chunk with per-frame noise levels (constant memory with "
+        "--overlap-history)",
     )
     g.add_argument("--window", type=int, default=None, help="window in latent frames (default: native length)")
-    g.add_argument("--stride", type=int, default=None, help="window stride in latent frames (default: window/2)")
+    g.add_argument("--stride", type=int, default=None, help="sliding window stride in latent frames (default: window/2)")
+    g.add_argument(
+        "--num-partitions",
+        type=int,
+        default=None,
+        help="fifo: latent partitions n; the queue holds n*window frames and sampling takes n*window steps "
+        "(default 4)",
+    )
+    g.add_argument(
+        "--lookahead",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="fifo: lookahead denoising (windows at half stride, only the noisier half written back; "
+        "twice the model calls; default on, needs an even window)",
+    )
+    g.add_argument(
+        "--base-num-latent-frames",
+        type=int,
+        default=None,
+        help="df: latent frames per chunk (default: native length)",
+    )
+    g.add_argument(
+        "--ar-step",
+        type=int,
+        default=None,
+        help="df: steps block i+1 lags block i (0 = synchronous; SkyReels-V2 asynchronous uses 5)",
+    )
+    g.add_argument(
+        "--causal-block-size",
+        type=int,
+        default=None,
+        help="df: latent frames that share one noise level (SkyReels-V2 uses 5 with ar_step 5)",
+    )
+    g.add_argument(
+        "--overlap-history",
+        type=int,
+        default=None,
+        help="df: latent frames of the previous chunk kept as context for the next (chunked generation "
+        "in constant memory); unset = one rolling pyramid",
+    )
+    g.add_argument(
+        "--addnoise-condition",
+        type=float,
+        default=None,
+        help="df: re-noise history frames to this level (0-1000, SkyReels-V2 uses 20) to reduce drift",
+    )
+    g.add_argument(
+        "--noise",
+        choices=["gaussian", "freenoise"],
+        default="gaussian",
+        help="initial noise: i.i.d. gaussian, or FreeNoise rescheduling (frames past the first window are "
+        "shuffled copies of earlier windows' noise)",
+    )
+    g.add_argument("--noise-window", type=int, default=None, help="freenoise window in latent frames (default: native)")
+    g.add_argument("--noise-stride", type=int, default=None, help="freenoise stride in latent frames (default: window/4)")
     g.add_argument(
         "--weighting",
         choices=["pyramid", "uniform"],
@@ -103,9 +178,28 @@ def cmd_generate(args: argparse.Namespace) -> int:
         offload=args.offload,
         attention_backend=args.attention_backend,
     )
-    options = {"window": args.window, "stride": args.stride, "weighting": args.weighting}
+    options = {
+        "window": args.window,
+        "stride": args.stride,
+        "weighting": args.weighting,
+        "num_partitions": args.num_partitions,
+        "lookahead": args.lookahead,
+        "base_num_latent_frames": args.base_num_latent_frames,
+        "ar_step": args.ar_step,
+        "causal_block_size": args.causal_block_size,
+        "overlap_history": args.overlap_history,
+        "addnoise_condition": args.addnoise_condition,
+    }
+    prompts = args.prompt or [""]
+    if len(prompts) > 1 and args.prompt_frames is None:
+        raise ValueError("several --prompt values make a multi-prompt video: also pass --prompt-frames, one each")
     result = pipe.generate(
-        prompt=args.prompt,
+        prompt=prompts if args.prompt_frames is not None else prompts[0],
+        prompt_frames=args.prompt_frames,
+        prompt_transition=args.prompt_transition,
+        noise=args.noise,
+        noise_window=args.noise_window,
+        noise_stride=args.noise_stride,
         negative_prompt=args.negative_prompt,
         image=image,
         num_frames=args.num_frames,

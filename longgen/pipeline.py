@@ -7,13 +7,17 @@ import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
 from .backbones import BackboneAdapter, Cond, cat_conds, load_adapter
+from .backbones.base import StreamingDecoder
 from .io import VideoWriter
+from .noise import freenoise_noise
+from .prompts import cond_for_window, validate_ranges
 from .samplers import sample_full, sample_sliding
 
 logger = logging.getLogger(__name__)
@@ -119,19 +123,77 @@ class LongVideoPipeline:
         return self.adapter.num_latent_frames(self.adapter.native_video_size[0])
 
     def sampler_kwargs(self, sampler: str, num_latent_frames: int, knobs: dict[str, Any]) -> dict[str, Any]:
-        """Fill a sampler's knobs with defaults derived from the model (window = native length)."""
+        """Check a sampler's knobs by name and fill defaults derived from the model.
+
+        Windows default to the native length (``window``, ``base_num_latent_frames``), the sliding stride
+        to half a window; FIFO's lookahead needs an even window, so its default window is rounded down.
+        """
         fn = sampler_registry()[sampler]
         params = inspect.signature(fn).parameters
         knobs = {k: v for k, v in knobs.items() if v is not None}
-        unknown = sorted(set(knobs) - set(params))
+        internal = {"denoise", "noise", "sigmas", "callback", "disable", "on_frames", "return_latents",
+                    "generator", "num_latent_frames", "init_clip", "solver"}
+        unknown = sorted(set(knobs) - (set(params) - internal))
         if unknown:
-            raise ValueError(f"sampler {sampler!r} takes no option(s) {unknown}; it takes {sorted(params)[3:]}")
+            accepted = sorted(set(params) - internal)
+            raise ValueError(f"sampler {sampler!r} takes no option(s) {unknown}; it takes {accepted}")
         window = min(self.default_window(), num_latent_frames)
-        defaults = {"window": window, "stride": max(1, window // 2)}
+        if sampler == "fifo" and knobs.get("lookahead", True) and "window" not in knobs:
+            window = max(2, window - window % 2)
+        defaults = {"window": window, "stride": max(1, window // 2), "base_num_latent_frames": window}
         for key, value in defaults.items():
             if key in params and key not in knobs:
                 knobs[key] = value
         return knobs
+
+    def _num_steps(self, sampler: str, knobs: dict[str, Any], requested: int | None) -> int:
+        if sampler == "fifo":
+            # FIFO-Diffusion has one denoising step per queue slot: S = num_partitions * window.
+            needed = knobs.get("num_partitions", 4) * knobs["window"]
+            if requested is not None and requested != needed:
+                raise ValueError(
+                    f"the fifo sampler takes num_partitions * window = {needed} steps (one per queue slot); got "
+                    f"--steps {requested}. Omit --steps, or change --num-partitions / --window."
+                )
+            return needed
+        return requested or self.adapter.default_num_steps
+
+    def make_noise(
+        self, shape: tuple[int, ...], seed: int, noise: str = "gaussian", window: int | None = None,
+        stride: int | None = None,
+    ) -> torch.Tensor:
+        """Initial noise: ``gaussian`` or FreeNoise's ``freenoise`` rescheduling (window/stride in latent frames)."""
+        generator = torch.Generator("cpu").manual_seed(seed)
+        if noise == "gaussian":
+            return torch.randn(shape, generator=generator).to(self.device)
+        if noise == "freenoise":
+            window = window or min(self.default_window(), shape[2])
+            stride = stride or max(1, window // 4)
+            return freenoise_noise(shape, window, stride, generator=generator).to(self.device)
+        raise ValueError(f"noise must be 'gaussian' or 'freenoise', got {noise!r}")
+
+    def _conditioning(self, prompts, negatives, prompt_frames, num_latent_frames, transition, **encode_kwargs):
+        """(cond or per-window cond function, uncond). ``prompt_frames`` makes ``prompts`` one
+        multi-prompt video: prompt i starts at pixel frame ``prompt_frames[i]``."""
+        adapter = self.adapter
+        if prompt_frames is None:
+            return adapter.encode_prompt(prompts, negatives, **encode_kwargs)
+        if len(prompt_frames) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(prompt_frames)} prompt start frames: give one each")
+        if sorted(prompt_frames) != list(prompt_frames) or prompt_frames[0] != 0:
+            raise ValueError(f"prompt start frames must increase from 0, got {list(prompt_frames)}")
+        tc = adapter.temporal_compression
+        starts = [-(-f // tc) if (adapter.causal_vae and tc > 1) else f // tc for f in prompt_frames]
+        if starts[-1] >= num_latent_frames:
+            raise ValueError(f"prompt start frame {prompt_frames[-1]} is past the clip's end")
+        ranges = list(zip(starts, starts[1:] + [num_latent_frames]))
+        conds, uncond = [], None
+        for text in prompts:
+            c, u = adapter.encode_prompt([text], negatives[:1] if negatives else None, **encode_kwargs)
+            conds.append(c)
+            uncond = uncond or u
+        validate_ranges(ranges)
+        return partial(cond_for_window, conds, ranges, transition=transition), uncond
 
     @torch.no_grad()
     def generate(
@@ -148,12 +210,23 @@ class LongVideoPipeline:
         seed: int = 0,
         sampler: str = "full",
         sampler_options: dict[str, Any] | None = None,
+        noise: str = "gaussian",
+        noise_window: int | None = None,
+        noise_stride: int | None = None,
+        prompt_frames: list[int] | None = None,
+        prompt_transition: float = 0.0,
         output_path: str | os.PathLike | None = None,
         fps: float = 16.0,
         decode_chunk_latent_frames: int = 4,
         show_progress: bool = True,
     ) -> GenerationResult:
-        """Generate one clip; with ``output_path`` frames are decoded in chunks and streamed to mp4."""
+        """Generate one clip; with ``output_path`` frames are decoded in chunks and streamed to an mp4.
+
+        Samplers that finish frames while they run (``fifo``, ``df``) stream them to the mp4 during
+        sampling and keep only their working set, so memory stays flat in the clip length. With
+        ``prompt_frames`` the prompts are one multi-prompt video: prompt i starts at pixel frame
+        ``prompt_frames[i]``, blended over ``prompt_transition`` latent frames.
+        """
         adapter = self.adapter
         registry = sampler_registry()
         if sampler not in registry:
@@ -161,37 +234,66 @@ class LongVideoPipeline:
         native_frames, native_h, native_w = adapter.native_video_size
         num_frames = num_frames or native_frames
         height, width = height or native_h, width or native_w
-        steps = num_inference_steps or adapter.default_num_steps
         guidance = adapter.default_guidance_scale if guidance_scale is None else guidance_scale
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         negatives = None
         if negative_prompt is not None:
-            negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+            n = 1 if prompt_frames is not None else len(prompts)
+            negatives = [negative_prompt] * n if isinstance(negative_prompt, str) else list(negative_prompt)
 
-        shape = adapter.latent_shape(num_frames, height, width, batch_size=len(prompts))
+        batch = 1 if prompt_frames is not None else len(prompts)
+        shape = adapter.latent_shape(num_frames, height, width, batch_size=batch)
         knobs = self.sampler_kwargs(sampler, shape[2], dict(sampler_options or {}))
-        cond, uncond = adapter.encode_prompt(
-            prompts,
-            negatives,
-            image=image,
-            do_classifier_free_guidance=guidance != 1.0,
-            num_frames=num_frames,
-            height=height,
-            width=width,
+        steps = self._num_steps(sampler, knobs, num_inference_steps)
+        if "causal_block_size" in knobs and hasattr(adapter, "set_causal_block_size"):
+            adapter.set_causal_block_size(knobs["causal_block_size"])
+        cond, uncond = self._conditioning(
+            prompts, negatives, prompt_frames, shape[2], prompt_transition, image=image,
+            do_classifier_free_guidance=guidance != 1.0, num_frames=num_frames, height=height, width=width,
         )
-        generator = torch.Generator("cpu").manual_seed(seed)
-        noise = torch.randn(shape, generator=generator).to(self.device)
+        x_noise = self.make_noise(shape, seed, noise, noise_window, noise_stride)
         sigmas = adapter.sigmas(steps, shift=shift)
         denoiser = GuidedDenoiser(adapter, cond, uncond, guidance)
         logger.info(
-            "sampling %d frames (%d latent) at %dx%d with %s sampler, %d steps, options %s",
-            num_frames, shape[2], height, width, sampler, steps, knobs,
+            "sampling %d frames (%d latent) at %dx%d: %s sampler, %d steps, %s noise, options %s",
+            num_frames, shape[2], height, width, sampler, steps, noise, knobs,
         )
-        latents = registry[sampler](denoiser, noise, sigmas, disable=not show_progress, **knobs)
+        streams = "on_frames" in inspect.signature(registry[sampler]).parameters
+        total = adapter.num_pixel_frames(shape[2])
+        writer = VideoWriter(output_path, fps=fps) if output_path is not None else None
+        decoder = StreamingDecoder(adapter, decode_chunk_latent_frames)
+        bar = tqdm(total=total, desc=f"{sampler}: frames", unit="frame", disable=not show_progress or writer is None)
+        kept: list[torch.Tensor] = []
+
+        def consume(start: int, latents: torch.Tensor) -> None:
+            kept.append(latents.cpu())
+            if writer is not None:
+                for block in decoder.push(latents[:1]):
+                    writer.write(block[0])
+                    bar.update(block.shape[1])
+
+        try:
+            if streams:
+                knobs.setdefault("generator", torch.Generator("cpu").manual_seed(seed + 1))
+                registry[sampler](denoiser, x_noise, sigmas, on_frames=consume, return_latents=False,
+                                  disable=True if writer is not None else not show_progress, **knobs)
+            else:
+                consume(0, registry[sampler](denoiser, x_noise, sigmas, disable=not show_progress, **knobs))
+            if writer is not None:
+                for block in decoder.flush():
+                    writer.write(block[0])
+                    bar.update(block.shape[1])
+        finally:
+            bar.close()
+            if writer is not None:
+                writer.close()
+        latents = torch.cat(kept, dim=2)
         result = GenerationResult(latents=latents, num_frames=adapter.num_pixel_frames(latents.shape[2]))
         result.stats["model_calls"] = denoiser.num_calls
-        if output_path is not None:
-            result.path = self.write_video(latents, output_path, fps, decode_chunk_latent_frames, show_progress)
+        if writer is not None:
+            if writer.num_frames != total:
+                raise RuntimeError(f"wrote {writer.num_frames} frames, expected {total}")
+            result.path = os.fspath(output_path)
         return result
 
     def write_video(

@@ -235,21 +235,11 @@ class BackboneAdapter:
     def iter_decode(
         self, latents: torch.Tensor, chunk_latent_frames: int = 8, context_latent_frames: int = 2
     ) -> Iterator[torch.Tensor]:
-        """Decode in temporal chunks, yielding ``[B, n, H, W, 3]`` frame blocks in order.
-
-        Peak decode memory depends on the chunk, not the clip. A causal VAE gets
-        ``context_latent_frames`` of the previous chunk decoded again in front of each chunk, whose
-        frames are dropped: the chunk then starts from warm causal state, not from a "first frame".
-        """
-        num_latent = latents.shape[2]
-        start = 0
-        while start < num_latent:
-            end = min(start + chunk_latent_frames, num_latent)
-            ctx_start = max(0, start - (context_latent_frames if self.causal_vae else 0))
-            frames = self.decode(latents[:, :, ctx_start:end])
-            drop = self.num_pixel_frames(start - ctx_start) if start > ctx_start else 0
-            yield frames[:, drop:]
-            start = end
+        """Decode in temporal chunks, yielding ``[B, n, H, W, 3]`` frame blocks in order (see
+        :class:`StreamingDecoder`)."""
+        decoder = StreamingDecoder(self, chunk_latent_frames, context_latent_frames)
+        yield from decoder.push(latents)
+        yield from decoder.flush()
 
     # --- what extensions and training need ----------------------------------------------------
     def rope_module(self) -> torch.nn.Module | None:
@@ -266,6 +256,49 @@ class BackboneAdapter:
 
 
 LONGGEN_META = "longgen.json"
+
+
+class StreamingDecoder:
+    """Decode latent frames as they arrive, ``chunk_latent_frames`` at a time, in constant memory.
+
+    Peak decode memory depends on the chunk, not the clip. A causal video VAE gets the last
+    ``context_latent_frames`` of the previous chunk decoded again in front of each chunk, and their
+    frames are dropped, so each chunk starts from warm causal state instead of a "first frame". With a
+    chunk covering the clip this is exactly ``adapter.decode``. Long samplers push finished frames
+    while they run, so frames reach the mp4 during sampling.
+    """
+
+    def __init__(self, adapter: BackboneAdapter, chunk_latent_frames: int = 8, context_latent_frames: int = 2):
+        if chunk_latent_frames < 1:
+            raise ValueError(f"decode chunk must be >= 1 latent frame, got {chunk_latent_frames}")
+        self.adapter = adapter
+        self.chunk = chunk_latent_frames
+        self.context = context_latent_frames if adapter.causal_vae and adapter.temporal_compression > 1 else 0
+        self._buffer: torch.Tensor | None = None  # [B, C, n, h, w]: context frames then pending frames
+        self._num_context = 0  # leading frames of the buffer that were decoded already
+        self.num_latent_frames = 0  # latent frames pushed so far
+
+    def push(self, latents: torch.Tensor) -> Iterator[torch.Tensor]:
+        """Add finished latent frames ``[B, C, n, h, w]``; yields frame blocks whenever a chunk is full."""
+        self._buffer = latents if self._buffer is None else torch.cat([self._buffer, latents], dim=2)
+        self.num_latent_frames += latents.shape[2]
+        while self._buffer.shape[2] - self._num_context >= self.chunk:
+            yield self._decode(self._num_context + self.chunk)
+
+    def flush(self) -> Iterator[torch.Tensor]:
+        """Decode what is left."""
+        if self._buffer is not None and self._buffer.shape[2] > self._num_context:
+            yield self._decode(self._buffer.shape[2])
+
+    def _decode(self, end: int) -> torch.Tensor:
+        window = self._buffer[:, :, :end]
+        frames = self.adapter.decode(window)
+        if self._num_context:
+            frames = frames[:, self.adapter.num_pixel_frames(self._num_context) :]
+        keep = min(self.context, end)
+        self._buffer = self._buffer[:, :, end - keep :]
+        self._num_context = keep
+        return frames
 
 
 def read_longgen_meta(path: str) -> dict:
