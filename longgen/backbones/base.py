@@ -232,6 +232,10 @@ class BackboneAdapter:
         """Decode latents ``[B, C, f, h, w]`` to frames ``[B, num_pixel_frames(f), H, W, 3]`` in [0, 1]."""
         raise NotImplementedError
 
+    def encode_video(self, frames: torch.Tensor) -> torch.Tensor:
+        """Encode frames ``[B, T, H, W, 3]`` in [0, 1] to model latents ``[B, C, f, h, w]`` (training, V2V)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot encode videos yet")
+
     def iter_decode(
         self, latents: torch.Tensor, chunk_latent_frames: int = 8, context_latent_frames: int = 2
     ) -> Iterator[torch.Tensor]:
