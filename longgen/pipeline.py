@@ -144,6 +144,17 @@ class LongVideoPipeline:
         for key, value in defaults.items():
             if key in params and key not in knobs:
                 knobs[key] = value
+        if (
+            sampler == "df"
+            and num_latent_frames > knobs["base_num_latent_frames"]
+            and "overlap_history" not in knobs
+            and "ar_step" not in knobs  # an explicit ar_step without history asks for one rolling pyramid
+        ):
+            # Longer than one chunk: chunked generation with ~1/5 of a chunk as history (SkyReels-V2 uses
+            # 17 of 97 pixel frames), a multiple of the causal block; constant memory in clip length.
+            block = knobs.get("causal_block_size", 1)
+            base = knobs["base_num_latent_frames"]
+            knobs["overlap_history"] = min(max(block, base // 5 // block * block), base - block)
         return knobs
 
     def _num_steps(self, sampler: str, knobs: dict[str, Any], requested: int | None) -> int:

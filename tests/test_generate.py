@@ -114,3 +114,52 @@ def test_every_subcommand_has_help(capsys):
 def test_info_reports_the_adapter(saved, capsys):
     assert main(["info", "--model", saved("wan")]) == 0
     assert '"family": "wan"' in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--sampler", "fifo", "--num-partitions", "2"],
+        ["--sampler", "fifo", "--no-lookahead", "--window", "3", "--num-partitions", "1"],
+        ["--sampler", "df", "--steps", "3"],
+        ["--sampler", "df", "--steps", "3", "--ar-step", "3"],
+        ["--sampler", "df", "--steps", "3", "--overlap-history", "1", "--addnoise-condition", "20"],
+        ["--sampler", "sliding", "--steps", "2", "--noise", "freenoise"],
+        ["--sampler", "sliding", "--steps", "2", "--prompt", "a red ball", "--prompt", "a blue square",
+         "--prompt-frames", "0", "21", "--prompt-transition", "2"],
+    ],
+    ids=["fifo", "fifo-no-lookahead", "df-chunked", "df-rolling", "df-history-noise", "freenoise", "multi-prompt"],
+)
+def test_long_samplers_from_the_cli(args, saved, tmp_path):
+    out = tmp_path / "long.mp4"
+    # tiny wan: 9 native frames = 3 latent; 45 frames = 12 latent (4x)
+    assert main(["generate", "--model", saved("wan"), "--num-frames", "45", "--out", str(out), "--quiet", *args]) == 0
+    assert video_info(out)["num_frames"] == 45
+
+
+def test_fifo_steps_must_match_its_queue(saved, tmp_path, capsys):
+    code = main(["generate", "--model", saved("wan"), "--num-frames", "45", "--sampler", "fifo", "--steps", "5",
+                 "--out", str(tmp_path / "x.mp4")])
+    assert code == 2
+    assert "num_partitions * window" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("sampler", ["fifo", "df"])
+def test_every_sampler_on_every_family_gives_requested_frames(family, sampler, saved, tmp_path):
+    pipe = LongVideoPipeline.from_pretrained(saved(family))
+    adapter = pipe.adapter
+    native_latent = adapter.num_latent_frames(adapter.native_video_size[0])
+    num_frames = adapter.num_pixel_frames(2 * native_latent)
+    image = None
+    if adapter.requires_image_condition:
+        from PIL import Image
+
+        image = Image.new("RGB", (adapter.native_video_size[2],) * 2, (10, 200, 10))
+    options = {"num_partitions": 1} if sampler == "fifo" else {}
+    steps = None if sampler == "fifo" else 2
+    result = pipe.generate("a ball", image=image, num_frames=num_frames, num_inference_steps=steps, sampler=sampler,
+                           sampler_options=options, show_progress=False, output_path=tmp_path / "o.mp4")
+    assert result.latents.shape[2] == 2 * native_latent
+    assert torch.isfinite(result.latents).all()
+    assert video_info(tmp_path / "o.mp4")["num_frames"] == num_frames

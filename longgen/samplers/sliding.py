@@ -39,11 +39,14 @@ def sample_sliding(
         acc = torch.zeros_like(x)
         norm = torch.zeros(1, 1, num_latent_frames, 1, 1, device=x.device)
         sigma = sigmas[i].expand(batch, window)
-        for start in starts:
-            sl = slice(start, start + window)
-            acc[:, :, sl] += w * denoise(x[:, :, sl], sigma, frame_offset=start)
-            norm[:, :, sl] += w
-        x0 = acc / norm
+        if len(starts) == 1:  # one window covers the clip: no fusion, exactly plain sampling
+            x0 = denoise(x, sigma)
+        else:
+            for start in starts:
+                sl = slice(start, start + window)
+                acc[:, :, sl] += w * denoise(x[:, :, sl], sigma, frame_offset=start)
+                norm[:, :, sl] += w
+            x0 = acc / norm
         x = ddim_step(x, x0, sigmas[i], sigmas[i + 1])
         if callback is not None:
             callback({"i": i, "x": x, "x0": x0, "sigma": sigmas[i]})
