@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 
@@ -258,6 +259,27 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .eval.report import evaluate_videos
+
+    report = evaluate_videos(
+        args.videos, args.out, window=args.window, stride=args.stride, labels=args.labels, plots=not args.no_plots
+    )
+    print(f"{'video (mean / end-start)':24s} " + " ".join(f"{m:>22s}" for m in _EVAL_HEADLINE))
+    for label, video in report["videos"].items():
+        cells = []
+        for metric in _EVAL_HEADLINE:
+            s = video["metrics"].get(metric, {}).get("summary")
+            ok = s and s.get("mean") is not None and s.get("end_minus_start") is not None
+            cells.append(f"{s['mean']:11.4f} /{s['end_minus_start']:+9.4f}" if ok else f"{'-':>22s}")
+        print(f"{label[:24]:24s} " + " ".join(cells))
+    print(f"wrote {os.path.join(args.out, 'metrics.json')}" + ("" if args.no_plots else f" and plots in {args.out}/plots"))
+    return 0
+
+
+_EVAL_HEADLINE = ("temporal_flicker", "ssim_prev", "ssim_first", "color_hist_drift", "warping_error")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .backbones import FAMILIES
 
@@ -288,6 +310,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--seed", type=int, default=0, help="weights seed")
     p.set_defaults(func=cmd_make_tiny)
+
+    p = sub.add_parser(
+        "eval",
+        help="long-video quality over time (flicker, drift, flow warping error, coherence): metrics.json + plots",
+        description="Evaluate one or more videos with metrics that need no downloaded weights, per window over "
+        "time, with start-vs-end contrast and drift slope; one line per video in each plot.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("videos", nargs="+", help="video files (mp4, ...)")
+    p.add_argument("--out", default="outputs/eval", help="output folder for metrics.json and plots/")
+    p.add_argument("--window", type=int, default=16, help="frames per window of the curves over time")
+    p.add_argument("--stride", type=int, default=None, help="window stride in frames (default: window)")
+    p.add_argument("--labels", nargs="+", default=None, help="one name per video (default: file names)")
+    p.add_argument("--no-plots", action="store_true", help="write metrics.json only")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("info", help="print what longgen knows about a model folder (adapter, shapes, layers)")
     p.add_argument("--model", required=True, help="local diffusers pipeline folder")
