@@ -1,11 +1,14 @@
-"""Peak memory and wall time of `longgen generate` vs clip length (issue: foundation).
+"""Peak memory and wall time of `longgen generate` vs clip length, for each sampler.
 
 Each (sampler, length) runs `longgen generate` in a fresh process on a tiny saved pipeline, and the peak
 resident memory of that process (ru_maxrss of the child) and its wall time are recorded; each setting is
 repeated and the median taken. The baseline is the same command at the native length, in the same run,
 so ratios are immune to the machine's speed.
 
-    python -m benchmarks.generate_memory --family wan --factors 1 2 8 --samplers full sliding
+    python -m benchmarks.generate_memory --family wan --factors 1 2 8 32 --samplers full sliding fifo df
+
+fifo runs num_partitions = steps // 2 partitions of a window of 2 latent frames, i.e. the same number
+of denoising steps as the others on the tiny model.
 """
 
 from __future__ import annotations
@@ -22,8 +25,10 @@ import time
 
 
 def run_once(model: str, num_frames: int, sampler: str, steps: int, out: str, extra: list[str]) -> tuple[float, float]:
+    # fifo takes num_partitions * window steps by construction; the others take `steps`
+    step_args = ["--num-partitions", str(max(1, steps // 2))] if sampler == "fifo" else ["--steps", str(steps)]
     cmd = [sys.executable, "-m", "longgen.cli", "generate", "--model", model, "--num-frames", str(num_frames),
-           "--sampler", sampler, "--steps", str(steps), "--out", out, "--quiet", *extra]
+           "--sampler", sampler, *step_args, "--out", out, "--quiet", *extra]
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     start = time.perf_counter()
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
