@@ -594,6 +594,29 @@ class SVDAdapter(BackboneAdapter):
             videos.append(torch.cat(frames).permute(0, 2, 3, 1))  # [f, H, W, 3]
         return (torch.stack(videos).float() / 2 + 0.5).clamp(0, 1)
 
+    @torch.no_grad()
+    def encode_video(
+        self, frames: torch.Tensor, sample: bool = False, generator=None, encode_chunk_size: int = 16
+    ) -> torch.Tensor:
+        """Per-frame VAE encode: frames ``[B, T, H, W, 3]`` in [0, 1] -> latents ``[B, C, T, H/8, W/8]`` (float32).
+
+        The posterior's mode (``sample=True`` draws from it with ``generator``) times ``scaling_factor``:
+        the space the UNet denoises in, the inverse of :meth:`decode`. ``encode_chunk_size`` frames per call.
+        """
+        if frames.ndim != 5 or frames.shape[-1] != 3:
+            raise ValueError(f"frames must be [B, T, H, W, 3] in [0, 1], got shape {tuple(frames.shape)}")
+        batch, num_frames = frames.shape[:2]
+        vae = self.vae
+        param = next(vae.parameters())
+        pixels = frames.permute(0, 1, 4, 2, 3).flatten(0, 1)  # [B*T, 3, H, W]
+        pixels = pixels.to(device=param.device, dtype=param.dtype) * 2.0 - 1.0
+        latents = []
+        for i in range(0, pixels.shape[0], encode_chunk_size):
+            dist = vae.encode(pixels[i : i + encode_chunk_size]).latent_dist
+            latents.append(dist.sample(generator) if sample else dist.mode())
+        z = torch.cat(latents).float() * vae.config.scaling_factor  # [B*T, C, h, w]
+        return z.unflatten(0, (batch, num_frames)).permute(0, 2, 1, 3, 4).contiguous()  # [B, C, T, h, w]
+
     # --- what extensions and training need ----------------------------------------------------
     def temporal_attention_modules(self) -> list[tuple[str, torch.nn.Module]]:
         """Self-attention over frames (``attn1``) of every ``TemporalBasicTransformerBlock``.
