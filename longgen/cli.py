@@ -326,6 +326,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-plots", action="store_true", help="write metrics.json only")
     p.set_defaults(func=cmd_eval)
 
+    from .data.cache import add_precompute_parser
+
+    add_precompute_parser(sub)
+
     p = sub.add_parser("info", help="print what longgen knows about a model folder (adapter, shapes, layers)")
     p.add_argument("--model", required=True, help="local diffusers pipeline folder")
     p.set_defaults(func=cmd_info)

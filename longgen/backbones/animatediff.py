@@ -235,6 +235,9 @@ class AnimateDiffAdapter(BackboneAdapter):
         self.force_per_frame_timesteps = False
         """Tests: route every call through the per-frame hooks, even when all frames share a timestep."""
         self._pos_embed_names: list[str] | None = None
+        self.position_window: int | None = None
+        """Frames one temporal attention call sees, with positions restarting per window; set by window fusion
+        (:mod:`longgen.extend.fusion`). Clips longer than the position tables are then fine."""
 
     # --- construction -------------------------------------------------------------------------
     @classmethod
@@ -530,8 +533,55 @@ class AnimateDiffAdapter(BackboneAdapter):
                 lengths.append(pe.shape[1])
         return min(lengths) if lengths else None
 
+    def temporal_attention_positions(self) -> dict[str, torch.nn.Module]:
+        """Attention name -> the additive frame-position embedding its block adds to that attention's input.
+
+        A motion module's ``BasicTransformerBlock`` adds ``pos_embed`` (``x + pe[:, :F]``) to the normalised
+        tokens right before ``attn1`` and again before ``attn2``. Window fusion restarts these positions in every
+        window (as FreeNoise does) by running the embedding per window.
+        """
+        out = {}
+        for name, _ in self.temporal_attention_modules():
+            parent = self.model.get_submodule(name.rsplit(".", 1)[0])
+            pos = getattr(parent, "pos_embed", None)
+            if pos is not None:
+                out[name] = pos
+        return out
+
+    def exvideo_sites(self) -> list:
+        """Where ExVideo (Duan et al. 2024) extends AnimateDiff: every motion module's position table.
+
+        The trainable table replaces each ``BasicTransformerBlock.pos_embed`` buffer ``pe`` and its Conv3d
+        follows that embedding (it runs before ``attn1`` and before ``attn2`` on ``[B*H*W, F, C]``); the feature
+        size comes from the motion module's input ``[B*F, C, H, W]``. The whole motion modules
+        (``AnimateDiffTransformer3D``: norm, projections, transformer blocks) are post-tuned.
+        """
+        from diffusers.models.unets.unet_motion_model import AnimateDiffTransformer3D
+
+        from ..extend.exvideo import ExVideoSite
+
+        sites = []
+        for name, module in self.model.named_modules():
+            if not isinstance(module, AnimateDiffTransformer3D):
+                continue
+            for i, block in enumerate(module.transformer_blocks):
+                if getattr(block, "pos_embed", None) is None:
+                    continue
+                sites.append(
+                    ExVideoSite(
+                        name=f"{name}.transformer_blocks.{i}",
+                        transformer=module,
+                        position=block.pos_embed,
+                        position_kind="additive",
+                        trainable=(module,),
+                    )
+                )
+        return sites
+
     def _check_num_frames(self, num_frames: int) -> None:
         limit = self.max_num_frames()
+        if limit is not None and self.position_window is not None and self.position_window <= limit:
+            return  # window fusion: every attention call sees at most position_window frames
         if limit is not None and num_frames > limit:
             raise ValueError(
                 f"AnimateDiff's motion modules have frame positions for at most {limit} latent frames; got "

@@ -646,6 +646,32 @@ class SVDAdapter(BackboneAdapter):
             if isinstance(module, TransformerSpatioTemporalModel)
         ]
 
+    def exvideo_sites(self) -> list:
+        """Where ExVideo (Duan et al. 2024) extends SVD: each ``TransformerSpatioTemporalModel``.
+
+        Its ``time_proj`` turns the frame ids ``arange(F)`` (repeated over the batch) into sinusoids that
+        ``time_pos_embed`` projects and adds before every temporal block; ExVideo's trainable table replaces those
+        sinusoids (DiffSynth's ``TrainableTemporalTimesteps``) and its Conv3d runs on each temporal block's input
+        ``[B*F, H*W, C]``. Post-tuned with them: ``time_pos_embed`` and the temporal transformer blocks (DiffSynth's
+        ``TemporalAttentionBlock``); the spatial blocks and the time mixer stay frozen.
+        """
+        from diffusers.models.transformers.transformer_temporal import TransformerSpatioTemporalModel
+
+        from ..extend.exvideo import ExVideoSite
+
+        return [
+            ExVideoSite(
+                name=name,
+                transformer=module,
+                position=module.time_proj,
+                position_kind="ids",
+                conv_blocks=tuple(module.temporal_transformer_blocks),
+                trainable=(module.time_pos_embed, *module.temporal_transformer_blocks),
+            )
+            for name, module in self.model.named_modules()
+            if isinstance(module, TransformerSpatioTemporalModel)
+        ]
+
     def remove_per_frame_hook(self) -> None:
         """Detach the per-frame timestep hooks (the next per-frame denoise call installs them again)."""
         remove_svd_per_frame_timesteps(self.model)

@@ -1,0 +1,322 @@
+"""A latent + text-embedding cache: encode a video data set once, train from safetensors shards.
+
+Training a video DiT spends much of its step in the VAE encoder and the text encoder when they run on
+the fly; both are frozen, so ``longgen precompute`` runs them once. The cache folder holds
+
+* ``shard_00000.safetensors``, ...: per sample ``"<i>/latents"`` ``[C, f, h, w]`` (``adapter.encode_video``)
+  and ``"<i>/cond/<key>"`` (each tensor of ``adapter.encode_prompt``'s cond, batch dim removed);
+* ``null_cond.safetensors``: the cond of the empty prompt (for caption dropout / CFG training), when the
+  model has a text encoder;
+* ``index.json``: sample -> shard, captions, source paths, clip size, model family. It is written last,
+  so a folder without it is an unfinished precompute (shards are written atomically too).
+
+:class:`LatentCacheDataset` reads it back, one sample at a time through safetensors' memory map.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+INDEX_NAME = "index.json"
+NULL_COND_NAME = "null_cond.safetensors"
+CACHE_FORMAT = "longgen-latent-cache"
+CACHE_VERSION = 1
+
+__all__ = [
+    "LatentCacheDataset",
+    "add_precompute_parser",
+    "collate_latents",
+    "is_latent_cache",
+    "precompute_cache",
+]
+
+
+def is_latent_cache(path: str | os.PathLike) -> bool:
+    """True when ``path`` is a finished latent cache (a folder with its ``index.json``)."""
+    return os.path.isfile(os.path.join(os.fspath(path), INDEX_NAME))
+
+
+def _save_atomic(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str] | None = None) -> None:
+    from safetensors.torch import save_file
+
+    tmp = path + ".tmp"
+    save_file(tensors, tmp, metadata=metadata)
+    os.replace(tmp, path)
+
+
+def _tensor_items(cond: dict[str, Any], dropped: set[str]) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, value in cond.items():
+        if isinstance(value, torch.Tensor):
+            out[key] = value
+        elif value is not None and key not in dropped:
+            logger.warning(
+                "latent cache: cond entry %r is a %s, not a tensor; not cached", key, type(value).__name__
+            )
+            dropped.add(key)
+    return out
+
+
+def _first_frame_images(video: torch.Tensor) -> list:
+    """First frames of clips ``[B, T, H, W, 3]`` as PIL images (all image-conditioned adapters take PIL)."""
+    import PIL.Image
+
+    from ..io import to_uint8
+
+    return [PIL.Image.fromarray(frame) for frame in to_uint8(video[:, 0])]
+
+
+@torch.no_grad()
+def _encode_conds(adapter, captions: list[str], video: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Cond tensors ``[B, ...]`` for a batch: text (and the first frame for image-conditioned models)."""
+    num_frames, height, width = video.shape[1:4]
+    kwargs = dict(do_classifier_free_guidance=False, num_frames=num_frames, height=height, width=width)
+    if not getattr(adapter, "requires_image_condition", False):
+        return adapter.encode_prompt(captions, **kwargs)[0]
+    # Image-conditioned pipelines take one conditioning image per call in general (Wan I2V): one sample each.
+    conds = [
+        adapter.encode_prompt([c], image=img, **kwargs)[0]
+        for c, img in zip(captions, _first_frame_images(video))
+    ]
+    from ..backbones.base import cat_conds
+
+    return cat_conds(conds)
+
+
+@torch.no_grad()
+def precompute_cache(
+    adapter,
+    dataset,
+    out_dir: str | os.PathLike,
+    batch_size: int = 1,
+    shard_size: int = 64,
+) -> str:
+    """Encode every clip of ``dataset`` (a :class:`~longgen.data.video.VideoClipDataset`) into a cache.
+
+    Latents come from ``adapter.encode_video`` (the model's latent space), conds from
+    ``adapter.encode_prompt(captions, do_classifier_free_guidance=False)`` (plus the clip's first frame
+    as the image of image-to-video models). Only tensor cond entries are stored; others are logged and
+    listed in the index (``dropped_cond_keys``). One clip per video: the dataset's clip at its current
+    epoch. Returns the path of ``index.json``.
+    """
+    from .video import collate_clips
+
+    if batch_size < 1 or shard_size < 1:
+        raise ValueError(f"batch_size and shard_size must be >= 1, got {batch_size}, {shard_size}")
+    out_dir = os.fspath(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    stale = os.path.join(out_dir, INDEX_NAME)
+    if os.path.exists(stale):
+        os.remove(stale)  # the folder is unfinished until the new index is written
+
+    samples: list[dict] = []
+    shards: list[str] = []
+    pending: dict[str, torch.Tensor] = {}
+    cond_keys: list[str] | None = None
+    dropped: set[str] = set()
+    clip_shape: tuple[int, ...] | None = None
+    latent_shape: tuple[int, ...] | None = None
+
+    def flush() -> None:
+        nonlocal pending
+        if not pending:
+            return
+        name = f"shard_{len(shards):05d}.safetensors"
+        _save_atomic(pending, os.path.join(out_dir, name))
+        shards.append(name)
+        logger.info("latent cache: wrote %s (%d samples so far)", name, len(samples))
+        pending = {}
+
+    num_items = len(dataset)
+    for begin in range(0, num_items, batch_size):
+        batch = collate_clips([dataset[i] for i in range(begin, min(begin + batch_size, num_items))])
+        video = batch["video"]  # [B, T, H, W, 3]
+        latents = adapter.encode_video(video)  # [B, C, f, h, w]
+        cond = _tensor_items(_encode_conds(adapter, batch["caption"], video), dropped)
+        if cond_keys is None:
+            cond_keys = sorted(cond)
+            clip_shape = tuple(video.shape[1:])
+            latent_shape = tuple(latents.shape[1:])
+        for j in range(latents.shape[0]):
+            i = len(samples)
+            # clone(): safetensors refuses tensors that share storage (rows of one batch do)
+            pending[f"{i}/latents"] = latents[j].detach().cpu().contiguous().clone()
+            for key, value in cond.items():
+                pending[f"{i}/cond/{key}"] = value[j].detach().cpu().contiguous().clone()
+            samples.append({"shard": len(shards), "caption": batch["caption"][j], "path": batch["path"][j]})
+            if len(samples) % shard_size == 0:
+                flush()
+    flush()
+
+    null_cond_file = None
+    if not getattr(adapter, "requires_image_condition", False):
+        try:
+            null = _tensor_items(adapter.encode_prompt([""], do_classifier_free_guidance=False)[0], dropped)
+            _save_atomic(
+                {k: v[0].detach().cpu().contiguous().clone() for k, v in null.items()},
+                os.path.join(out_dir, NULL_COND_NAME),
+            )
+            null_cond_file = NULL_COND_NAME
+        except Exception as err:  # a model without a text encoder: no null cond, no caption dropout
+            logger.info("latent cache: no empty-prompt cond (%s)", err)
+
+    index = {
+        "format": CACHE_FORMAT,
+        "version": CACHE_VERSION,
+        "family": getattr(adapter, "family", ""),
+        "num_samples": len(samples),
+        "clip_shape": list(clip_shape or ()),
+        "latent_shape": list(latent_shape or ()),
+        "cond_keys": cond_keys or [],
+        "dropped_cond_keys": sorted(dropped),
+        "null_cond": null_cond_file,
+        "shards": shards,
+        "samples": samples,
+        "source": getattr(dataset, "source", None),
+        "skipped": dict(getattr(dataset, "skipped", {})),
+    }
+    index_path = os.path.join(out_dir, INDEX_NAME)
+    with open(index_path + ".tmp", "w") as f:
+        json.dump(index, f, indent=1)
+    os.replace(index_path + ".tmp", index_path)
+    logger.info("latent cache: %d samples in %d shards at %s", len(samples), len(shards), out_dir)
+    return index_path
+
+
+class LatentCacheDataset(torch.utils.data.Dataset):
+    """Samples ``{"latents": [C, f, h, w], "cond": {key: tensor}, "caption": str}`` of a latent cache."""
+
+    def __init__(self, out_dir: str | os.PathLike):
+        self.root = os.fspath(out_dir)
+        index_path = os.path.join(self.root, INDEX_NAME)
+        if not os.path.isfile(index_path):
+            raise FileNotFoundError(
+                f"{self.root!r} is not a finished latent cache (no {INDEX_NAME}); build it with "
+                "`longgen precompute --model MODEL --data SOURCE --out DIR`"
+            )
+        with open(index_path) as f:
+            self.index = json.load(f)
+        if self.index.get("format") != CACHE_FORMAT or self.index.get("version") != CACHE_VERSION:
+            raise ValueError(
+                f"{index_path} is not a version-{CACHE_VERSION} {CACHE_FORMAT} index; "
+                "rebuild it with longgen precompute"
+            )
+        self.cond_keys: list[str] = list(self.index["cond_keys"])
+        self.family: str = self.index.get("family", "")
+
+    def __len__(self) -> int:
+        return int(self.index["num_samples"])
+
+    def __getitem__(self, i: int) -> dict:
+        from safetensors import safe_open
+
+        if not 0 <= i < len(self):
+            raise IndexError(f"sample {i} out of range for a cache of {len(self)}")
+        sample = self.index["samples"][i]
+        shard = os.path.join(self.root, self.index["shards"][sample["shard"]])
+        with safe_open(shard, framework="pt") as f:
+            latents = f.get_tensor(f"{i}/latents")
+            cond = {key: f.get_tensor(f"{i}/cond/{key}") for key in self.cond_keys}
+        return {"latents": latents, "cond": cond, "caption": sample["caption"]}
+
+    def null_cond(self) -> dict[str, torch.Tensor] | None:
+        """The empty prompt's cond (batch dim removed), or None when the cache has none."""
+        name = self.index.get("null_cond")
+        if not name:
+            return None
+        from safetensors.torch import load_file
+
+        return load_file(os.path.join(self.root, name))
+
+
+def collate_latents(items: Sequence[dict]) -> dict:
+    """Stack cached samples: ``{"latents": [B, C, f, h, w], "cond": {key: [B, ...]}, "caption": list}``."""
+    shapes = {tuple(item["latents"].shape) for item in items}
+    if len(shapes) > 1:
+        raise ValueError(
+            f"cached latents in one batch differ in shape {sorted(shapes)}: use batch size 1 or one clip size"
+        )
+    return {
+        "latents": torch.stack([item["latents"] for item in items]),
+        "cond": {key: torch.stack([item["cond"][key] for item in items]) for key in items[0]["cond"]},
+        "caption": [item.get("caption", "") for item in items],
+    }
+
+
+# ------------------------------------------------------------------------------------------------
+# the `longgen precompute` command
+# ------------------------------------------------------------------------------------------------
+def add_precompute_parser(sub) -> argparse.ArgumentParser:
+    """Register ``longgen precompute`` on a subparsers object (``parser.add_subparsers()``)."""
+    p = sub.add_parser(
+        "precompute",
+        help="encode a video data set into a latent + text-embedding cache (safetensors shards) for training",
+        description="Run the model's VAE and text encoder once over a data set (folder of videos with .txt "
+        "captions, or a .csv / .jsonl manifest) and write safetensors shards + index.json; point the "
+        "trainer's data path at the output folder to train from it.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--model", required=True, help="local diffusers pipeline folder (with model_index.json)")
+    p.add_argument(
+        "--data", required=True, help="folder of videos with .txt captions, or a .csv / .jsonl manifest"
+    )
+    p.add_argument("--out", required=True, help="output folder of the cache")
+    p.add_argument(
+        "--num-frames", type=int, default=None, help="pixel frames per clip (default: the model's native)"
+    )
+    p.add_argument("--height", type=int, default=None, help="clip height in pixels (default: native)")
+    p.add_argument("--width", type=int, default=None, help="clip width in pixels (default: native)")
+    p.add_argument("--frame-stride", type=int, default=1, help="source frames between sampled frames")
+    p.add_argument(
+        "--target-fps", type=float, default=None, help="sample at this fps (overrides --frame-stride)"
+    )
+    p.add_argument(
+        "--random-start", action="store_true", help="random clip start per video (seeded); default: start"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the clip starts")
+    p.add_argument("--batch-size", type=int, default=1, help="clips encoded per call")
+    p.add_argument("--shard-size", type=int, default=64, help="samples per safetensors shard")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="encoder dtype")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda")
+    p.set_defaults(func=cmd_precompute)
+    return p
+
+
+def cmd_precompute(args: argparse.Namespace) -> int:
+    from ..backbones import load_adapter
+    from .video import VideoClipDataset
+
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    adapter = load_adapter(args.model, torch_dtype=dtypes[args.dtype])
+    adapter.pipe.to(args.device)
+    native_frames, native_height, native_width = adapter.native_video_size
+    dataset = VideoClipDataset(
+        args.data,
+        num_frames=args.num_frames or native_frames,
+        height=args.height or native_height,
+        width=args.width or native_width,
+        frame_stride=args.frame_stride,
+        target_fps=args.target_fps,
+        random_start=args.random_start,
+        seed=args.seed,
+    )
+    index_path = precompute_cache(
+        adapter, dataset, args.out, batch_size=args.batch_size, shard_size=args.shard_size
+    )
+    with open(index_path) as f:
+        index = json.load(f)
+    skipped = ", ".join(f"{k}: {v}" for k, v in sorted(dataset.skipped.items())) or "none"
+    print(
+        f"cached {index['num_samples']} clips ({index['clip_shape']} -> latents {index['latent_shape']}) in "
+        f"{len(index['shards'])} shards at {args.out}; skipped videos: {skipped}"
+    )
+    return 0
