@@ -452,6 +452,8 @@ class CogVideoXAdapter(BackboneAdapter):
         self.supports_image_condition = self.image_to_video
         self.requires_image_condition = self.image_to_video
         self._rope: CogVideoXRotaryEmbedding | None = None
+        self._stock_temporal_inv_freq: torch.Tensor | None = None
+        """The stock ``temporal_inv_freq`` while :meth:`set_temporal_rope_frequencies` has replaced it."""
         if cfg.use_rotary_positional_embeddings:
             train_latent_frames = (cfg.sample_frames - 1) // cfg.temporal_compression_ratio + 1
             self._rope = CogVideoXRotaryEmbedding(
@@ -774,6 +776,65 @@ class CogVideoXAdapter(BackboneAdapter):
             "patch_size_t": self.patch_size[0],
             "attention_head_dim": self._rope.attention_head_dim,
         }
+
+    rope_extension_methods: ClassVar[tuple[str, ...]] = ("pi", "ntk", "yarn", "riflex")
+    """Temporal RoPE extensions :func:`longgen.extend.apply_rope_extension` can apply (models with RoPE)."""
+
+    def _require_rope(self) -> CogVideoXRotaryEmbedding:
+        if self._rope is None:
+            raise ValueError(
+                "this CogVideoX model has no rotary position embeddings (use_rotary_positional_embeddings is "
+                "off, as in CogVideoX-2b, which learns absolute positions); RoPE extension needs "
+                "CogVideoX-5b, CogVideoX1.5 or another model with RoPE"
+            )
+        return self._rope
+
+    def rope_axes(self) -> list[dict[str, Any]]:
+        """Each RoPE axis (t, h, w): channels per head (head/4, 3head/8, 3head/8), base 10000 and frequencies
+        (rad per token step, float64); the temporal ones are the module's ``temporal_inv_freq``."""
+        rope = self._require_rope()
+        head = rope.attention_head_dim
+        pt, p, _ = self.patch_size
+        axes = [{
+            "axis": "t",
+            "dim": rope.temporal_dim,
+            "base": float(rope.base),
+            "frequencies": self.temporal_rope_frequencies(),
+            "unit": "latent frame" if pt == 1 else f"token frame ({pt} latent frames)",
+        }]
+        spatial_units = (("h", f"token row ({p} latent rows)"), ("w", f"token column ({p} latent columns)"))
+        for axis, unit in spatial_units:
+            dim = head // 8 * 3
+            exponents = torch.arange(0, dim, 2, dtype=torch.float32) / dim
+            freqs = (1.0 / (rope.base**exponents)).double()
+            axes.append(
+                {"axis": axis, "dim": dim, "base": float(rope.base), "frequencies": freqs, "unit": unit}
+            )
+        return axes
+
+    def temporal_rope_frequencies(self) -> torch.Tensor:
+        """Stock temporal frequencies ``10000^(-2j / (head/4))`` (rad per temporal position), float64."""
+        rope = self._require_rope()
+        stock = self._stock_temporal_inv_freq
+        return (rope.temporal_inv_freq if stock is None else stock).detach().double().cpu()
+
+    def set_temporal_rope_frequencies(self, frequencies: torch.Tensor | None) -> None:
+        """Write ``frequencies`` ``[temporal_dim / 2]`` into the RoPE module's ``temporal_inv_freq``
+        (float32); ``None`` copies the stock values back (bit-exact removal)."""
+        rope = self._require_rope()
+        if frequencies is None:
+            if self._stock_temporal_inv_freq is not None:
+                rope.temporal_inv_freq.copy_(self._stock_temporal_inv_freq)
+                self._stock_temporal_inv_freq = None
+            return
+        if frequencies.shape != rope.temporal_inv_freq.shape:
+            raise ValueError(
+                f"expected {rope.temporal_inv_freq.numel()} temporal frequencies, "
+                f"got shape {tuple(frequencies.shape)}"
+            )
+        if self._stock_temporal_inv_freq is None:
+            self._stock_temporal_inv_freq = rope.temporal_inv_freq.clone()
+        rope.temporal_inv_freq.copy_(frequencies.detach().to(rope.temporal_inv_freq))
 
     def temporal_attention_modules(self) -> list[tuple[str, nn.Module]]:
         """Every block's ``attn1``: full 3D attention over text + all video tokens mixes frames."""

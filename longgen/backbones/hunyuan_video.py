@@ -466,6 +466,39 @@ def per_frame_timesteps(model: torch.nn.Module, timesteps: torch.Tensor) -> Iter
 # ------------------------------------------------------------------------------------------------------
 # The adapter
 # ------------------------------------------------------------------------------------------------------
+TEMPORAL_ROPE_HOOK = "longgen_hunyuan_video_temporal_rope"
+"""Name of the hook :meth:`HunyuanVideoAdapter.set_temporal_rope_frequencies` puts on the RoPE module."""
+
+
+class _TemporalRopeHook(ModelHook):
+    """Replaces the temporal columns of ``HunyuanVideoRotaryPosEmbed``'s (cos, sin) with other frequencies.
+
+    The stock module computes each axis's table from integer positions in float32
+    (``get_1d_rotary_pos_embed``); this hook recomputes the first ``rope_dim[0]`` columns the same way
+    from ``frequencies`` (float32), so the stock frequencies reproduce the stock output bit for bit.
+    """
+
+    def __init__(self, frequencies: torch.Tensor) -> None:
+        super().__init__()
+        self.frequencies = frequencies  # (rope_dim[0] / 2,) float32
+
+    def new_forward(self, module, hidden_states, *args, **kwargs):
+        cos, sin = self.fn_ref.original_forward(hidden_states, *args, **kwargs)  # (f*h*w, head_dim) each
+        _, _, num_frames, height, width = hidden_states.shape
+        num_positions = num_frames // module.patch_size_t
+        tokens_per_frame = (height // module.patch_size) * (width // module.patch_size)
+        t_dim = int(module.rope_dim[0])
+        positions = torch.arange(num_positions, device=cos.device, dtype=torch.float32)
+        angles = torch.outer(positions, self.frequencies.to(cos.device))  # (f, t_dim / 2)
+        # frames outermost: token n sits at frame n // (h * w), as in the module's meshgrid
+        t_cos = angles.cos().repeat_interleave(2, dim=1).float().repeat_interleave(tokens_per_frame, dim=0)
+        t_sin = angles.sin().repeat_interleave(2, dim=1).float().repeat_interleave(tokens_per_frame, dim=0)
+        cos, sin = cos.clone(), sin.clone()
+        cos[:, :t_dim] = t_cos
+        sin[:, :t_dim] = t_sin
+        return cos, sin
+
+
 class HunyuanVideoAdapter(BackboneAdapter):
     """HunyuanVideo adapter: flow prediction, one timestep per sample made per frame by a hook.
 
@@ -775,6 +808,50 @@ class HunyuanVideoAdapter(BackboneAdapter):
             base=float(rope.theta),
             train_latent_frames=self.train_latent_frames,
         )
+
+    rope_extension_methods: ClassVar[tuple[str, ...]] = ("pi", "ntk", "yarn", "riflex")
+    """Temporal RoPE extensions :func:`longgen.extend.apply_rope_extension` can apply to this family."""
+
+    def rope_axes(self) -> list[dict[str, Any]]:
+        """Each RoPE axis (t, h, w): channels per head (``rope_dim``), base (``theta``, 256) and frequencies
+        ``theta^(-2j / dim)`` (rad per token step, float64), computed in float32 as the stock module does."""
+        rope = self.model.rope
+        pt, p, _ = self.patch_size
+        units = (
+            "latent frame" if pt == 1 else f"token frame ({pt} latent frames)",
+            f"token row ({p} latent rows)",
+            f"token column ({p} latent columns)",
+        )
+        axes = []
+        for axis, dim, unit in zip(("t", "h", "w"), rope.rope_dim, units):
+            dim = int(dim)
+            exponents = torch.arange(0, dim, 2, dtype=torch.float32, device=self.device) / dim
+            freqs = (1.0 / (rope.theta**exponents)).double().cpu()  # (dim / 2,)
+            axes.append(
+                {"axis": axis, "dim": dim, "base": float(rope.theta), "frequencies": freqs, "unit": unit}
+            )
+        return axes
+
+    def temporal_rope_frequencies(self) -> torch.Tensor:
+        """Stock temporal frequencies ``256^(-2j / rope_dim[0])`` (rad per latent frame): the module's
+        float32 values, held in float64."""
+        return self.rope_axes()[0]["frequencies"]
+
+    def set_temporal_rope_frequencies(self, frequencies: torch.Tensor | None) -> None:
+        """Make the RoPE module use ``frequencies`` ``[rope_dim[0] / 2]`` on the temporal axis (a removable
+        hook, :data:`TEMPORAL_ROPE_HOOK`); ``None`` removes the hook, restoring the stock module."""
+        rope = self.model.rope
+        registry = HookRegistry.check_if_exists_or_initialize(rope)
+        registry.remove_hook(TEMPORAL_ROPE_HOOK, recurse=False)
+        if frequencies is None:
+            return
+        t_dim = int(rope.rope_dim[0])
+        if frequencies.shape != (t_dim // 2,):
+            raise ValueError(
+                f"expected {t_dim // 2} temporal frequencies, got shape {tuple(frequencies.shape)}"
+            )
+        hook = _TemporalRopeHook(frequencies.detach().float().to(self.device))
+        registry.register_hook(hook, TEMPORAL_ROPE_HOOK)
 
     def temporal_attention_modules(self) -> list[tuple[str, torch.nn.Module]]:
         """Every dual- and single-stream block's ``attn``: full 3D attention over all frames (the token

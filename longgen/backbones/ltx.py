@@ -76,6 +76,9 @@ class LTXAdapter(BackboneAdapter):
         self.frame_rate: float = self.default_frame_rate
         """Frames per second the RoPE temporal coordinates assume (``LTXPipeline(frame_rate=25)``). A
         ``cond["frame_rate"]`` entry, when present and not None, overrides it for that call."""
+        self.temporal_position_scale: float = 1.0
+        """Positional interpolation (PI) factor ``s``: temporal RoPE coordinates are divided by it, i.e. the
+        model sees ``frame_rate * s`` (set by ``longgen.extend.apply_rope_extension(method="pi")``)."""
         self.pixel_rope_coords: bool = type(pipe).__name__ in _PIXEL_COORD_PIPELINES
         """True: RoPE coordinates as ``LTXConditionPipeline`` builds them (``video_coords``); False: as
         ``LTXPipeline`` / ``LTXImageToVideoPipeline`` (latent grid and ``rope_interpolation_scale``)."""
@@ -331,7 +334,8 @@ class LTXAdapter(BackboneAdapter):
             raise ValueError(f"frames inside one temporal patch of {pt} latent frames must share a sigma")
         # (B, f) -> (B, f*h*w): one timestep per token, the scheduler's sigma * num_train_timesteps.
         timestep = per_frame_to_tokens(token_sigma[..., 0] * 1000.0, grid[1] * grid[2])
-        frame_rate = cond.get("frame_rate") or self.frame_rate
+        # PI divides the temporal coordinates (frame index / frame_rate) by temporal_position_scale.
+        frame_rate = float(cond.get("frame_rate") or self.frame_rate) * self.temporal_position_scale
         model = self.model
         velocity = model(
             hidden_states=self.pack(x).to(self.dtype),
@@ -389,6 +393,41 @@ class LTXAdapter(BackboneAdapter):
     def rope_module(self) -> torch.nn.Module:
         """``LTXVideoRotaryPosEmbed``: fractional (frame, row, column) coordinates, scaled by ``frame_rate``."""
         return self.model.rope
+
+    rope_extension_methods: ClassVar[tuple[str, ...]] = ("pi",)
+    """LTX's RoPE takes fractional coordinates, not integer positions with a base: only positional
+    interpolation applies, through the coordinate scale (:attr:`temporal_position_scale`)."""
+
+    def set_temporal_position_scale(self, scale: float) -> None:
+        """Positional interpolation: temporal RoPE coordinates divided by ``scale`` (1 is the stock model)."""
+        if not scale > 0:
+            raise ValueError(f"temporal position scale must be positive, got {scale}")
+        self.temporal_position_scale = float(scale)
+
+    def rope_axes(self) -> list[dict[str, Any]]:
+        """Each RoPE axis (t, h, w) as rad per token step at the current ``frame_rate`` (float64).
+
+        ``LTXVideoRotaryPosEmbed`` gives every axis ``dim // 6`` frequencies ``w_j = theta^(j / (n - 1))``
+        (1 .. theta) on coordinates ``c`` in units of ``base_num_frames`` / ``base_height`` / ``base_width``,
+        as the angle ``w_j * pi / 2 * (2c - 1)``; latent frame ``i`` has ``c = i * tc / frame_rate / base``,
+        so one latent frame turns ``w_j * pi * tc / (frame_rate * base_num_frames)`` radians. Channel
+        pairs are interleaved across the axes (t, h, w, t, h, w, ...) after ``dim % 6`` padding channels.
+        """
+        rope = self.rope_module()
+        n = rope.dim // 6
+        omega = (rope.theta ** torch.linspace(0.0, 1.0, n, dtype=torch.float64)) * math.pi  # d angle / d (2c)
+        pt, p, _ = self.patch_size
+        tc, sc = self.temporal_compression, self.spatial_compression
+        frame_rate = self.frame_rate * self.temporal_position_scale
+        steps = (
+            ("t", tc * pt / frame_rate / rope.base_num_frames, "latent frame"),
+            ("h", sc * p / rope.base_height, f"token row ({p} latent rows)"),
+            ("w", sc * p / rope.base_width, f"token column ({p} latent columns)"),
+        )
+        return [
+            {"axis": axis, "dim": 2 * n, "base": float(rope.theta), "frequencies": omega * step, "unit": unit}
+            for axis, step, unit in steps
+        ]
 
     def temporal_attention_modules(self) -> list[tuple[str, torch.nn.Module]]:
         """Each block's ``attn1``: full spatio-temporal self-attention over all tokens (``attn2`` is text)."""

@@ -64,6 +64,10 @@ class WanAdapter(BackboneAdapter):
     tiny_video_size: ClassVar[tuple[int, int, int]] = (9, 32, 32)
     max_sequence_length: ClassVar[int] = 512
     """Text tokens per prompt: the pipelines' ``__call__`` default (Wan's I2V attention assumes 512)."""
+    rope_theta: ClassVar[float] = 10000.0
+    """RoPE base: ``WanTransformer3DModel`` builds ``WanRotaryPosEmbed`` with its default theta."""
+    rope_extension_methods: ClassVar[tuple[str, ...]] = ("pi", "ntk", "yarn", "riflex")
+    """Temporal RoPE extensions :func:`longgen.extend.apply_rope_extension` can apply to this family."""
 
     def __init__(self, pipe, native_video_size: tuple[int, int, int] | None = None):
         super().__init__(pipe, native_video_size)
@@ -90,6 +94,8 @@ class WanAdapter(BackboneAdapter):
         default then passes the scalar timestep, as the stock pipeline does; both agree to float error)."""
         self.timestep_table: tuple[torch.Tensor, torch.Tensor] | None = None
         """Optional (sigmas, timesteps) a scheduler feeds the model; see :meth:`match_scheduler_timesteps`."""
+        self._stock_temporal_rope: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        """expert index -> stock temporal columns (cos, sin) of its RoPE tables while they are replaced."""
 
     # --- construction -------------------------------------------------------------------------
     @classmethod
@@ -409,6 +415,76 @@ class WanAdapter(BackboneAdapter):
     def temporal_attention_modules(self) -> list[tuple[str, torch.nn.Module]]:
         """Each block's full 3D self-attention (``blocks.N.attn1``): the layers that mix frames."""
         return [(f"blocks.{i}.attn1", block.attn1) for i, block in enumerate(self.model.blocks)]
+
+    # --- temporal RoPE (longgen.extend.rope) --------------------------------------------------
+    @staticmethod
+    def _rope_freqs_dtype() -> torch.dtype:
+        """The dtype ``WanRotaryPosEmbed`` builds its tables in (float64; float32 where MPS exists)."""
+        return torch.float32 if torch.backends.mps.is_available() else torch.float64
+
+    def rope_axes(self) -> list[dict[str, Any]]:
+        """Each RoPE axis (t, h, w): channels per head, base and frequencies (rad per token step, float64).
+
+        Wan splits a head as t = d - 4(d // 6), h = w = 2(d // 6); every axis uses base 10000.
+        """
+        rope = self.rope_module()
+        axes = []
+        for axis, dim, unit in (
+            ("t", rope.t_dim, "latent frame"),
+            ("h", rope.h_dim, f"token row ({self.patch_size[1]} latent rows)"),
+            ("w", rope.w_dim, f"token column ({self.patch_size[2]} latent columns)"),
+        ):
+            exponents = torch.arange(0, dim, 2, dtype=self._rope_freqs_dtype()) / dim
+            freqs = (1.0 / (self.rope_theta**exponents)).double()  # (dim / 2,)
+            axes.append(
+                {"axis": axis, "dim": int(dim), "base": self.rope_theta, "frequencies": freqs, "unit": unit}
+            )
+        return axes
+
+    def temporal_rope_frequencies(self) -> torch.Tensor:
+        """Stock temporal frequencies ``theta_j = 10000^(-2j / t_dim)`` (rad per latent frame), float64,
+        computed as ``WanRotaryPosEmbed`` computes them."""
+        return self.rope_axes()[0]["frequencies"]
+
+    def set_temporal_rope_frequencies(self, frequencies: torch.Tensor | None) -> None:
+        """Rewrite the temporal columns of every expert's RoPE tables for ``frequencies`` ``[t_dim / 2]``.
+
+        The tables are rebuilt as the stock module builds them (positions 0..max_seq_len-1 times the
+        frequencies, cos/sin, each value repeated for its channel pair), so the stock frequencies give the
+        stock tables bit for bit. ``None`` copies the saved stock columns back (bit-exact removal).
+        """
+        for index, model in enumerate(self.experts()):
+            rope = model.rope
+            t_dim = rope.t_dim
+            if frequencies is None:
+                stock = self._stock_temporal_rope.pop(index, None)
+                if stock is not None:
+                    rope.freqs_cos[:, :t_dim].copy_(stock[0])
+                    rope.freqs_sin[:, :t_dim].copy_(stock[1])
+                continue
+            if frequencies.shape != (t_dim // 2,):
+                raise ValueError(
+                    f"expected {t_dim // 2} temporal frequencies, got shape {tuple(frequencies.shape)}"
+                )
+            if index not in self._stock_temporal_rope:
+                self._stock_temporal_rope[index] = (
+                    rope.freqs_cos[:, :t_dim].clone(),
+                    rope.freqs_sin[:, :t_dim].clone(),
+                )
+            dtype = self._rope_freqs_dtype()
+            positions = torch.arange(rope.freqs_cos.shape[0], dtype=dtype)
+            angles = torch.outer(positions, frequencies.detach().cpu().to(dtype))  # (max_seq_len, t_dim / 2)
+            rope.freqs_cos[:, :t_dim].copy_(angles.cos().repeat_interleave(2, dim=1).float())
+            rope.freqs_sin[:, :t_dim].copy_(angles.sin().repeat_interleave(2, dim=1).float())
+
+    def rope_attention_modules(self) -> list[tuple[str, torch.nn.Module]]:
+        """The attention layers whose query-key products carry the 3D RoPE: ``attn1`` of every expert."""
+        experts = self.experts()
+        return [
+            (f"{'transformer' if e == 0 else 'transformer_2'}.blocks.{i}.attn1", block.attn1)
+            for e, model in enumerate(experts)
+            for i, block in enumerate(model.blocks)
+        ]
 
     def experts(self) -> list[torch.nn.Module]:
         """The denoising networks: ``[transformer]``, or ``[transformer, transformer_2]`` for Wan 2.2 MoE."""
