@@ -149,6 +149,22 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="how overlapping windows are blended (sliding sampler; default pyramid)",
     )
+    g = p.add_argument_group("extension")
+    g.add_argument(
+        "--extension",
+        default="none",
+        choices=["none", "pi", "ntk", "yarn", "riflex"],
+        help="temporal RoPE extension so the model sees --target-frames per window: position interpolation, "
+        "NTK-aware base scaling, YaRN, or RIFLEx (intrinsic-frequency reduction, ~2x length training-free); "
+        "for 3D-RoPE DiTs (Wan, SkyReels-V2, HunyuanVideo, CogVideoX; LTX: pi)",
+    )
+    g.add_argument(
+        "--target-frames",
+        type=int,
+        default=None,
+        help="pixel frames the extended model sees at once (default: --num-frames); windowed samplers "
+        "default to windows of this length",
+    )
     g = p.add_argument_group("output")
     g.add_argument("--out", default="outputs/longgen.mp4", help="output mp4 path")
     g.add_argument("--fps", type=float, default=16.0, help="frames per second of the mp4")
@@ -179,6 +195,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         offload=args.offload,
         attention_backend=args.attention_backend,
     )
+    if args.extension != "none":
+        target = args.target_frames or args.num_frames or pipe.adapter.native_video_size[0]
+        handle = pipe.apply_extension(args.extension, target)
+        logger.info("extension %s", json.dumps(handle.describe()))
     options = {
         "window": args.window,
         "stride": args.stride,
@@ -327,8 +347,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     from .data.cache import add_precompute_parser
+    from .extend.rope import add_inspect_rope_parser
 
     add_precompute_parser(sub)
+    add_inspect_rope_parser(sub)
 
     p = sub.add_parser("info", help="print what longgen knows about a model folder (adapter, shapes, layers)")
     p.add_argument("--model", required=True, help="local diffusers pipeline folder")

@@ -90,6 +90,34 @@ class LongVideoPipeline:
     def __init__(self, adapter: BackboneAdapter, device: str | torch.device | None = None):
         self.adapter = adapter
         self.device = torch.device(device) if device is not None else adapter.device
+        self.window_latent_frames: int | None = None
+        """Window of windowed samplers; None = the native length. An extension sets its target here."""
+        self.extensions: list[Any] = []
+
+    def apply_extension(self, method: str, target_num_frames: int, **options) -> Any:
+        """Apply an extension by name so the model sees ``target_num_frames`` pixel frames per window.
+
+        RoPE extensions (``pi``, ``ntk``, ``yarn``, ``riflex``) rescale the temporal positions from the
+        native length to the target; windowed samplers then default to windows of the target length.
+        Returns the extension's handle (``.remove()`` restores the stock model).
+        """
+        from .extend import ROPE_METHODS, apply_rope_extension
+
+        target_latent = self.adapter.num_latent_frames(target_num_frames)
+        if method in ROPE_METHODS:
+            handle = apply_rope_extension(self.adapter, method, None, target_latent, **options)
+        else:
+            raise ValueError(f"unknown extension {method!r}; choose one of: {', '.join(ROPE_METHODS)}")
+        self.window_latent_frames = target_latent
+        self.extensions.append(handle)
+        return handle
+
+    def remove_extensions(self) -> None:
+        """Remove every extension applied through :meth:`apply_extension`, restoring the stock model."""
+        for handle in reversed(self.extensions):
+            handle.remove()
+        self.extensions.clear()
+        self.window_latent_frames = None
 
     @classmethod
     def from_pretrained(
@@ -119,7 +147,9 @@ class LongVideoPipeline:
 
     # -----------------------------------------------------------------------------------------
     def default_window(self) -> int:
-        """The model's native clip length in latent frames: the window of windowed samplers."""
+        """The window of windowed samplers in latent frames: the native length, or an extension's target."""
+        if self.window_latent_frames is not None:
+            return self.window_latent_frames
         return self.adapter.num_latent_frames(self.adapter.native_video_size[0])
 
     def sampler_kwargs(self, sampler: str, num_latent_frames: int, knobs: dict[str, Any]) -> dict[str, Any]:

@@ -163,3 +163,27 @@ def test_every_sampler_on_every_family_gives_requested_frames(family, sampler, s
     assert result.latents.shape[2] == 2 * native_latent
     assert torch.isfinite(result.latents).all()
     assert video_info(tmp_path / "o.mp4")["num_frames"] == num_frames
+
+
+def test_extension_from_the_cli_widens_windows_and_changes_the_clip(saved, tmp_path):
+    model = saved("wan")
+    pipe = LongVideoPipeline.from_pretrained(model)
+    plain = pipe.generate("a ball", num_frames=21, sampler="sliding", num_inference_steps=2, show_progress=False)
+    handle = pipe.apply_extension("riflex", target_num_frames=21)
+    assert pipe.default_window() == 6  # windows now span the target (21 frames = 6 latent), not the native 3
+    extended = pipe.generate("a ball", num_frames=21, sampler="sliding", num_inference_steps=2, show_progress=False)
+    assert handle.describe()["method"] == "riflex"
+    assert not torch.allclose(plain.latents, extended.latents)
+    pipe.remove_extensions()
+    assert pipe.default_window() == 3
+    out = tmp_path / "ext.mp4"
+    assert main(["generate", "--model", model, "--num-frames", "21", "--extension", "riflex", "--steps", "2",
+                 "--sampler", "sliding", "--out", str(out), "--quiet"]) == 0
+    assert video_info(out)["num_frames"] == 21
+
+
+def test_rope_extension_on_a_unet_is_a_clear_error(saved, tmp_path, capsys):
+    code = main(["generate", "--model", saved("animatediff"), "--extension", "riflex", "--num-frames", "16",
+                 "--out", str(tmp_path / "x.mp4")])
+    assert code == 2
+    assert "wan" in capsys.readouterr().err
