@@ -295,6 +295,12 @@ class WanAdapter(BackboneAdapter):
                 f"latent height/width {height}x{width} must be divisible by the patch {self.patch_size[1:]}"
             )
         check_sigma(sigma)
+        max_positions = getattr(self.model.config, "rope_max_seq_len", None)
+        if max_positions is not None and num_latent_frames // self.patch_size[0] > max_positions:
+            raise ValueError(
+                f"{num_latent_frames} latent frames exceed this model's RoPE table ({max_positions} positions): "
+                "use a windowed sampler (--sampler sliding, fifo or df) instead of running the whole clip at once"
+            )
         sigma = sigma.to(device=x.device, dtype=torch.float32)
         timestep = self.model_timestep(sigma)  # (B, F)
         kwargs = self._model_kwargs(cond, num_latent_frames)
@@ -569,6 +575,6 @@ def _tiny_transformer(
         qk_norm="rms_norm_across_heads",
         image_dim=image_dim,
         added_kv_proj_dim=heads * head_dim if image_dim is not None else None,
-        rope_max_seq_len=64,
+        rope_max_seq_len=1024,  # as the real models: positions for long naive runs
         **extra,
     ).eval()
