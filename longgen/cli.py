@@ -153,10 +153,12 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--extension",
         default="none",
-        choices=["none", "pi", "ntk", "yarn", "riflex"],
-        help="temporal RoPE extension so the model sees --target-frames per window: position interpolation, "
-        "NTK-aware base scaling, YaRN, or RIFLEx (intrinsic-frequency reduction, ~2x length training-free); "
-        "for 3D-RoPE DiTs (Wan, SkyReels-V2, HunyuanVideo, CogVideoX; LTX: pi)",
+        choices=["none", "pi", "ntk", "yarn", "riflex", "fusion", "spectral", "exvideo"],
+        help="pi / ntk / yarn / riflex: temporal RoPE extension so 3D-RoPE DiTs (Wan, SkyReels-V2, "
+        "HunyuanVideo, CogVideoX; LTX: pi) see --target-frames per window (RIFLEx: ~2x length training-free); "
+        "fusion: FreeNoise window fusion of temporal attention; spectral: FreeLong SpectralBlend of global "
+        "and local temporal attention; exvideo: ExVideo positional extension to --target-frames (fusion, "
+        "spectral, exvideo: UNet video models, AnimateDiff and SVD)",
     )
     g.add_argument(
         "--target-frames",
@@ -197,7 +199,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     )
     if args.extension != "none":
         target = args.target_frames or args.num_frames or pipe.adapter.native_video_size[0]
-        handle = pipe.apply_extension(args.extension, target)
+        handle = pipe.apply_extension(args.extension, None if args.extension in ("fusion", "spectral") else target)
         logger.info("extension %s", json.dumps(handle.describe()))
     options = {
         "window": args.window,

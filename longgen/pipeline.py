@@ -73,6 +73,21 @@ class GuidedDenoiser:
 
 
 @dataclass
+class _Extension:
+    """Uniform handle of an applied extension: ``.remove()`` and ``.describe()``."""
+
+    method: str
+    _remove: Callable[[], None]
+    settings: dict[str, Any]
+
+    def remove(self) -> None:
+        self._remove()
+
+    def describe(self) -> dict[str, Any]:
+        return {"method": self.method, **{k: v for k, v in self.settings.items() if not k.startswith("_")}}
+
+
+@dataclass
 class GenerationResult:
     latents: torch.Tensor
     num_frames: int
@@ -94,21 +109,37 @@ class LongVideoPipeline:
         """Window of windowed samplers; None = the native length. An extension sets its target here."""
         self.extensions: list[Any] = []
 
-    def apply_extension(self, method: str, target_num_frames: int, **options) -> Any:
-        """Apply an extension by name so the model sees ``target_num_frames`` pixel frames per window.
+    def apply_extension(self, method: str, target_num_frames: int | None = None, **options) -> Any:
+        """Apply an extension by name; returns a handle whose ``.remove()`` restores the stock model.
 
-        RoPE extensions (``pi``, ``ntk``, ``yarn``, ``riflex``) rescale the temporal positions from the
-        native length to the target; windowed samplers then default to windows of the target length.
-        Returns the extension's handle (``.remove()`` restores the stock model).
+        * ``pi``, ``ntk``, ``yarn``, ``riflex``: temporal RoPE extension from the native length to
+          ``target_num_frames`` (3D-RoPE DiTs); windowed samplers then default to windows of the target.
+        * ``exvideo``: ExVideo's extended positional table + identity 3D convolutions for
+          ``target_num_frames`` (SVD, AnimateDiff); windows default to the target too.
+        * ``fusion`` (FreeNoise window fusion) and ``spectral`` (FreeLong SpectralBlend): temporal attention
+          of UNet video models over windows of the native length, so the whole clip can be sampled at once.
         """
-        from .extend import ROPE_METHODS, apply_rope_extension
+        from . import extend
 
-        target_latent = self.adapter.num_latent_frames(target_num_frames)
-        if method in ROPE_METHODS:
-            handle = apply_rope_extension(self.adapter, method, None, target_latent, **options)
+        adapter = self.adapter
+        target_latent = adapter.num_latent_frames(target_num_frames) if target_num_frames else None
+        if method in extend.ROPE_METHODS or method == "exvideo":
+            if target_latent is None:
+                raise ValueError(f"extension {method!r} needs target_num_frames (--target-frames)")
+            if method == "exvideo":
+                extend.apply_exvideo(adapter, target_latent, set_trainable=False, **options)
+                handle = _Extension(method, lambda: extend.remove_exvideo(adapter), {"target_latent_frames": target_latent})
+            else:
+                handle = extend.apply_rope_extension(adapter, method, None, target_latent, **options)
+            self.window_latent_frames = target_latent
+        elif method == "fusion":
+            config = extend.apply_window_fusion(adapter, **options)
+            handle = _Extension(method, lambda: extend.remove_window_fusion(adapter), vars(config))
+        elif method == "spectral":
+            config = extend.apply_spectral_blend(adapter, **options)
+            handle = _Extension(method, lambda: extend.remove_spectral_blend(adapter), vars(config))
         else:
-            raise ValueError(f"unknown extension {method!r}; choose one of: {', '.join(ROPE_METHODS)}")
-        self.window_latent_frames = target_latent
+            raise ValueError(f"unknown extension {method!r}; choose one of: {', '.join(extend.EXTENSIONS)}")
         self.extensions.append(handle)
         return handle
 

@@ -187,3 +187,22 @@ def test_rope_extension_on_a_unet_is_a_clear_error(saved, tmp_path, capsys):
                  "--out", str(tmp_path / "x.mp4")])
     assert code == 2
     assert "wan" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extension", ["fusion", "spectral", "exvideo"])
+def test_unet_extensions_from_the_cli_and_removal(extension, saved, tmp_path):
+    model = saved("animatediff")
+    pipe = LongVideoPipeline.from_pretrained(model)
+    kwargs = dict(num_frames=16, num_inference_steps=2, show_progress=False, seed=3)
+    stock = pipe.generate("a ball", **kwargs).latents
+    handle = pipe.apply_extension(extension, None if extension != "exvideo" else 16)
+    extended = pipe.generate("a ball", **kwargs).latents
+    if extension != "exvideo":  # ExVideo is the identity at initialisation; fusion and spectral change attention
+        assert not torch.allclose(stock, extended)
+    assert handle.describe()["method"] == extension
+    pipe.remove_extensions()
+    torch.testing.assert_close(pipe.generate("a ball", **kwargs).latents, stock, rtol=0, atol=0)
+    out = tmp_path / "x.mp4"
+    assert main(["generate", "--model", model, "--num-frames", "16", "--extension", extension, "--steps", "2",
+                 "--out", str(out), "--quiet"]) == 0
+    assert video_info(out)["num_frames"] == 16

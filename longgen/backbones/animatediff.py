@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
@@ -27,6 +27,9 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from ..schedules import VPSchedule, check_sigma
 from .base import BackboneAdapter, Cond
+
+if TYPE_CHECKING:
+    from ..extend.exvideo import ExVideoSite
 
 __all__ = [
     "AnimateDiffAdapter",
@@ -548,7 +551,7 @@ class AnimateDiffAdapter(BackboneAdapter):
                 out[name] = pos
         return out
 
-    def exvideo_sites(self) -> list:
+    def exvideo_sites(self) -> list[ExVideoSite]:
         """Where ExVideo (Duan et al. 2024) extends AnimateDiff: every motion module's position table.
 
         The trainable table replaces each ``BasicTransformerBlock.pos_embed`` buffer ``pe`` and its Conv3d

@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
@@ -34,6 +34,9 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from ..schedules import check_sigma, edm_sigma_to_flow, flow_sigma_to_edm, shift_sigma
 from .base import BackboneAdapter, Cond
+
+if TYPE_CHECKING:
+    from ..extend.exvideo import ExVideoSite
 
 logger = logging.getLogger(__name__)
 
@@ -646,7 +649,7 @@ class SVDAdapter(BackboneAdapter):
             if isinstance(module, TransformerSpatioTemporalModel)
         ]
 
-    def exvideo_sites(self) -> list:
+    def exvideo_sites(self) -> list[ExVideoSite]:
         """Where ExVideo (Duan et al. 2024) extends SVD: each ``TransformerSpatioTemporalModel``.
 
         Its ``time_proj`` turns the frame ids ``arange(F)`` (repeated over the batch) into sinusoids that

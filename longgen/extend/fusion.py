@@ -1,0 +1,234 @@
+"""Window fusion (FreeNoise, Qiu et al. ICLR 2024, Sec. 3.3) as a removable hook on temporal attention.
+
+FreeNoise lets a short-clip model denoise a long clip in one pass: every temporal self-attention over the
+``F`` frames is computed in windows ``[kS, kS + W)`` of the native length ``W`` (stride ``S``), plus a tail
+window ``[F - W, F)`` when the strided windows miss the last frames, and each frame's output is the weighted
+mean of its window outputs, ``out_f = sum_k w_k(f) out_k(f) / sum_k w_k(f)``, with pyramid weights
+``w(i) = min(i + 1, W - i)`` over a window's positions (``[1..W/2, W/2..1]``): a window trusts its centre most.
+
+Differences from diffusers' ``FreeNoiseTransformerBlock`` (AnimateDiff only): the hook wraps the attention
+layer itself, so it works on any backbone whose temporal attention runs over the frame axis (the UNet motion
+modules of AnimateDiff and SVD) without rebuilding blocks; the tail window contributes all of its frames to
+the weighted mean, weighted by the pyramid like every other window (diffusers indexes the tail weights with
+``weights[:, -k]`` where ``weights[:, -k:]`` is meant).
+
+Frame positions: where the adapter declares an additive position embedding per attention
+(``temporal_attention_positions()``; AnimateDiff's ``pos_embed``), the embedding is applied per window, so
+positions restart at 0 in every window as in FreeNoise and clips longer than the position table work. SVD adds
+its positions before the temporal block, so its windows keep the clip's global positions.
+
+DiTs with full 3D attention (Wan, SkyReels-V2, HunyuanVideo, CogVideoX, LTX) attend over all tokens at once,
+not over a frame axis; for them use the sliding-window sampler or :mod:`longgen.extend.rope`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from diffusers.hooks import HookRegistry, ModelHook
+from torch import nn
+
+if TYPE_CHECKING:
+    from ..backbones.base import BackboneAdapter
+
+__all__ = [
+    "FRAME_ATTENTION_FAMILIES",
+    "WindowFusionConfig",
+    "apply_window_fusion",
+    "fuse_windows",
+    "has_window_fusion",
+    "pyramid_weights",
+    "remove_window_fusion",
+    "window_starts",
+]
+
+FRAME_ATTENTION_FAMILIES = ("animatediff", "svd")
+"""Backbones whose temporal attention layers attend over the frame axis (sequence = frames)."""
+
+WINDOW_FUSION_HOOK = "longgen_window_fusion"
+_POSITION_HOOK = "longgen_window_fusion_positions"
+
+
+def check_frame_attention_backbone(adapter: BackboneAdapter, method: str) -> list[tuple[str, nn.Module]]:
+    """The adapter's temporal attention layers, or a ValueError naming the backbones ``method`` supports."""
+    if adapter.family not in FRAME_ATTENTION_FAMILIES:
+        raise ValueError(
+            f"{method} is not available for the {adapter.family!r} backbone: it hooks temporal attention whose "
+            f"sequence is the frame axis, supported: {', '.join(FRAME_ATTENTION_FAMILIES)}. "
+            f"{adapter.family!r} attends over all video tokens jointly (full 3D attention); for long clips use the "
+            "sliding, fifo or df samplers, or apply_rope_extension (pi, ntk, yarn, riflex)."
+        )
+    modules = adapter.temporal_attention_modules()
+    if not modules:
+        raise ValueError(f"the {adapter.family!r} model declares no temporal attention layers for {method}")
+    return modules
+
+
+@dataclass(frozen=True)
+class WindowFusionConfig:
+    """FreeNoise window fusion: windows of ``window`` latent frames every ``stride`` frames (paper: 16 and 4)."""
+
+    window: int = 16
+    stride: int = 4
+
+    def __post_init__(self):
+        if self.window < 1:
+            raise ValueError(f"window must be >= 1 latent frame, got {self.window}")
+        if not 1 <= self.stride <= self.window:
+            raise ValueError(
+                f"stride must be in [1, window={self.window}] so that the windows cover every frame, got {self.stride}"
+            )
+
+
+def pyramid_weights(window: int, device=None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """FreeNoise's pyramid weights ``w(i) = min(i + 1, W - i)``: ``[1, 2, .., W/2, W/2, .., 2, 1]`` (odd W: one peak)."""
+    i = torch.arange(window, device=device)
+    return torch.minimum(i + 1, window - i).to(dtype)
+
+
+def window_starts(num_frames: int, window: int, stride: int) -> list[int]:
+    """Starts of the windows ``[s, s + W)``: ``0, S, 2S, ..`` while they fit, then a tail window ending at the last frame."""
+    if num_frames <= window:
+        return [0]
+    starts = list(range(0, num_frames - window + 1, stride))
+    if starts[-1] + window < num_frames:
+        starts.append(num_frames - window)
+    return starts
+
+
+def fuse_windows(
+    fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, window: int, stride: int
+) -> torch.Tensor:
+    """Apply ``fn`` to frame windows of ``x`` ``[N, F, C]`` and fuse them with pyramid weights (FreeNoise Eq. 6).
+
+    ``fn`` maps ``[N, W', C]`` to ``[N, W', C']``. With one window (``F <= W``) this is ``fn(x)`` exactly. The sums
+    run in float32; the result has ``fn``'s dtype.
+    """
+    num_frames = x.shape[1]
+    if num_frames <= window:
+        return fn(x)
+    weights = pyramid_weights(window, device=x.device)  # [W]
+    total = torch.zeros(num_frames, device=x.device)  # [F]
+    acc = None
+    out_dtype = x.dtype
+    for start in window_starts(num_frames, window, stride):
+        out = fn(x[:, start : start + window])  # [N, W, C']
+        if acc is None:
+            acc = torch.zeros(out.shape[0], num_frames, out.shape[2], device=out.device)  # [N, F, C']
+            out_dtype = out.dtype
+        acc[:, start : start + window] += weights[None, :, None] * out.float()
+        total[start : start + window] += weights
+    return (acc / total[None, :, None]).to(out_dtype)
+
+
+class _PositionBypassHook(ModelHook):
+    """While window fusion is on, the block's own position call is a no-op; the fusion hook adds positions per window."""
+
+    def new_forward(self, module, x, *args, **kwargs):
+        return x
+
+    def positions(self, x: torch.Tensor) -> torch.Tensor:
+        """The embedding the block would have added (everything hooked below this hook included)."""
+        return self.fn_ref.original_forward(x)
+
+
+class _WindowFusionHook(ModelHook):
+    """Runs a temporal self-attention layer per frame window and fuses the outputs (FreeNoise)."""
+
+    def __init__(self, config: WindowFusionConfig, position_hook: _PositionBypassHook | None = None):
+        super().__init__()
+        self.config = config
+        self.position_hook = position_hook
+
+    def new_forward(self, module, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
+        original = self.fn_ref.original_forward
+        position = self.position_hook.positions if self.position_hook is not None else None
+        if encoder_hidden_states is not None:
+            # cross-attention to a non-frame context: every query is independent, nothing to window
+            x = position(hidden_states) if position is not None else hidden_states
+            return original(x, encoder_hidden_states, attention_mask, **kwargs)
+        if attention_mask is not None:
+            raise ValueError(
+                "window fusion cannot window a temporal attention that is given an attention mask; remove the mask "
+                "or the window fusion (remove_window_fusion)"
+            )
+        if hidden_states.ndim != 3:
+            raise ValueError(
+                f"window fusion expects temporal tokens [N, F, C], got {tuple(hidden_states.shape)}"
+            )
+
+        def attend(x: torch.Tensor) -> torch.Tensor:
+            if position is not None:
+                x = position(x)
+            return original(x, **kwargs)
+
+        return fuse_windows(attend, hidden_states, self.config.window, self.config.stride)
+
+
+def has_window_fusion(adapter: BackboneAdapter) -> bool:
+    """True when window fusion hooks are on the adapter's model."""
+    return any(
+        getattr(m, "_diffusers_hook", None) is not None
+        and m._diffusers_hook.get_hook(WINDOW_FUSION_HOOK) is not None
+        for m in adapter.model.modules()
+    )
+
+
+def apply_window_fusion(
+    adapter: BackboneAdapter, window: int | None = None, stride: int | None = None
+) -> WindowFusionConfig:
+    """Apply FreeNoise window fusion (Qiu et al. 2024) to every temporal attention layer of the adapter's model.
+
+    ``window`` defaults to the model's native clip in latent frames (FreeNoise: 16, AnimateDiff's length) and
+    ``stride`` to a quarter of it (FreeNoise: 4). Clips of at most ``window`` frames run the stock model exactly.
+    Undo with :func:`remove_window_fusion`.
+    """
+    from .spectral import SPECTRAL_BLEND_HOOK
+
+    modules = check_frame_attention_backbone(adapter, "window fusion")
+    if has_window_fusion(adapter):
+        raise RuntimeError("window fusion is already applied; call remove_window_fusion(adapter) first")
+    for name, module in modules:
+        registry = getattr(module, "_diffusers_hook", None)
+        if registry is not None and registry.get_hook(SPECTRAL_BLEND_HOOK) is not None:
+            raise RuntimeError(
+                f"SpectralBlend is applied to {name}: window fusion and SpectralBlend both replace temporal "
+                "attention; remove_spectral_blend(adapter) first"
+            )
+    native = adapter.num_latent_frames(adapter.native_video_size[0])
+    window = window or native
+    config = WindowFusionConfig(window=window, stride=stride or max(1, window // 4))
+    positions = (
+        adapter.temporal_attention_positions() if hasattr(adapter, "temporal_attention_positions") else {}
+    )
+    bypass: dict[int, _PositionBypassHook] = {}
+    for name, module in modules:
+        position_hook = None
+        position = positions.get(name)
+        if position is not None:
+            position_hook = bypass.get(id(position))
+            if position_hook is None:  # one bypass per embedding, shared by attn1 and attn2 of a block
+                position_hook = bypass[id(position)] = _PositionBypassHook()
+                HookRegistry.check_if_exists_or_initialize(position).register_hook(
+                    position_hook, _POSITION_HOOK
+                )
+        HookRegistry.check_if_exists_or_initialize(module).register_hook(
+            _WindowFusionHook(config, position_hook), WINDOW_FUSION_HOOK
+        )
+    HookRegistry.check_if_exists_or_initialize(adapter.model).invalidate_child_registries_cache()
+    if bypass and hasattr(adapter, "position_window"):
+        adapter.position_window = config.window
+    return config
+
+
+def remove_window_fusion(adapter: BackboneAdapter) -> None:
+    """Remove the hooks of :func:`apply_window_fusion`; the model is the stock model again."""
+    registry = HookRegistry.check_if_exists_or_initialize(adapter.model)
+    registry.remove_hook(WINDOW_FUSION_HOOK, recurse=True)
+    registry.remove_hook(_POSITION_HOOK, recurse=True)
+    registry.invalidate_child_registries_cache()
+    if hasattr(adapter, "position_window"):
+        adapter.position_window = None
