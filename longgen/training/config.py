@@ -1,0 +1,582 @@
+"""Typed training configuration: YAML recipe + dotted overrides, validated before any model loads.
+
+Follows torchtitan's ``Trainer.Config`` pattern: one dataclass per section whose ``__post_init__``
+raises a ``ValueError`` naming the fix, and nanoGPT's habit of saving the resolved config with every
+checkpoint. Unknown keys are errors, by name, listing the keys the section takes.
+
+>>> config = load_config("configs/tiny_synthetic.yaml", ["train.steps=4", "lora.rank=8"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from .objectives import MODES as OBJECTIVE_MODES  # clip, diffusion_forcing, ar_diffusion
+from .objectives import WEIGHTINGS as LOSS_WEIGHTINGS  # native, none, flow, eps, v, edm_v
+
+MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
+DTYPES = ("fp32", "bf16", "fp16")
+REPORT_TO = ("none", "tensorboard", "wandb")
+LR_SCHEDULES = (
+    "constant",
+    "constant_with_warmup",
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+)
+ROPE_METHODS = ("pi", "ntk", "yarn", "riflex")
+EXTENSION_METHODS = (*ROPE_METHODS, "exvideo")
+
+
+class ConfigError(ValueError):
+    """A configuration key or value is wrong; the message names the key and the fix."""
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def _choice(key: str, value: Any, choices: Sequence[Any]) -> None:
+    _check(value in choices, f"{key} must be one of {list(choices)}, got {value!r}")
+
+
+# --- sections ------------------------------------------------------------------------------------
+@dataclass
+class ModelConfig:
+    """The model to post-tune: a local diffusers pipeline folder, or a tiny random model of a family."""
+
+    path: str | None = None
+    """Local diffusers pipeline folder (``model_index.json``); takes precedence over ``tiny``."""
+    tiny: str | None = "wan"
+    """Family of a tiny randomly initialised model (CPU tests, the tiny recipe); used when path is null."""
+    tiny_seed: int = 0
+    dtype: str = "fp32"
+    """Weights dtype of the loaded pipeline. LoRA keeps its own weights in fp32 on a bf16 base."""
+
+    def __post_init__(self) -> None:
+        _check(
+            self.path is not None or self.tiny is not None,
+            "set model.path (a local diffusers pipeline folder) or model.tiny (a family name such as wan)",
+        )
+        if self.path is None:
+            from longgen.backbones import FAMILIES
+
+            _choice("model.tiny", self.tiny, FAMILIES)
+        _choice("model.dtype", self.dtype, DTYPES)
+
+
+@dataclass
+class SyntheticDataConfig:
+    """The synthetic moving-shapes data set written when ``data.source`` is null."""
+
+    num_videos: int = 8
+    num_frames: int = 33
+    height: int | None = None
+    """Rendered frame size; null = data.height / data.width."""
+    width: int | None = None
+    fps: float = 16.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.num_videos >= 1, f"data.synthetic.num_videos must be >= 1, got {self.num_videos}")
+        _check(self.num_frames >= 1, f"data.synthetic.num_frames must be >= 1, got {self.num_frames}")
+        _check(self.fps > 0, f"data.synthetic.fps must be positive, got {self.fps}")
+
+
+@dataclass
+class DataConfig:
+    """Training clips: a folder of videos with ``.txt`` captions or a CSV/JSONL manifest."""
+
+    source: str | None = None
+    """Folder or manifest; null = the synthetic data set, generated into ``<output_dir>/synthetic_data``."""
+    num_frames: int = 9
+    """Pixel frames per training clip (e.g. 4k+1 for causal video VAEs)."""
+    height: int = 32
+    width: int = 32
+    frame_stride: int = 1
+    target_fps: float | None = None
+    """Resample clips to this frame rate before striding (null: the file's own rate)."""
+    random_start: bool = True
+    cache_dir: str | None = None
+    """Latent + text-embedding cache from ``longgen precompute``; used instead of decoding when it exists."""
+    num_workers: int = 0
+    shuffle: bool = True
+    caption_dropout: float = 0.0
+    """Probability of training a clip with the empty caption (enables classifier-free guidance)."""
+    synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
+
+    def __post_init__(self) -> None:
+        _check(self.num_frames >= 1, f"data.num_frames must be >= 1, got {self.num_frames}")
+        _check(
+            self.height >= 8 and self.width >= 8,
+            f"data.height/width must be >= 8, got {self.height}x{self.width}",
+        )
+        _check(self.frame_stride >= 1, f"data.frame_stride must be >= 1, got {self.frame_stride}")
+        _check(
+            self.target_fps is None or self.target_fps > 0,
+            f"data.target_fps must be positive or null, got {self.target_fps}",
+        )
+        _check(
+            self.target_fps is None or self.frame_stride == 1,
+            f"set data.target_fps ({self.target_fps}) or data.frame_stride ({self.frame_stride}), not both: "
+            "with a target fps the stride follows each video's own fps",
+        )
+        _check(self.num_workers >= 0, f"data.num_workers must be >= 0, got {self.num_workers}")
+        _check(
+            0.0 <= self.caption_dropout < 1.0,
+            f"data.caption_dropout is a probability in [0, 1), got {self.caption_dropout}",
+        )
+
+
+@dataclass
+class ObjectiveConfig:
+    """The training objective: the backbone's native loss at per-frame noise levels drawn by ``mode``."""
+
+    mode: str = "diffusion_forcing"
+    causal_block_size: int = 1
+    """Latent frames that share one noise level (diffusion forcing / AR-Diffusion in causal blocks)."""
+    num_timesteps: int = 1000
+    shift: float = 1.0
+    """Flow shift applied to the sampled levels (SD3 / Wan shift; 1 = uniform)."""
+    weighting: str = "native"
+
+    def __post_init__(self) -> None:
+        _choice("objective.mode", self.mode, OBJECTIVE_MODES)
+        _check(
+            self.causal_block_size >= 1,
+            f"objective.causal_block_size must be >= 1, got {self.causal_block_size}",
+        )
+        _check(self.num_timesteps >= 1, f"objective.num_timesteps must be >= 1, got {self.num_timesteps}")
+        _check(self.shift > 0, f"objective.shift must be positive, got {self.shift}")
+        _choice("objective.weighting", self.weighting, LOSS_WEIGHTINGS)
+
+
+@dataclass
+class LoraConfig:
+    """LoRA through PEFT (``model.add_adapter``); ``enabled: false`` is a full (or subset) fine-tune."""
+
+    enabled: bool = True
+    rank: int = 16
+    alpha: float | None = None
+    """LoRA scale numerator (scale = alpha / rank); null = rank (scale 1)."""
+    dropout: float = 0.0
+    target_modules: list[str] | None = None
+    """Module name suffixes to adapt; null = the adapter's ``lora_target_modules``."""
+
+    def __post_init__(self) -> None:
+        _check(self.rank >= 1, f"lora.rank must be >= 1, got {self.rank}")
+        _check(self.alpha is None or self.alpha > 0, f"lora.alpha must be positive or null, got {self.alpha}")
+        _check(0.0 <= self.dropout < 1.0, f"lora.dropout must be in [0, 1), got {self.dropout}")
+        _check(
+            self.target_modules is None or len(self.target_modules) > 0,
+            "lora.target_modules is empty: list module names, or null for the backbone's defaults",
+        )
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with a diffusers LR schedule (``diffusers.optimization.get_scheduler``)."""
+
+    lr: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    schedule: str = "constant_with_warmup"
+    warmup_steps: int = 0
+    grad_clip: float | None = 1.0
+    """Max global gradient norm; null or 0 disables clipping."""
+
+    def __post_init__(self) -> None:
+        _check(self.lr > 0, f"optim.lr must be positive, got {self.lr}")
+        _check(
+            len(self.betas) == 2 and all(0.0 <= b < 1.0 for b in self.betas),
+            f"optim.betas must be two numbers in [0, 1), got {self.betas}",
+        )
+        _check(self.eps > 0, f"optim.eps must be positive, got {self.eps}")
+        _check(self.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+        _choice("optim.schedule", self.schedule, LR_SCHEDULES)
+        _check(self.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+        _check(
+            self.grad_clip is None or self.grad_clip >= 0,
+            f"optim.grad_clip must be >= 0 or null, got {self.grad_clip}",
+        )
+
+
+@dataclass
+class TrainConfig:
+    """Steps, batch, precision, checkpoints. One step is one optimizer update."""
+
+    steps: int = 100
+    batch_size: int = 1
+    """Clips per process per micro-step; the global batch is batch_size x processes x grad_accumulation."""
+    grad_accumulation: int = 1
+    mixed_precision: str = "auto"
+    """auto (bf16 on a GPU, fp32 on CPU) | no | fp16 | bf16."""
+    gradient_checkpointing: bool = False
+    ulysses_degree: int = 1
+    """Context parallel: processes that split one clip's tokens (Ulysses all-to-all attention, diffusers'
+    ``ContextParallelConfig``); needs a backbone with a ``_cp_plan`` (Wan, LTX). Data parallel over the rest."""
+    ring_degree: int = 1
+    """Context parallel ring attention degree (needs a GPU attention kernel that returns the LSE)."""
+    seed: int = 0
+    checkpoint_every: int = 0
+    """Save a resumable checkpoint every N steps (0: only at the end)."""
+    keep_last: int = 2
+    """Complete checkpoints to keep (0: all)."""
+    output_dir: str = "outputs/tiny_synthetic"
+    resume: str | None = None
+    """null | latest (newest complete checkpoint in output_dir; fresh start when none) | a checkpoint dir."""
+    stop_after_steps: int | None = None
+    """End this run after N more steps with a checkpoint (time-sliced jobs); the schedule still spans steps."""
+    trainable_patterns: list[str] = field(default_factory=list)
+    """Full fine-tune only: regexes (``re.search``) over parameter names to train; empty = all."""
+    log_every: int = 1
+    log_data_paths: bool = False
+    """Write the clip paths each process trains on to ``<output_dir>/data_paths/rank<i>.txt``."""
+    save_final: bool = True
+    """Export the trained weights (diffusers LoRA safetensors or a diffusers model folder) at the end."""
+
+    def __post_init__(self) -> None:
+        _check(self.steps >= 1, f"train.steps must be >= 1, got {self.steps}")
+        _check(self.batch_size >= 1, f"train.batch_size must be >= 1, got {self.batch_size}")
+        _check(
+            self.grad_accumulation >= 1, f"train.grad_accumulation must be >= 1, got {self.grad_accumulation}"
+        )
+        _choice("train.mixed_precision", self.mixed_precision, MIXED_PRECISION)
+        _check(
+            self.ulysses_degree >= 1 and self.ring_degree >= 1,
+            f"train.ulysses_degree and train.ring_degree must be >= 1 (1 = off), got {self.ulysses_degree}, "
+            f"{self.ring_degree}",
+        )
+        _check(
+            self.checkpoint_every >= 0, f"train.checkpoint_every must be >= 0, got {self.checkpoint_every}"
+        )
+        _check(self.keep_last >= 0, f"train.keep_last must be >= 0 (0 keeps all), got {self.keep_last}")
+        _check(bool(self.output_dir), "train.output_dir must be set")
+        _check(
+            self.stop_after_steps is None or self.stop_after_steps >= 1,
+            f"train.stop_after_steps must be >= 1 or null, got {self.stop_after_steps}",
+        )
+        _check(self.log_every >= 1, f"train.log_every must be >= 1, got {self.log_every}")
+        import re
+
+        for pattern in self.trainable_patterns:
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise ConfigError(
+                    f"train.trainable_patterns entry {pattern!r} is not a valid regex: {err}"
+                ) from err
+
+
+@dataclass
+class EMAConfig:
+    """Exponential moving average of the trained weights (``diffusers.training_utils.EMAModel``)."""
+
+    enabled: bool = False
+    decay: float = 0.999
+    update_after_step: int = 0
+    warmup: bool = False
+    """EMAModel's ``use_ema_warmup`` (decay ramps as 1 - (1 + step / inv_gamma) ** -power)."""
+
+    def __post_init__(self) -> None:
+        _check(0.0 < self.decay < 1.0, f"ema.decay must be in (0, 1), got {self.decay}")
+        _check(
+            self.update_after_step >= 0, f"ema.update_after_step must be >= 0, got {self.update_after_step}"
+        )
+
+
+@dataclass
+class ValidationConfig:
+    """A long validation clip every N steps, written to mp4 and logged to the configured tracker."""
+
+    every: int = 0
+    """Generate every N steps (0: never during training)."""
+    at_end: bool = False
+    prompt: str = (
+        "2 shapes on a dark grey background: a large red circle moving slowly and a small blue square"
+    )
+    negative_prompt: str = ""
+    num_frames: int | None = None
+    """Pixel frames of the validation clip (null: twice the model's native clip)."""
+    height: int | None = None
+    width: int | None = None
+    sampler: str = "sliding"
+    sampler_options: dict[str, Any] = field(default_factory=dict)
+    steps: int | None = None
+    guidance_scale: float | None = None
+    seed: int = 0
+    fps: float = 16.0
+    use_ema: bool = True
+    """Validate with the EMA weights when EMA is on."""
+    report_to: str = "none"
+    """Tracker for scalars and validation clips: none | tensorboard | wandb (WANDB_MODE=offline works)."""
+    project: str = "longgen"
+
+    def __post_init__(self) -> None:
+        _check(self.every >= 0, f"validation.every must be >= 0 (0 disables), got {self.every}")
+        _check(
+            self.num_frames is None or self.num_frames >= 1,
+            f"validation.num_frames must be >= 1, got {self.num_frames}",
+        )
+        _check(self.steps is None or self.steps >= 1, f"validation.steps must be >= 1, got {self.steps}")
+        _check(self.fps > 0, f"validation.fps must be positive, got {self.fps}")
+        _choice("validation.report_to", self.report_to, REPORT_TO)
+        from longgen.pipeline import sampler_registry
+
+        _choice("validation.sampler", self.sampler, tuple(sampler_registry()))
+
+
+@dataclass
+class ExtensionConfig:
+    """Extension-aware post-tuning: a RoPE extension (train on longer clips) or ExVideo's trainable subset."""
+
+    method: str | None = None
+    """null | pi | ntk | yarn | riflex (``longgen.extend.apply_rope_extension``) | exvideo."""
+    train_latent_frames: int | None = None
+    """The model's native length in latent frames (null: from the adapter's native clip)."""
+    target_latent_frames: int | None = None
+    """Length the RoPE is extended to (null: the training clip's latent frames)."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """Extra keyword arguments of the extension (e.g. ExVideo's ``max_num_frames``)."""
+
+    def __post_init__(self) -> None:
+        if self.method is not None:
+            _choice("extension.method", self.method, EXTENSION_METHODS)
+        for key in ("train_latent_frames", "target_latent_frames"):
+            value = getattr(self, key)
+            _check(value is None or value >= 1, f"extension.{key} must be >= 1 or null, got {value}")
+
+
+@dataclass
+class Config:
+    """A whole training run. The defaults are the embedded tiny recipe (``configs/tiny_synthetic.yaml``)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    extension: ExtensionConfig = field(default_factory=ExtensionConfig)
+
+    def __post_init__(self) -> None:
+        if not self.lora.enabled:
+            _check(
+                self.model.dtype == "fp32",
+                f"a full fine-tune keeps its master weights in fp32; set model.dtype=fp32 (got {self.model.dtype}) "
+                "and use train.mixed_precision=bf16 for speed, or enable LoRA (lora.enabled=true)",
+            )
+        elif self.train.trainable_patterns:
+            raise ConfigError(
+                "train.trainable_patterns selects parameters for a full fine-tune; with LoRA the targets are "
+                "lora.target_modules. Set lora.enabled=false or drop train.trainable_patterns."
+            )
+        if self.extension.method == "exvideo" and self.lora.enabled:
+            raise ConfigError(
+                "ExVideo trains its new position tables, convolutions and the temporal blocks directly; set "
+                "lora.enabled=false"
+            )
+        if self.ema.enabled and self.ema.update_after_step >= self.train.steps:
+            raise ConfigError(
+                f"ema.update_after_step={self.ema.update_after_step} is not below train.steps={self.train.steps}: "
+                "the EMA would never update; lower it or disable ema"
+            )
+        if self.objective.mode == "clip" and self.objective.causal_block_size != 1:
+            raise ConfigError(
+                "objective.causal_block_size only applies to per-frame modes (diffusion_forcing, ar_diffusion); "
+                "set objective.causal_block_size=1 for mode clip"
+            )
+
+    # --- I/O -------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=False)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the resolved config as YAML (loadable again with :func:`load_config`)."""
+        tmp = f"{os.fspath(path)}.tmp"
+        with open(tmp, "w") as fh:
+            fh.write(self.to_yaml())
+        os.replace(tmp, path)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None) -> Config:
+        return _build(cls, dict(data or {}), "")
+
+
+# --- building dataclasses from plain dicts, with typed checks ---------------------------------------
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against annotation ``tp`` (coercing int -> float and numeric strings to numbers)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None:
+            _check(type(None) in args, f"{key} must not be null")
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
+    if value is None:
+        raise ConfigError(f"{key} must not be null (expected {_type_name(tp)})")
+    if origin is list:
+        (item_tp,) = typing.get_args(tp) or (Any,)
+        if isinstance(value, tuple):
+            value = list(value)
+        _check(isinstance(value, list), f"{key} must be a list, got {value!r}")
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or tp is dict:
+        _check(isinstance(value, dict), f"{key} must be a mapping, got {value!r}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is bool:
+        _check(isinstance(value, bool), f"{key} must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        _check(
+            isinstance(value, int) and not isinstance(value, bool), f"{key} must be an integer, got {value!r}"
+        )
+        return value
+    if tp is float:
+        if isinstance(value, str):
+            try:  # YAML 1.1 reads 1e-4 (no dot) as a string
+                value = float(value)
+            except ValueError:
+                pass
+        _check(
+            isinstance(value, (int, float)) and not isinstance(value, bool),
+            f"{key} must be a number, got {value!r}",
+        )
+        value = float(value)
+        _check(math.isfinite(value), f"{key} must be finite, got {value}")
+        return value
+    if tp is str:
+        _check(isinstance(value, str), f"{key} must be a string, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        _check(isinstance(value, Mapping), f"{key} is a section: give a mapping of its keys, got {value!r}")
+        return _build(tp, dict(value), f"{key}.")
+    raise ConfigError(f"{key}: unsupported annotation {tp!r}")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        where = f"section '{prefix[:-1]}'" if prefix else "the top level"
+        raise ConfigError(
+            f"unknown config key{'s' if len(unknown) > 1 else ''} {', '.join(repr(prefix + k) for k in unknown)}; "
+            f"valid keys in {where}: {', '.join(fields)}"
+        )
+    hints = typing.get_type_hints(cls)
+    kwargs = {name: _coerce(value, hints[name], prefix + name) for name, value in data.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{prefix[:-1] or 'config'}: {err}") from err
+
+
+# --- YAML + dotted overrides ----------------------------------------------------------------------
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"train.steps=4"`` -> (["train", "steps"], 4); values are parsed as YAML (``null``, lists, ...)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not key=value (e.g. train.steps=4)")
+    key, raw = text.split("=", 1)
+    key = key.strip().removeprefix("--")
+    parts = key.split(".")
+    if not key or any(not p for p in parts):
+        raise ConfigError(f"override {text!r} has an empty key part; write section.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return parts, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Set dotted keys in a nested dict (a copy); sections are created as needed, keys checked later."""
+    import copy
+
+    data = copy.deepcopy(data)
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = data
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(
+                    f"override {text!r}: '{'.'.join(parts[: i + 1])}' is a value, not a section"
+                )
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"config file {path!r} does not exist (see configs/ for recipes)")
+    with open(path) as fh:
+        data = yaml.safe_load(fh)
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config is a mapping of sections (model:, data:, train:, ...)")
+    return data
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Build a validated :class:`Config` from a YAML file (or the defaults) and dotted overrides."""
+    data = read_yaml(path) if path is not None else {}
+    return Config.from_dict(apply_overrides(data, overrides))
+
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "EMAConfig",
+    "ExtensionConfig",
+    "LoraConfig",
+    "ModelConfig",
+    "ObjectiveConfig",
+    "OptimConfig",
+    "SyntheticDataConfig",
+    "TrainConfig",
+    "ValidationConfig",
+    "apply_overrides",
+    "load_config",
+    "parse_override",
+]
