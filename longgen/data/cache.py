@@ -76,7 +76,7 @@ def _first_frame_images(video: torch.Tensor) -> list:
 
 
 @torch.no_grad()
-def _encode_conds(adapter, captions: list[str], video: torch.Tensor) -> dict[str, torch.Tensor]:
+def encode_conds(adapter, captions: list[str], video: torch.Tensor) -> dict[str, torch.Tensor]:
     """Cond tensors ``[B, ...]`` for a batch: text (and the first frame for image-conditioned models)."""
     num_frames, height, width = video.shape[1:4]
     kwargs = dict(do_classifier_free_guidance=False, num_frames=num_frames, height=height, width=width)
@@ -141,7 +141,7 @@ def precompute_cache(
         batch = collate_clips([dataset[i] for i in range(begin, min(begin + batch_size, num_items))])
         video = batch["video"]  # [B, T, H, W, 3]
         latents = adapter.encode_video(video)  # [B, C, f, h, w]
-        cond = _tensor_items(_encode_conds(adapter, batch["caption"], video), dropped)
+        cond = _tensor_items(encode_conds(adapter, batch["caption"], video), dropped)
         if cond_keys is None:
             cond_keys = sorted(cond)
             clip_shape = tuple(video.shape[1:])

@@ -332,24 +332,11 @@ class Trainer:
             adapter.native_video_size[0]
         )
         target = ext.target_latent_frames or self.num_latent_frames
+        from ..extend import apply_exvideo, apply_rope_extension
+
         if ext.method in ROPE_METHODS:
-            try:
-                from ..extend import apply_rope_extension
-            except ImportError as err:
-                raise ImportError(
-                    f"extension.method={ext.method} needs longgen.extend.apply_rope_extension, which this "
-                    f"installation lacks ({err}); update longgen or set extension.method=null"
-                ) from err
             return apply_rope_extension(adapter, ext.method, train_latent_frames, target, **ext.options)
-        try:
-            from ..extend.exvideo import apply_exvideo
-        except ImportError as err:
-            raise ImportError(
-                f"extension.method=exvideo needs longgen.extend.exvideo, which this installation lacks ({err})"
-            ) from err
-        accepted = inspect.signature(apply_exvideo).parameters
-        train_key = "train_latent_frames" if "train_latent_frames" in accepted else "train_frames"
-        options = {train_key: train_latent_frames, **ext.options}
+        options = {"train_latent_frames": train_latent_frames, **ext.options}
         return apply_exvideo(adapter, target, set_trainable=True, **options)
 
     def _select_trainable(self) -> list[str]:
@@ -569,7 +556,7 @@ class Trainer:
                     null = self.null_cond[key].to(device=device, dtype=value.dtype).expand_as(value)
                     cond[key] = torch.where(drop.view(-1, *([1] * (value.ndim - 1))), null, value)
             return latents, cond
-        from ..data.cache import _encode_conds
+        from ..data.cache import encode_conds
 
         video = batch["video"].to(device)
         captions = list(batch["caption"])
@@ -577,7 +564,7 @@ class Trainer:
             drop = torch.rand(len(captions), generator=generator) < dropout
             captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
         latents = self.adapter.encode_video(video)
-        cond = _encode_conds(self.adapter, captions, video)
+        cond = encode_conds(self.adapter, captions, video)
         return latents, cond
 
     def _micro_step_loss(self, batch: dict, micro_step: int) -> torch.Tensor:
