@@ -19,9 +19,9 @@ install-dev: $(BIN)/python
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
 	$(BIN)/pip install -q -e ".[dev]"
 
-## demo: build a tiny Wan pipeline and generate a clip 4x its native length with the sliding sampler
+## demo: train a tiny model on synthetic long videos, generate 4x-long clips with each sampler, evaluate
 demo: install
-	$(BIN)/python scripts/demo.py --out outputs/demo
+	$(BIN)/longgen demo --out outputs/demo
 
 ## test: the whole test suite (CPU, tiny random models, no downloads)
 test: install-dev
