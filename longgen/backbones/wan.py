@@ -30,6 +30,11 @@ CONDITION_LATENTS = "condition_latents"
 ``[B, temporal_compression + C, f, h, w]``, concatenated to ``x`` along channels (Wan 2.1 I2V)."""
 
 
+def _param_dtype(module: torch.nn.Module) -> torch.dtype:
+    # ModelMixin.dtype walks every submodule; this is called once per model call, so read one parameter.
+    return next(module.parameters()).dtype
+
+
 class WanAdapter(BackboneAdapter):
     """Backbone adapter of Wan 2.1 / 2.2 (T2V, Wan 2.1-style I2V, V2V; Wan 2.2 two-expert MoE)."""
 
@@ -311,14 +316,14 @@ class WanAdapter(BackboneAdapter):
         experts = self._experts(timestep)
         if len(experts) == 1:
             velocity = self._run_model(
-                experts[0][0], hidden_states.to(experts[0][0].dtype), timestep, kwargs
+                experts[0][0], hidden_states.to(_param_dtype(experts[0][0])), timestep, kwargs
             ).float()
         else:
             velocity = torch.empty_like(x, dtype=torch.float32)
             for model, rows in experts:
                 sub_kwargs = {k: (v[rows] if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
                 velocity[rows] = self._run_model(
-                    model, hidden_states[rows].to(model.dtype), timestep[rows], sub_kwargs
+                    model, hidden_states[rows].to(_param_dtype(model)), timestep[rows], sub_kwargs
                 ).float()
         return x.float() - sigma[:, None, :, None, None] * velocity
 
