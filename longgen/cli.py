@@ -25,7 +25,13 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     from .pipeline import DTYPES
 
     g = p.add_argument_group("model")
-    g.add_argument("--model", required=True, help="local diffusers pipeline folder (with model_index.json)")
+    g.add_argument(
+        "--config",
+        default=None,
+        help="YAML file of these options (keys as the flags without '--', e.g. sampler: df, ar-step: 5 or "
+        "ar_step: 5); flags given on the command line override it",
+    )
+    g.add_argument("--model", default=None, help="local diffusers pipeline folder (with model_index.json); required")
     g.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="weights and compute dtype (bf16 on GPU)")
     g.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1")
     g.add_argument(
@@ -177,6 +183,33 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
         help="latent frames decoded at a time; peak decode memory depends on this, not on clip length",
     )
     g.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def apply_generate_config(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """Parse ``generate`` arguments with a ``--config`` YAML's values as defaults (unknown keys rejected)."""
+    import yaml
+
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["generate"]
+    args = parser.parse_args(argv)
+    if args.config:
+        with open(args.config) as f:
+            values = yaml.safe_load(f) or {}
+        if not isinstance(values, dict):
+            raise ValueError(f"{args.config}: a generate config is a mapping of option: value")
+        dests = {a.dest for a in sub._actions if a.dest not in ("help", "config")}
+        defaults = {}
+        for key, value in values.items():
+            dest = str(key).replace("-", "_")
+            if dest not in dests:
+                raise ValueError(
+                    f"{args.config}: unknown option {key!r}; valid options: {', '.join(sorted(dests))}"
+                )
+            defaults[dest] = value
+        sub.set_defaults(**defaults)
+        args = parser.parse_args(argv)
+    if args.model is None:
+        raise ValueError("--model is required (a local diffusers pipeline folder), on the command line or in --config")
+    return args
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -392,11 +425,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(name)s: %(message)s"
     )
     try:
+        if args.command == "generate":
+            args = apply_generate_config(parser, argv)
         return args.func(args)
     except (ValueError, FileNotFoundError, NotADirectoryError) as err:
         print(f"longgen {args.command}: error: {err}", file=sys.stderr)

@@ -206,3 +206,28 @@ def test_unet_extensions_from_the_cli_and_removal(extension, saved, tmp_path):
     assert main(["generate", "--model", model, "--num-frames", "16", "--extension", extension, "--steps", "2",
                  "--out", str(out), "--quiet"]) == 0
     assert video_info(out)["num_frames"] == 16
+
+
+def test_generate_config_file_with_cli_override(saved, tmp_path, capsys):
+    cfg = tmp_path / "gen.yaml"
+    out = tmp_path / "cfg.mp4"
+    cfg.write_text(f"model: {saved('wan')}\nsampler: df\nnum-frames: 45\nsteps: 2\nout: {out}\nquiet: true\n")
+    assert main(["generate", "--config", str(cfg), "--num-frames", "21"]) == 0  # the flag wins
+    assert video_info(out)["num_frames"] == 21
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"model: {saved('wan')}\nsamplr: df\n")
+    assert main(["generate", "--config", str(bad)]) == 2
+    assert "unknown option 'samplr'" in capsys.readouterr().err
+
+
+def test_generate_recipes_parse():
+    import pathlib
+
+    import yaml
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command").choices["generate"]
+    dests = {a.dest for a in sub._actions}
+    for path in sorted(pathlib.Path(__file__).parents[1].glob("configs/generate/*.yaml")):
+        for key in yaml.safe_load(path.read_text()):
+            assert key.replace("-", "_") in dests, f"{path.name}: {key}"
