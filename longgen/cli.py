@@ -246,7 +246,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         "overlap_history": args.overlap_history,
         "addnoise_condition": args.addnoise_condition,
     }
-    prompts = args.prompt or [""]
+    prompts = [args.prompt] if isinstance(args.prompt, str) else list(args.prompt or [""])
     if len(prompts) > 1 and args.prompt_frames is None:
         raise ValueError("several --prompt values make a multi-prompt video: also pass --prompt-frames, one each")
     result = pipe.generate(

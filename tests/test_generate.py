@@ -211,7 +211,9 @@ def test_unet_extensions_from_the_cli_and_removal(extension, saved, tmp_path):
 def test_generate_config_file_with_cli_override(saved, tmp_path, capsys):
     cfg = tmp_path / "gen.yaml"
     out = tmp_path / "cfg.mp4"
-    cfg.write_text(f"model: {saved('wan')}\nsampler: df\nnum-frames: 45\nsteps: 2\nout: {out}\nquiet: true\n")
+    cfg.write_text(
+        f"model: {saved('wan')}\nprompt: a red ball\nsampler: df\nnum-frames: 45\nsteps: 2\nout: {out}\nquiet: true\n"
+    )
     assert main(["generate", "--config", str(cfg), "--num-frames", "21"]) == 0  # the flag wins
     assert video_info(out)["num_frames"] == 21
     bad = tmp_path / "bad.yaml"
