@@ -223,10 +223,20 @@ class LatentCacheDataset(torch.utils.data.Dataset):
             raise IndexError(f"sample {i} out of range for a cache of {len(self)}")
         sample = self.index["samples"][i]
         shard = os.path.join(self.root, self.index["shards"][sample["shard"]])
-        with safe_open(shard, framework="pt") as f:
-            latents = f.get_tensor(f"{i}/latents")
-            cond = {key: f.get_tensor(f"{i}/cond/{key}") for key in self.cond_keys}
+        # One memory-mapped handle per shard and process (DataLoader workers open their own): reopening the
+        # file per sample cost ~1 ms a step in benchmarks/trainer_overhead.py.
+        handles = self.__dict__.setdefault("_handles", {})
+        key = (os.getpid(), shard)
+        if key not in handles:
+            handles[key] = safe_open(shard, framework="pt")
+        f = handles[key]
+        latents = f.get_tensor(f"{i}/latents")
+        cond = {name: f.get_tensor(f"{i}/cond/{name}") for name in self.cond_keys}
         return {"latents": latents, "cond": cond, "caption": sample["caption"]}
+
+    def __getstate__(self) -> dict:
+        # open shard handles do not pickle (DataLoader workers under spawn): each process reopens its own
+        return {k: v for k, v in self.__dict__.items() if k != "_handles"}
 
     def null_cond(self) -> dict[str, torch.Tensor] | None:
         """The empty prompt's cond (batch dim removed), or None when the cache has none."""
