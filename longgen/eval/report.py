@@ -326,7 +326,8 @@ def i3d_features(
 
     As in StyleGAN-V's FVD: the short side is resized to 224 (bilinear), the centre is cropped to
     224x224, values go to [-1, 1], and the TorchScript model is called with ``rescale=False,
-    resize=False, return_features=True``.
+    resize=False, return_features=True``. The detector is a TorchScript program and runs as code: pass
+    only a file you trust (the published ``i3d_torchscript.pt``).
     """
     path = _require_path(i3d_path, I3D_WEIGHTS_HINT, kind="file")
     import torch
