@@ -25,7 +25,7 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from torch.utils.weak import WeakIdKeyDictionary
 
-from ..schedules import VPSchedule, check_sigma
+from ..schedules import VPSchedule
 from .base import BackboneAdapter, Cond
 
 if TYPE_CHECKING:
@@ -418,12 +418,8 @@ class AnimateDiffAdapter(BackboneAdapter):
         x_vp = sqrt(alpha_bar) x / (1 - sigma); the UNet's eps (or v) then gives
         x0 = (x_vp - sqrt(1 - alpha_bar) eps) / sqrt(alpha_bar)  (v: x0 = sqrt(ab) x_vp - sqrt(1 - ab) v).
         """
-        if x.ndim != 5:
-            raise ValueError(f"x must be [B, C, F, H, W], got shape {tuple(x.shape)}")
+        self.check_denoise_inputs(x, sigma)
         batch, _, num_frames = x.shape[:3]
-        if sigma.shape != (batch, num_frames):
-            raise ValueError(f"sigma must be [B, F] = [{batch}, {num_frames}], got {tuple(sigma.shape)}")
-        check_sigma(sigma)
         self._check_num_frames(num_frames)
         ehs = cond["encoder_hidden_states"]
         if ehs.shape[0] != batch:

@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..schedules import flow_sigmas
+from ..schedules import check_sigma, flow_sigmas
 
 Cond = dict[str, Any]
 """Model inputs besides x and the noise level. Tensor values carry the batch on dim 0, so two conds
@@ -227,6 +227,19 @@ class BackboneAdapter:
     def denoise(self, x: torch.Tensor, sigma: torch.Tensor, cond: Cond) -> torch.Tensor:
         """x0 prediction for ``x`` ``[B, C, F, H, W]`` at per-frame flow sigmas ``sigma`` ``[B, F]``."""
         raise NotImplementedError
+
+    @staticmethod
+    def check_denoise_inputs(x: torch.Tensor, sigma: torch.Tensor) -> None:
+        """Validate the contract's shapes: ``x`` ``[B, C, F, H, W]``, ``sigma`` ``[B, F]`` flow sigmas in [0, 1]."""
+        if x.ndim != 5:
+            raise ValueError(f"x must be latents [B, C, F, H, W], got shape {tuple(x.shape)}")
+        batch, _, num_latent_frames = x.shape[:3]
+        if tuple(sigma.shape) != (batch, num_latent_frames):
+            raise ValueError(
+                f"sigma must be [B, F] = [{batch}, {num_latent_frames}] (one flow sigma per latent frame), "
+                f"got {tuple(sigma.shape)}"
+            )
+        check_sigma(sigma)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Decode latents ``[B, C, f, h, w]`` to frames ``[B, num_pixel_frames(f), H, W, 3]`` in [0, 1]."""

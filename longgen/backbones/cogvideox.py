@@ -30,7 +30,7 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from torch import nn
 
-from ..schedules import VPSchedule, check_sigma, shift_sigma
+from ..schedules import VPSchedule, shift_sigma
 from .base import BackboneAdapter, Cond
 from .tiny import tiny_tokenizer
 
@@ -648,18 +648,12 @@ class CogVideoXAdapter(BackboneAdapter):
 
     def denoise(self, x: torch.Tensor, sigma: torch.Tensor, cond: Cond) -> torch.Tensor:
         """x0 ``[B, C, F, H, W]`` (float32) for latents ``x`` at per-frame flow sigmas ``sigma`` ``[B, F]``."""
-        if x.ndim != 5:
-            raise ValueError(f"x must be [B, C, F, H, W], got shape {tuple(x.shape)}")
+        self.check_denoise_inputs(x, sigma)
         batch_size, channels, num_latent_frames, height, width = x.shape
-        if sigma.shape != (batch_size, num_latent_frames):
-            raise ValueError(
-                f"sigma must be [B, F] = {(batch_size, num_latent_frames)}, got {tuple(sigma.shape)}"
-            )
         if channels != self.latent_channels:
             raise ValueError(
                 f"x has {channels} channels; this CogVideoX model's latents have {self.latent_channels}"
             )
-        check_sigma(sigma)
         model, device, dtype = self.model, self.device, self.dtype
 
         s = sigma.to(device=device, dtype=torch.float64)

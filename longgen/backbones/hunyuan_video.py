@@ -33,7 +33,7 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from einops import rearrange
 
-from ..schedules import check_sigma, flow_sigmas
+from ..schedules import flow_sigmas
 from .base import BackboneAdapter, Cond
 
 __all__ = [
@@ -732,15 +732,8 @@ class HunyuanVideoAdapter(BackboneAdapter):
         ``HunyuanVideoPipeline`` does; otherwise (or with ``force_per_frame_timesteps``) the per-frame hook
         runs, installed on first use and inert between calls.
         """
-        if x.ndim != 5:
-            raise ValueError(f"x must be [B, C, F, H, W], got shape {tuple(x.shape)}")
+        self.check_denoise_inputs(x, sigma)
         batch, _, num_latent_frames, height, width = x.shape
-        if sigma.shape != (batch, num_latent_frames):
-            raise ValueError(
-                f"sigma must be [B, F] = [{batch}, {num_latent_frames}] (one flow sigma per latent frame), "
-                f"got {tuple(sigma.shape)}"
-            )
-        check_sigma(sigma)
         pt, p, _ = self.patch_size
         if num_latent_frames % pt or height % p or width % p:
             raise ValueError(

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from einops import rearrange
 
-from ..schedules import check_sigma, shift_sigma
+from ..schedules import shift_sigma
 from .base import BackboneAdapter, Cond, per_frame_to_tokens
 
 # Pipelines whose model (LTX-Video >= 0.9.5) takes pixel-space RoPE coordinates (``video_coords``) with
@@ -313,15 +313,8 @@ class LTXAdapter(BackboneAdapter):
 
     def denoise(self, x: torch.Tensor, sigma: torch.Tensor, cond: Cond) -> torch.Tensor:
         """x0 for latents ``x`` ``[B, C, F, H, W]`` at per-frame flow sigmas ``[B, F]``, via per-token timesteps."""
-        if x.ndim != 5:
-            raise ValueError(f"x must be [B, C, F, H, W], got shape {tuple(x.shape)}")
+        self.check_denoise_inputs(x, sigma)
         batch, _, num_latent_frames, height, width = x.shape
-        if sigma.shape != (batch, num_latent_frames):
-            raise ValueError(
-                f"sigma must be [B, F] = [{batch}, {num_latent_frames}] (one flow sigma per latent frame), "
-                f"got {tuple(sigma.shape)}"
-            )
-        check_sigma(sigma)
         pt, p, _ = self.patch_size
         if num_latent_frames % pt or height % p or width % p:
             raise ValueError(

@@ -32,7 +32,7 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from torch.utils.weak import WeakIdKeyDictionary
 
-from ..schedules import check_sigma, edm_sigma_to_flow, flow_sigma_to_edm, shift_sigma
+from ..schedules import edm_sigma_to_flow, flow_sigma_to_edm, shift_sigma
 from .base import BackboneAdapter, Cond
 
 if TYPE_CHECKING:
@@ -533,12 +533,8 @@ class SVDAdapter(BackboneAdapter):
 
     def denoise(self, x: torch.Tensor, sigma: torch.Tensor, cond: Cond) -> torch.Tensor:
         """x0 for ``x`` ``[B, C, F, H, W]`` at per-frame flow sigmas ``[B, F]`` (EDM v-prediction)."""
-        if x.ndim != 5:
-            raise ValueError(f"x must be [B, C, F, H, W], got shape {tuple(x.shape)}")
+        self.check_denoise_inputs(x, sigma)
         batch_size, _, num_frames, h, w = x.shape
-        if sigma.shape != (batch_size, num_frames):
-            raise ValueError(f"sigma must be [B, F] = {(batch_size, num_frames)}, got {tuple(sigma.shape)}")
-        check_sigma(sigma)
         image_latents = cond["image_latents"]
         if image_latents.shape[0] != batch_size or tuple(image_latents.shape[-2:]) != (h, w):
             raise ValueError(

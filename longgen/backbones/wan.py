@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..schedules import check_sigma, flow_sigmas
+from ..schedules import flow_sigmas
 from .base import BackboneAdapter, Cond, per_frame_to_tokens
 
 # cond keys the adapter understands; everything else is an error that names these.
@@ -287,19 +287,12 @@ class WanAdapter(BackboneAdapter):
 
     def denoise(self, x: torch.Tensor, sigma: torch.Tensor, cond: Cond) -> torch.Tensor:
         """x0 from the velocity: ``x0 = x - sigma * v``, the model seeing ``t = sigma * 1000`` per frame."""
-        if x.ndim != 5:
-            raise ValueError(f"x must be [B, C, F, H, W] latents, got shape {tuple(x.shape)}")
+        self.check_denoise_inputs(x, sigma)
         batch, _, num_latent_frames, height, width = x.shape
-        if sigma.shape != (batch, num_latent_frames):
-            raise ValueError(
-                f"sigma must hold one level per latent frame, shape {(batch, num_latent_frames)}; "
-                f"got {tuple(sigma.shape)}"
-            )
         if height % self.patch_size[1] or width % self.patch_size[2]:
             raise ValueError(
                 f"latent height/width {height}x{width} must be divisible by the patch {self.patch_size[1:]}"
             )
-        check_sigma(sigma)
         max_positions = getattr(self.model.config, "rope_max_seq_len", None)
         if max_positions is not None and num_latent_frames // self.patch_size[0] > max_positions:
             raise ValueError(

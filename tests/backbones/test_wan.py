@@ -110,7 +110,7 @@ def test_per_frame_sigma_matches_native_per_token_timesteps(adapter):
 
 def test_bad_inputs_are_explained(adapter):
     x = _latents(adapter)
-    with pytest.raises(ValueError, match=r"one level per latent frame, shape \(1, 3\)"):
+    with pytest.raises(ValueError, match=r"one flow sigma per latent frame"):
         adapter.denoise(x, torch.full((1,), 0.5), _text(1))
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         adapter.denoise(x, torch.full((1, 3), 1.5), _text(1))
