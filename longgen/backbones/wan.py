@@ -104,10 +104,20 @@ class WanAdapter(BackboneAdapter):
 
     # --- construction -------------------------------------------------------------------------
     @classmethod
-    def tiny_pipeline(cls, seed: int = 0, image_to_video: bool = False, two_experts: bool = False):
+    def tiny_pipeline(
+        cls,
+        seed: int = 0,
+        image_to_video: bool = False,
+        two_experts: bool = False,
+        vae_kwargs: dict[str, Any] | None = None,
+        transformer_kwargs: dict[str, Any] | None = None,
+    ):
         """A tiny random ``WanPipeline`` (or ``WanImageToVideoPipeline``): 2-layer DiT, small VAE, UMT5.
 
         ``two_experts`` adds a ``transformer_2`` with ``boundary_ratio=0.5`` (Wan 2.2 A14B layout).
+        ``vae_kwargs`` / ``transformer_kwargs`` override ``AutoencoderKLWan`` / ``WanTransformer3DModel``
+        config values of the tiny defaults (e.g. ``{"z_dim": 8, "dim_mult": [1, 1, 1]}`` or
+        ``{"num_layers": 4, "num_attention_heads": 4}``); ``None`` keeps the defaults.
         """
         from diffusers import (
             UniPCMultistepScheduler,
@@ -118,14 +128,17 @@ class WanAdapter(BackboneAdapter):
 
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            vae = _tiny_wan_vae()
+            vae = _tiny_wan_vae(**(vae_kwargs or {}))
             text_encoder, tokenizer = _tiny_umt5()
             z_dim = vae.config.z_dim
-            image_kwargs: dict[str, Any] = {}
+            image_kwargs: dict[str, Any] = dict(transformer_kwargs or {})
             if image_to_video:
                 image_encoder, image_processor = _tiny_clip_vision()
                 # I2V input = noisy latents + first-frame mask (one channel per compressed frame) + image latents.
-                image_kwargs = {"in_channels": 2 * z_dim + 4, "image_dim": image_encoder.config.hidden_size}
+                temporal = int(vae.config.get("scale_factor_temporal") or 4)
+                image_kwargs.update(
+                    in_channels=2 * z_dim + temporal, image_dim=image_encoder.config.hidden_size
+                )
             transformer = _tiny_transformer(WanTransformer3DModel, z_dim, **image_kwargs)
             transformer_2 = (
                 _tiny_transformer(WanTransformer3DModel, z_dim, **image_kwargs) if two_experts else None
@@ -497,19 +510,27 @@ class WanAdapter(BackboneAdapter):
 
 
 # --- tiny components (tests, the demo): built offline, no hub ----------------------------------
-def _tiny_wan_vae(z_dim: int = 4):
-    """A 3-level causal Wan VAE (8x space, 4x time) with a few channels and non-trivial latent stats."""
+def _tiny_wan_vae(z_dim: int = 4, **overrides):
+    """A 3-level causal Wan VAE (8x space, 4x time) with a few channels and non-trivial latent stats.
+
+    ``overrides`` replace ``AutoencoderKLWan`` config values; with fewer levels (``dim_mult`` of
+    ``n + 1`` entries) set ``temperal_downsample`` to ``n`` flags and ``scale_factor_spatial=2**n``,
+    ``scale_factor_temporal=2**sum(flags)`` to match.
+    """
     from diffusers import AutoencoderKLWan
 
-    return AutoencoderKLWan(
+    config: dict[str, Any] = dict(
         base_dim=4,
         z_dim=z_dim,
         dim_mult=[1, 1, 1, 1],
         num_res_blocks=1,
         temperal_downsample=[False, True, True],
-        latents_mean=[0.1 * (i - z_dim / 2) for i in range(z_dim)],
-        latents_std=[0.5 + 0.25 * i for i in range(z_dim)],
     )
+    config.update(overrides)
+    z = int(config["z_dim"])
+    config.setdefault("latents_mean", [0.1 * (i - z / 2) for i in range(z)])
+    config.setdefault("latents_std", [0.5 + 0.25 * i for i in range(z)])
+    return AutoencoderKLWan(**config)
 
 
 def _tiny_umt5(d_model: int = 32):
@@ -558,11 +579,10 @@ def _tiny_transformer(
     model_cls, z_dim: int, in_channels: int | None = None, image_dim: int | None = None, **extra
 ):
     """2 blocks, 2 heads of 12 dims: Wan's RoPE splits a head as t = d - 4(d//6), h = w = 2(d//6) (4/4/4)."""
-    heads, head_dim = 2, 12
-    return model_cls(
+    config: dict[str, Any] = dict(
         patch_size=(1, 2, 2),
-        num_attention_heads=heads,
-        attention_head_dim=head_dim,
+        num_attention_heads=2,
+        attention_head_dim=12,
         in_channels=in_channels or z_dim,
         out_channels=z_dim,
         text_dim=32,
@@ -572,7 +592,9 @@ def _tiny_transformer(
         cross_attn_norm=True,
         qk_norm="rms_norm_across_heads",
         image_dim=image_dim,
-        added_kv_proj_dim=heads * head_dim if image_dim is not None else None,
         rope_max_seq_len=1024,  # as the real models: positions for long naive runs
-        **extra,
-    ).eval()
+    )
+    config.update(extra)  # e.g. a bigger model for the demo: num_layers, num_attention_heads, ffn_dim
+    if image_dim is not None:
+        config.setdefault("added_kv_proj_dim", config["num_attention_heads"] * config["attention_head_dim"])
+    return model_cls(**config).eval()
