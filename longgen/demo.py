@@ -142,7 +142,8 @@ def _psnr(x: torch.Tensor, y: torch.Tensor) -> float:
 
 def train_vae(
     vae, data_dir: str, steps: int, batch_size: int = 8, lr: float = 2e-3, num_frames: int = 9,
-    kl_weight: float = 1e-3, object_weight: float = 4.0, seed: int = 0,
+    kl_weight: float = 1e-3, object_weight: float = 4.0, seed: int = 0, recon_loss: str = "mse",
+    chroma_weight: float = 0.0,
 ) -> dict[str, Any]:
     """Train the Wan VAE on clips of the synthetic data set (Kingma & Welling 2014, a beta-VAE).
 
@@ -186,7 +187,17 @@ def train_vae(
             recon = vae.decode(posterior.sample(generator)).sample
             weight = 1.0 + object_weight * ((x - background).abs().amax(dim=1, keepdim=True) > 0.2).float()
             kl = posterior.kl().sum() / x.numel()
-            loss = (weight * (recon - x) ** 2).mean() + kl_weight * kl
+            err = recon - x  # (B, 3, F, H, W)
+            # Chroma error: the per-channel error minus its channel mean (a hue/saturation shift, which a
+            # grey-ish blur of a small saturated shape costs little in plain RGB error).
+            chroma = err - err.mean(dim=1, keepdim=True)
+            if recon_loss == "l1":
+                per_pixel = err.abs() + chroma_weight * chroma.abs()
+            elif recon_loss == "mse":
+                per_pixel = err**2 + chroma_weight * chroma**2
+            else:
+                raise ValueError(f"recon_loss must be 'l1' or 'mse', got {recon_loss!r}")
+            loss = (weight * per_pixel).mean() + kl_weight * kl
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
