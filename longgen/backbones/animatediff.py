@@ -26,7 +26,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ..schedules import VPSchedule
-from .base import BackboneAdapter, Cond
+from .base import BackboneAdapter, Cond, encode_per_frame
 
 if TYPE_CHECKING:
     from ..extend.exvideo import ExVideoSite
@@ -473,19 +473,7 @@ class AnimateDiffAdapter(BackboneAdapter):
         The posterior's mode (``sample=True`` draws from it with ``generator``) times ``scaling_factor``:
         the space the UNet denoises in, the inverse of :meth:`decode`. ``encode_chunk_size`` frames per call.
         """
-        if frames.ndim != 5 or frames.shape[-1] != 3:
-            raise ValueError(f"frames must be [B, T, H, W, 3] in [0, 1], got shape {tuple(frames.shape)}")
-        batch, num_frames = frames.shape[:2]
-        vae = self.vae
-        param = next(vae.parameters())
-        pixels = frames.permute(0, 1, 4, 2, 3).flatten(0, 1)  # [B*T, 3, H, W]
-        pixels = pixels.to(device=param.device, dtype=param.dtype) * 2.0 - 1.0
-        latents = []
-        for i in range(0, pixels.shape[0], encode_chunk_size):
-            dist = vae.encode(pixels[i : i + encode_chunk_size]).latent_dist
-            latents.append(dist.sample(generator) if sample else dist.mode())
-        z = torch.cat(latents).float() * vae.config.scaling_factor  # [B*T, C, h, w]
-        return z.unflatten(0, (batch, num_frames)).permute(0, 2, 1, 3, 4).contiguous()  # [B, C, T, h, w]
+        return encode_per_frame(self.vae, frames, sample, generator, encode_chunk_size)
 
     # --- what extensions and training need ----------------------------------------------------
     def temporal_attention_modules(self) -> list[tuple[str, torch.nn.Module]]:

@@ -275,6 +275,26 @@ class BackboneAdapter:
 LONGGEN_META = "longgen.json"
 
 
+def encode_per_frame(
+    vae, frames: torch.Tensor, sample: bool = False, generator=None, chunk_size: int = 16
+) -> torch.Tensor:
+    """Per-frame image-VAE encode (AnimateDiff, SVD): frames ``[B, T, H, W, 3]`` in [0, 1] -> latents
+    ``[B, C, T, h, w]`` (float32): the posterior's mode (or a sample with ``generator``) times
+    ``scaling_factor``, ``chunk_size`` frames per VAE call."""
+    if frames.ndim != 5 or frames.shape[-1] != 3:
+        raise ValueError(f"frames must be [B, T, H, W, 3] in [0, 1], got shape {tuple(frames.shape)}")
+    batch, num_frames = frames.shape[:2]
+    param = next(vae.parameters())
+    pixels = frames.permute(0, 1, 4, 2, 3).flatten(0, 1)  # [B*T, 3, H, W]
+    pixels = pixels.to(device=param.device, dtype=param.dtype) * 2.0 - 1.0
+    latents = []
+    for i in range(0, pixels.shape[0], chunk_size):
+        dist = vae.encode(pixels[i : i + chunk_size]).latent_dist
+        latents.append(dist.sample(generator) if sample else dist.mode())
+    z = torch.cat(latents).float() * vae.config.scaling_factor  # [B*T, C, h, w]
+    return z.unflatten(0, (batch, num_frames)).permute(0, 2, 1, 3, 4).contiguous()  # [B, C, T, h, w]
+
+
 class StreamingDecoder:
     """Decode latent frames as they arrive, ``chunk_latent_frames`` at a time, in constant memory.
 
