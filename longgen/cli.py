@@ -45,8 +45,9 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
         "--attention-backend",
         default="native",
         choices=_attention_backends(),
+        metavar="NAME",
         help="attention kernel through diffusers' dispatch: native = torch SDPA (default); flash / xformers / "
-        "sage need their packages installed",
+        "sage need their packages installed; any of: " + ", ".join(_attention_backends()),
     )
     g = p.add_argument_group("clip")
     g.add_argument(

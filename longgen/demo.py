@@ -62,8 +62,16 @@ class DemoSettings:
     eval_window: int = 8
     vae_steps: int = 400
     """Steps of the VAE stage (batch ``vae_batch_size`` clips); 0 keeps the random VAE."""
-    vae_batch_size: int = 8
+    vae_batch_size: int = 2
     vae_lr: float = 2e-3
+    vae_num_frames: int = 45
+    """Clip length of the VAE stage: the causal VAE's temporal receptive field spans tens of frames and a
+    decoder trained only on native 9-frame clips breaks down on longer ones (frames past the trained length
+    lose colour, then structure), so it trains on clips as long as the default 4x generation decodes."""
+    vae_recon_loss: str = "l1"
+    vae_object_weight: float = 20.0
+    vae_chroma_weight: float = 2.0
+    vae_kl_weight: float = 1e-5
     lr: float = 1e-3
     """Peak transformer learning rate (warm-up, then cosine decay)."""
     batch_size: int = 8
@@ -76,7 +84,7 @@ class DemoSettings:
         """A reduced run (about a minute on 2 CPU cores): the same steps, far less training."""
         return cls(
             out_dir=out_dir, train_steps=20, num_videos=4, length_factor=2, num_inference_steps=4,
-            vae_steps=10, vae_batch_size=4, batch_size=4,
+            vae_steps=10, vae_batch_size=2, vae_num_frames=21, batch_size=4,
         )
 
 
@@ -234,7 +242,9 @@ def train_tiny_model(settings: DemoSettings):
     adapter = WanAdapter(pipe, native_video_size=WanAdapter.tiny_video_size)
     vae_report = train_vae(
         pipe.vae, data_dir, settings.vae_steps, batch_size=settings.vae_batch_size, lr=settings.vae_lr,
-        num_frames=adapter.native_video_size[0], seed=settings.seed,
+        num_frames=settings.vae_num_frames, kl_weight=settings.vae_kl_weight,
+        object_weight=settings.vae_object_weight, seed=settings.seed, recon_loss=settings.vae_recon_loss,
+        chroma_weight=settings.vae_chroma_weight,
     )
     adapter.save_pretrained(model_dir)  # the trainer loads this folder: trained VAE + random transformer
     trainer = Trainer(load_config(None, [f"model.path={model_dir}", *overrides]))
