@@ -27,13 +27,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--extensions", nargs="+", default=["pi", "ntk", "yarn", "riflex"],
                    help="RoPE extensions applied to the naive full-clip baseline")
     p.add_argument("--steps", type=int, default=16, help="denoising steps")
+    p.add_argument("--quick", action="store_true", help="the demo's quick settings (smoke test, ~1 min)")
     args = p.parse_args(argv)
 
     from longgen.demo import DemoSettings, generate_and_evaluate, summary_table, train_tiny_model
 
     start = time.perf_counter()
-    settings = DemoSettings(out_dir=args.out, train_steps=args.train_steps, num_videos=args.num_videos)
-    adapter, train_result, data_dir = train_tiny_model(settings)
+    if args.quick:
+        settings = DemoSettings.quick(args.out)
+    else:
+        settings = DemoSettings(out_dir=args.out, train_steps=args.train_steps, num_videos=args.num_videos)
+    adapter, train_result, data_dir, vae_report = train_tiny_model(settings)
+    print(f"tiny VAE: PSNR {vae_report['psnr_before']} -> {vae_report['psnr']} dB", flush=True)
     losses = list(train_result.losses.values())
     print(f"tiny model: {train_result.step} steps, loss {losses[0]:.3f} -> {losses[-1]:.3f}", flush=True)
     results = {}
