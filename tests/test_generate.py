@@ -233,3 +233,21 @@ def test_generate_recipes_parse():
     for path in sorted(pathlib.Path(__file__).parents[1].glob("configs/generate/*.yaml")):
         for key in yaml.safe_load(path.read_text()):
             assert key.replace("-", "_") in dests, f"{path.name}: {key}"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_bf16_generation_runs_on_every_family(family, saved, tmp_path):
+    """bf16 weights with diffusers' fp32-kept modules: inputs must be cast to the compute dtype."""
+    import torch as _torch
+
+    pipe = LongVideoPipeline.from_pretrained(saved(family), torch_dtype=_torch.bfloat16)
+    image = None
+    if pipe.adapter.requires_image_condition:
+        from PIL import Image
+
+        image = Image.new("RGB", (pipe.adapter.native_video_size[2],) * 2, (200, 40, 40))
+    assert pipe.adapter.dtype == _torch.bfloat16
+    result = pipe.generate("a ball", image=image, num_inference_steps=2, show_progress=False,
+                           output_path=tmp_path / "bf16.mp4")
+    assert torch.isfinite(result.latents).all()
+    assert video_info(tmp_path / "bf16.mp4")["num_frames"] == result.num_frames

@@ -177,7 +177,7 @@ class BackboneAdapter:
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
+        return compute_dtype(self.model)
 
     @property
     def frame_layout(self) -> FrameLayout:
@@ -273,6 +273,19 @@ class BackboneAdapter:
 
 
 LONGGEN_META = "longgen.json"
+
+
+def compute_dtype(module: torch.nn.Module) -> torch.dtype:
+    """The dtype a model computes in: its low-precision parameters' dtype if it has any, else float32.
+
+    diffusers keeps some modules in fp32 inside a bf16 model (``_keep_in_fp32_modules``), so the first
+    parameter's dtype can be wrong; ``ModelMixin.dtype`` gets it right but walks every submodule's name,
+    which costs milliseconds per call on large models.
+    """
+    for param in module.parameters():
+        if param.is_floating_point() and param.dtype != torch.float32:
+            return param.dtype
+    return torch.float32
 
 
 def encode_per_frame(

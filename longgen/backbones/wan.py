@@ -21,18 +21,13 @@ from typing import Any, ClassVar
 import torch
 
 from ..schedules import flow_sigmas
-from .base import BackboneAdapter, Cond, per_frame_to_tokens
+from .base import BackboneAdapter, Cond, compute_dtype, per_frame_to_tokens
 
 # cond keys the adapter understands; everything else is an error that names these.
 _TRANSFORMER_COND_KEYS = ("encoder_hidden_states", "encoder_hidden_states_image", "attention_kwargs")
 CONDITION_LATENTS = "condition_latents"
 """Cond key of the image-to-video channels (first-frame mask + VAE latents of [image, zeros...]),
 ``[B, temporal_compression + C, f, h, w]``, concatenated to ``x`` along channels (Wan 2.1 I2V)."""
-
-
-def _param_dtype(module: torch.nn.Module) -> torch.dtype:
-    # ModelMixin.dtype walks every submodule; this is called once per model call, so read one parameter.
-    return next(module.parameters()).dtype
 
 
 class WanAdapter(BackboneAdapter):
@@ -322,14 +317,14 @@ class WanAdapter(BackboneAdapter):
         experts = self._experts(timestep)
         if len(experts) == 1:
             velocity = self._run_model(
-                experts[0][0], hidden_states.to(_param_dtype(experts[0][0])), timestep, kwargs
+                experts[0][0], hidden_states.to(compute_dtype(experts[0][0])), timestep, kwargs
             ).float()
         else:
             velocity = torch.empty_like(x, dtype=torch.float32)
             for model, rows in experts:
                 sub_kwargs = {k: (v[rows] if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
                 velocity[rows] = self._run_model(
-                    model, hidden_states[rows].to(_param_dtype(model)), timestep[rows], sub_kwargs
+                    model, hidden_states[rows].to(compute_dtype(model)), timestep[rows], sub_kwargs
                 ).float()
         return x.float() - sigma[:, None, :, None, None] * velocity
 
