@@ -800,6 +800,8 @@ class Trainer:
         """The trained network's full state dict (gathered under DeepSpeed / FSDP; all processes call)."""
         if self._sharded():
             full = self.accelerator.get_state_dict(self.wrapped)
+            if full is None:  # DeepSpeed ZeRO-3 gathers the 16-bit state dict on the main process only
+                return {}
             return {k.removeprefix("model."): v for k, v in full.items() if k.startswith("model.")}
         return self.adapter.model.state_dict()
 
