@@ -20,6 +20,7 @@ the same loss curve.
 
 from __future__ import annotations
 
+import gc
 import inspect
 import json
 import logging
@@ -75,6 +76,31 @@ class DenoiserModule(torch.nn.Module):
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: dict[str, Any]) -> torch.Tensor:
         # The class's method, not the instance attribute the trainer points at this module.
         return type(self._adapter).denoise(self._adapter, x, sigma, cond)
+
+
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
+"""Pipeline components that only encode prompts (freed when training from a latent cache)."""
+
+
+class _EncodedPrompts:
+    """``adapter.encode_prompt`` for a fixed validation prompt, encoded once before the text encoder is freed."""
+
+    def __init__(self, encode, prompts: list[str], negative_prompt: str | None, guidance: bool):
+        negatives = None if negative_prompt is None else [negative_prompt] * len(prompts)
+        self.key = (tuple(prompts), None if negatives is None else tuple(negatives), guidance)
+        self.value = encode(prompts, negatives, do_classifier_free_guidance=guidance)
+
+    def __call__(self, prompt, negative_prompt=None, image=None, do_classifier_free_guidance=True, **_):
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        negatives = [negative_prompt] if isinstance(negative_prompt, str) else negative_prompt
+        key = (tuple(prompts), None if negatives is None else tuple(negatives), do_classifier_free_guidance)
+        if image is not None or key != self.key:
+            raise RuntimeError(
+                "the text encoder was freed because training reads text embeddings from the latent cache "
+                f"(data.cache_dir); only the validation prompt {self.key[0]!r} was encoded. Generate other "
+                "prompts with the exported weights (longgen generate)"
+            )
+        return self.value
 
 
 @dataclass
@@ -191,6 +217,8 @@ class Trainer:
             config.save(os.path.join(self.output_dir, "config.yaml"))
 
         self.adapter = self._build_adapter()
+        if self._uses_latent_cache():
+            self._release_encoders()
         latent_shape = self.adapter.latent_shape(
             config.data.num_frames, config.data.height, config.data.width
         )
@@ -321,6 +349,44 @@ class Trainer:
                 component.requires_grad_(False)
                 component.eval()
         return adapter
+
+    def _uses_latent_cache(self) -> bool:
+        from ..data.cache import is_latent_cache
+
+        cache_dir = self.config.data.cache_dir
+        return cache_dir is not None and is_latent_cache(cache_dir)
+
+    def _release_encoders(self) -> None:
+        """Free the text encoders when training reads text embeddings from the latent cache.
+
+        The validation prompt is encoded once, now, and served from memory afterwards, so a large text
+        encoder (Wan's UMT5-XXL: 5.7B parameters) occupies neither the accelerator nor host memory during
+        training. Image-conditioned models keep their encoders (validation would need a new image).
+        """
+        adapter, pipe = self.adapter, self.adapter.pipe
+        if getattr(adapter, "requires_image_condition", False):
+            return
+        names = [n for n in TEXT_ENCODERS if isinstance(getattr(pipe, n, None), torch.nn.Module)]
+        if not names:
+            return
+        vcfg = self.config.validation
+        if vcfg.every > 0:
+            guidance = adapter.default_guidance_scale if vcfg.guidance_scale is None else vcfg.guidance_scale
+            adapter.encode_prompt = _EncodedPrompts(
+                adapter.encode_prompt, [vcfg.prompt], vcfg.negative_prompt, guidance != 1.0
+            )
+        freed = sum(p.numel() for n in names for p in getattr(pipe, n).parameters())
+        for name in names:
+            setattr(pipe, name, None)
+        gc.collect()
+        if self.accelerator.device.type == "cuda":
+            torch.cuda.empty_cache()
+        logger.info(
+            "freed %s (%.1fM parameters): text embeddings come from the latent cache%s",
+            ", ".join(names),
+            freed / 1e6,
+            "; the validation prompt was encoded once" if vcfg.every > 0 else "",
+        )
 
     def _apply_extension(self):
         """Apply the configured extension before LoRA, so LoRA and the optimizer see the final model."""
@@ -907,4 +973,5 @@ class Trainer:
             self._paths_file.close()
             self._paths_file = None
         self.adapter.__dict__.pop("denoise", None)
+        self.adapter.__dict__.pop("encode_prompt", None)
         self.accelerator.end_training()
