@@ -40,8 +40,22 @@ def test_generate_writes_requested_frames(family, saved, tmp_path, capsys):
     # twice the native length in latent frames, with the sliding sampler (the first long sampler)
     num_frames = adapter.num_pixel_frames(2 * adapter.num_latent_frames(native_frames))
     out = tmp_path / "clip.mp4"
-    args = ["generate", "--model", model, "--num-frames", str(num_frames), "--steps", "2", "--sampler", "sliding",
-            "--prompt", "a red ball", "--out", str(out), "--quiet"]
+    args = [
+        "generate",
+        "--model",
+        model,
+        "--num-frames",
+        str(num_frames),
+        "--steps",
+        "2",
+        "--sampler",
+        "sliding",
+        "--prompt",
+        "a red ball",
+        "--out",
+        str(out),
+        "--quiet",
+    ]
     if adapter.requires_image_condition:
         args += ["--image", _image(tmp_path, width)]
     assert main(args) == 0
@@ -73,7 +87,9 @@ def test_unknown_sampler_option_is_rejected(saved):
 def test_sliding_with_one_window_is_full_sampling(saved):
     pipe = LongVideoPipeline.from_pretrained(saved("wan"))
     full = pipe.generate("a ball", sampler="full", num_inference_steps=3, seed=1, show_progress=False)
-    one_window = pipe.generate("a ball", sampler="sliding", num_inference_steps=3, seed=1, show_progress=False)
+    one_window = pipe.generate(
+        "a ball", sampler="sliding", num_inference_steps=3, seed=1, show_progress=False
+    )
     torch.testing.assert_close(one_window.latents, full.latents, rtol=0, atol=0)
 
 
@@ -125,21 +141,58 @@ def test_info_reports_the_adapter(saved, capsys):
         ["--sampler", "df", "--steps", "3", "--ar-step", "3"],
         ["--sampler", "df", "--steps", "3", "--overlap-history", "1", "--addnoise-condition", "20"],
         ["--sampler", "sliding", "--steps", "2", "--noise", "freenoise"],
-        ["--sampler", "sliding", "--steps", "2", "--prompt", "a red ball", "--prompt", "a blue square",
-         "--prompt-frames", "0", "21", "--prompt-transition", "2"],
+        [
+            "--sampler",
+            "sliding",
+            "--steps",
+            "2",
+            "--prompt",
+            "a red ball",
+            "--prompt",
+            "a blue square",
+            "--prompt-frames",
+            "0",
+            "21",
+            "--prompt-transition",
+            "2",
+        ],
     ],
-    ids=["fifo", "fifo-no-lookahead", "df-chunked", "df-rolling", "df-history-noise", "freenoise", "multi-prompt"],
+    ids=[
+        "fifo",
+        "fifo-no-lookahead",
+        "df-chunked",
+        "df-rolling",
+        "df-history-noise",
+        "freenoise",
+        "multi-prompt",
+    ],
 )
 def test_long_samplers_from_the_cli(args, saved, tmp_path):
     out = tmp_path / "long.mp4"
     # tiny wan: 9 native frames = 3 latent; 45 frames = 12 latent (4x)
-    assert main(["generate", "--model", saved("wan"), "--num-frames", "45", "--out", str(out), "--quiet", *args]) == 0
+    assert (
+        main(["generate", "--model", saved("wan"), "--num-frames", "45", "--out", str(out), "--quiet", *args])
+        == 0
+    )
     assert video_info(out)["num_frames"] == 45
 
 
 def test_fifo_steps_must_match_its_queue(saved, tmp_path, capsys):
-    code = main(["generate", "--model", saved("wan"), "--num-frames", "45", "--sampler", "fifo", "--steps", "5",
-                 "--out", str(tmp_path / "x.mp4")])
+    code = main(
+        [
+            "generate",
+            "--model",
+            saved("wan"),
+            "--num-frames",
+            "45",
+            "--sampler",
+            "fifo",
+            "--steps",
+            "5",
+            "--out",
+            str(tmp_path / "x.mp4"),
+        ]
+    )
     assert code == 2
     assert "num_partitions * window" in capsys.readouterr().err
 
@@ -158,8 +211,16 @@ def test_every_sampler_on_every_family_gives_requested_frames(family, sampler, s
         image = Image.new("RGB", (adapter.native_video_size[2],) * 2, (10, 200, 10))
     options = {"num_partitions": 1} if sampler == "fifo" else {}
     steps = None if sampler == "fifo" else 2
-    result = pipe.generate("a ball", image=image, num_frames=num_frames, num_inference_steps=steps, sampler=sampler,
-                           sampler_options=options, show_progress=False, output_path=tmp_path / "o.mp4")
+    result = pipe.generate(
+        "a ball",
+        image=image,
+        num_frames=num_frames,
+        num_inference_steps=steps,
+        sampler=sampler,
+        sampler_options=options,
+        show_progress=False,
+        output_path=tmp_path / "o.mp4",
+    )
     assert result.latents.shape[2] == 2 * native_latent
     assert torch.isfinite(result.latents).all()
     assert video_info(tmp_path / "o.mp4")["num_frames"] == num_frames
@@ -168,23 +229,57 @@ def test_every_sampler_on_every_family_gives_requested_frames(family, sampler, s
 def test_extension_from_the_cli_widens_windows_and_changes_the_clip(saved, tmp_path):
     model = saved("wan")
     pipe = LongVideoPipeline.from_pretrained(model)
-    plain = pipe.generate("a ball", num_frames=21, sampler="sliding", num_inference_steps=2, show_progress=False)
+    plain = pipe.generate(
+        "a ball", num_frames=21, sampler="sliding", num_inference_steps=2, show_progress=False
+    )
     handle = pipe.apply_extension("riflex", target_num_frames=21)
     assert pipe.default_window() == 6  # windows now span the target (21 frames = 6 latent), not the native 3
-    extended = pipe.generate("a ball", num_frames=21, sampler="sliding", num_inference_steps=2, show_progress=False)
+    extended = pipe.generate(
+        "a ball", num_frames=21, sampler="sliding", num_inference_steps=2, show_progress=False
+    )
     assert handle.describe()["method"] == "riflex"
     assert not torch.allclose(plain.latents, extended.latents)
     pipe.remove_extensions()
     assert pipe.default_window() == 3
     out = tmp_path / "ext.mp4"
-    assert main(["generate", "--model", model, "--num-frames", "21", "--extension", "riflex", "--steps", "2",
-                 "--sampler", "sliding", "--out", str(out), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                model,
+                "--num-frames",
+                "21",
+                "--extension",
+                "riflex",
+                "--steps",
+                "2",
+                "--sampler",
+                "sliding",
+                "--out",
+                str(out),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert video_info(out)["num_frames"] == 21
 
 
 def test_rope_extension_on_a_unet_is_a_clear_error(saved, tmp_path, capsys):
-    code = main(["generate", "--model", saved("animatediff"), "--extension", "riflex", "--num-frames", "16",
-                 "--out", str(tmp_path / "x.mp4")])
+    code = main(
+        [
+            "generate",
+            "--model",
+            saved("animatediff"),
+            "--extension",
+            "riflex",
+            "--num-frames",
+            "16",
+            "--out",
+            str(tmp_path / "x.mp4"),
+        ]
+    )
     assert code == 2
     assert "wan" in capsys.readouterr().err
 
@@ -197,14 +292,33 @@ def test_unet_extensions_from_the_cli_and_removal(extension, saved, tmp_path):
     stock = pipe.generate("a ball", **kwargs).latents
     handle = pipe.apply_extension(extension, None if extension != "exvideo" else 16)
     extended = pipe.generate("a ball", **kwargs).latents
-    if extension != "exvideo":  # ExVideo is the identity at initialisation; fusion and spectral change attention
+    if (
+        extension != "exvideo"
+    ):  # ExVideo is the identity at initialisation; fusion and spectral change attention
         assert not torch.allclose(stock, extended)
     assert handle.describe()["method"] == extension
     pipe.remove_extensions()
     torch.testing.assert_close(pipe.generate("a ball", **kwargs).latents, stock, rtol=0, atol=0)
     out = tmp_path / "x.mp4"
-    assert main(["generate", "--model", model, "--num-frames", "16", "--extension", extension, "--steps", "2",
-                 "--out", str(out), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                model,
+                "--num-frames",
+                "16",
+                "--extension",
+                extension,
+                "--steps",
+                "2",
+                "--out",
+                str(out),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert video_info(out)["num_frames"] == 16
 
 
@@ -247,7 +361,45 @@ def test_bf16_generation_runs_on_every_family(family, saved, tmp_path):
 
         image = Image.new("RGB", (pipe.adapter.native_video_size[2],) * 2, (200, 40, 40))
     assert pipe.adapter.dtype == _torch.bfloat16
-    result = pipe.generate("a ball", image=image, num_inference_steps=2, show_progress=False,
-                           output_path=tmp_path / "bf16.mp4")
+    result = pipe.generate(
+        "a ball", image=image, num_inference_steps=2, show_progress=False, output_path=tmp_path / "bf16.mp4"
+    )
     assert torch.isfinite(result.latents).all()
     assert video_info(tmp_path / "bf16.mp4")["num_frames"] == result.num_frames
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"offload": "model"}, {"offload": "group"}, {"attention_backend": "_native_math"}],
+    ids=["offload-model", "offload-group", "attention-native-math"],
+)
+def test_offload_and_attention_backend_keep_the_clip(kwargs, saved):
+    """``--offload`` and ``--attention-backend`` change where and how the model runs, not what it makes."""
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    plain = LongVideoPipeline.from_pretrained(saved("wan"))
+    want = plain.generate(
+        "a ball", sampler="df", num_frames=17, num_inference_steps=3, seed=2, show_progress=False
+    )
+    active = (
+        _AttentionBackendRegistry._active_backend
+    )  # set_attention_backend also sets diffusers' global default
+    try:
+        pipe = LongVideoPipeline.from_pretrained(saved("wan"), **kwargs)
+        got = pipe.generate(
+            "a ball", sampler="df", num_frames=17, num_inference_steps=3, seed=2, show_progress=False
+        )
+    finally:
+        _AttentionBackendRegistry.set_active_backend(active)
+    torch.testing.assert_close(got.latents, want.latents, rtol=1e-5, atol=1e-5)
+    model = pipe.adapter.model
+    if "offload" in kwargs:  # diffusers' offload hooks sit on the transformer
+        assert getattr(model, "_diffusers_hook", None) is not None or hasattr(model, "_hf_hook")
+    else:
+        backends = {str(m.processor._attention_backend) for m in model.modules() if hasattr(m, "processor")}
+        assert backends == {"AttentionBackendName._NATIVE_MATH"}, backends
+
+
+def test_unknown_offload_mode_is_rejected(saved):
+    with pytest.raises(ValueError, match="'none', 'model' or 'group'"):
+        LongVideoPipeline.from_pretrained(saved("wan"), offload="disk")
