@@ -40,9 +40,15 @@ __all__ = [
 ]
 
 
+def cache_root(path: str | os.PathLike) -> str:
+    """The cache folder for ``path``: the folder itself, or the folder of its ``index.json``."""
+    path = os.fspath(path)
+    return os.path.dirname(path) if os.path.basename(path) == INDEX_NAME and os.path.isfile(path) else path
+
+
 def is_latent_cache(path: str | os.PathLike) -> bool:
-    """True when ``path`` is a finished latent cache (a folder with its ``index.json``)."""
-    return os.path.isfile(os.path.join(os.fspath(path), INDEX_NAME))
+    """True when ``path`` is a finished latent cache (a folder with its ``index.json``, or that file)."""
+    return os.path.isfile(os.path.join(cache_root(path), INDEX_NAME))
 
 
 def _save_atomic(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str] | None = None) -> None:
@@ -196,7 +202,7 @@ class LatentCacheDataset(torch.utils.data.Dataset):
     """Samples ``{"latents": [C, f, h, w], "cond": {key: tensor}, "caption": str}`` of a latent cache."""
 
     def __init__(self, out_dir: str | os.PathLike):
-        self.root = os.fspath(out_dir)
+        self.root = cache_root(out_dir)
         index_path = os.path.join(self.root, INDEX_NAME)
         if not os.path.isfile(index_path):
             raise FileNotFoundError(

@@ -26,8 +26,7 @@ def test_cache_training_matches_video_training_and_frees_the_text_encoder(tmp_pa
     model_dir = tmp_path / "model"
     adapter.save_pretrained(model_dir)
     dataset = VideoClipDataset(clips, num_frames=9, height=32, width=32, random_start=False)
-    precompute_cache(adapter, dataset, tmp_path / "cache", batch_size=2)
-    cache = tmp_path / "cache"
+    cache = precompute_cache(adapter, dataset, tmp_path / "cache", batch_size=2)  # its index.json: accepted too
 
     common = [
         f"model.path={model_dir}",
