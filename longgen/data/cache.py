@@ -277,8 +277,8 @@ def add_precompute_parser(sub) -> argparse.ArgumentParser:
         "precompute",
         help="encode a video data set into a latent + text-embedding cache (safetensors shards) for training",
         description="Run the model's VAE and text encoder once over a data set (folder of videos with .txt "
-        "captions, or a .csv / .jsonl manifest) and write safetensors shards + index.json; point the "
-        "trainer's data path at the output folder to train from it.",
+        "captions, or a .csv / .jsonl manifest) and write safetensors shards + index.json; train from it "
+        "with `train/train.py ... data.cache_dir=OUT` (the trainer then frees the text encoder).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--model", required=True, help="local diffusers pipeline folder (with model_index.json)")
