@@ -71,3 +71,45 @@ def test_lora_loads_into_the_stock_pipeline_and_matches_the_adapter(tmp_path, cl
     ours = run(trainer.adapter.model)
     torch.testing.assert_close(stock, ours, atol=1e-5, rtol=1e-5)
     assert (stock - base).abs().max() > 1e-3  # the LoRA really changes the output
+
+
+@pytest.mark.parametrize("family", ["skyreels_v2", "ltx", "cogvideox", "hunyuan_video", "animatediff"])
+def test_lora_of_every_family_loads_into_its_stock_pipeline(family, tmp_path, clips):
+    """The exported file is what each stock pipeline's ``load_lora_weights`` expects (its component name and
+    key layout): the stock pipeline with the LoRA loaded denoises like longgen's trained adapter."""
+    from longgen.backbones import build_tiny
+
+    config = load_config(
+        None,
+        [
+            f"model.tiny={family}",
+            f"data.source={clips}",
+            "data.num_frames=9",
+            f"train.output_dir={tmp_path}",
+            "train.steps=2",
+            "train.batch_size=1",
+            "lora.rank=4",
+            "optim.lr=2e-2",
+            "optim.warmup_steps=0",
+        ],
+    )
+    trainer = Trainer(config)
+    try:
+        result = trainer.train()
+    finally:
+        trainer.close()
+    trained = trainer.adapter
+    stock = build_tiny(family, seed=0)  # the same base weights as the trainer's model.tiny_seed=0
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(trained.latent_shape(9, 32, 32), generator=generator)
+    sigma = torch.full((1, x.shape[2]), 0.6)
+    cond, _ = stock.encode_prompt(
+        ["a red ball"], do_classifier_free_guidance=False, num_frames=9, height=32, width=32
+    )
+    with torch.no_grad():
+        base = stock.denoise(x, sigma, cond)
+        stock.pipe.load_lora_weights(result.final_dir)
+        loaded = stock.denoise(x, sigma, cond)
+        ours = trained.denoise(x, sigma, cond)
+    torch.testing.assert_close(loaded, ours, atol=1e-5, rtol=1e-5)
+    assert (loaded - base).abs().max() > 1e-4  # the LoRA really changes the output
