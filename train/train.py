@@ -34,14 +34,25 @@ DEFAULT_RECIPE = os.path.join(
 )
 
 
-def main(argv: list[str] | None = None) -> int:
+SETUP_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, ImportError)
+"""Errors of the set-up (config, model folder, data, clip size) whose message names the fix."""
+
+
+def main(argv: list[str] | None = None, clean_errors: bool = False) -> int:
+    """Train; with ``clean_errors`` a set-up error prints its message (no traceback) and returns 2."""
     args = parse_args(argv)
     overrides = list(args.overrides) + ([f"train.resume={args.resume}"] if args.resume else [])
     recipe = args.config or (DEFAULT_RECIPE if os.path.exists(DEFAULT_RECIPE) else None)
-    config = load_config(recipe, overrides)  # fails on a wrong key before any model loads
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("accelerate").setLevel(logging.WARNING)
-    trainer = Trainer(config)
+    try:
+        config = load_config(recipe, overrides)  # fails on a wrong key before any model loads
+        trainer = Trainer(config)
+    except SETUP_ERRORS as err:
+        if not clean_errors or os.environ.get("LONGGEN_DEBUG"):
+            raise
+        print(f"train.py: error: {err}\n(set LONGGEN_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 2
     try:
         result = trainer.train()
     finally:
@@ -52,4 +63,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(clean_errors=True))

@@ -171,3 +171,21 @@ def test_entry_point_parses_resume_flag_and_defaults_to_the_tiny_recipe(monkeypa
         ["train.steps=5", f"train.output_dir={tmp_path}", "train.resume=latest"],
     )
     assert seen["trained"] and seen["closed"]
+
+
+def test_train_script_prints_setup_errors_without_a_traceback(tmp_path):
+    """From the shell a wrong key or a frame count off the VAE stride is one message naming the fix, exit 2."""
+    import subprocess
+    import sys
+
+    script = os.path.join(REPO, "train", "train.py")
+    for override, expected in (
+        ("data.nm_frames=9", "unknown config key 'data.nm_frames'"),
+        ("data.num_frames=10", "4k+1"),
+    ):
+        proc = subprocess.run(
+            [sys.executable, script, override, f"train.output_dir={tmp_path}"],
+            capture_output=True, text=True, timeout=120, cwd=tmp_path,
+        )  # fmt: skip
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert expected in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
