@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -275,17 +276,31 @@ class BackboneAdapter:
 LONGGEN_META = "longgen.json"
 
 
+_DTYPE_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def compute_dtype(module: torch.nn.Module) -> torch.dtype:
     """The dtype a model computes in: its low-precision parameters' dtype if it has any, else float32.
 
     diffusers keeps some modules in fp32 inside a bf16 model (``_keep_in_fp32_modules``), so the first
     parameter's dtype can be wrong; ``ModelMixin.dtype`` gets it right but walks every submodule's name,
-    which costs milliseconds per call on large models.
+    which costs about a millisecond per call. The scan runs once per model; the answer is kept with the
+    first, middle and last parameter as probes and scanned again when a probe's dtype changes (``.to()``
+    converts parameters in place, so a cast shows in the probes).
     """
-    for param in module.parameters():
-        if param.is_floating_point() and param.dtype != torch.float32:
-            return param.dtype
-    return torch.float32
+    cached = _DTYPE_CACHE.get(module)
+    if cached is not None:
+        probes, dtypes, result = cached
+        if tuple(p.dtype for p in probes) == dtypes:
+            return result
+    params = list(module.parameters())
+    result = next(
+        (p.dtype for p in params if p.is_floating_point() and p.dtype != torch.float32), torch.float32
+    )
+    if params:
+        probes = (params[0], params[len(params) // 2], params[-1])
+        _DTYPE_CACHE[module] = (probes, tuple(p.dtype for p in probes), result)
+    return result
 
 
 def encode_per_frame(
