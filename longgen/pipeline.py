@@ -117,7 +117,9 @@ class LongVideoPipeline:
         * ``exvideo``: ExVideo's extended positional table + identity 3D convolutions for
           ``target_num_frames`` (SVD, AnimateDiff); windows default to the target too.
         * ``fusion`` (FreeNoise window fusion) and ``spectral`` (FreeLong SpectralBlend): temporal attention
-          of UNet video models over windows of the native length, so the whole clip can be sampled at once.
+          over windows of the native length, so the whole clip can be sampled at once: the frame-axis
+          attention of AnimateDiff and SVD, or the video self-attention of Wan, SkyReels-V2 and LTX-Video
+          windowed per latent frame with sliced RoPE.
         """
         from . import extend
 

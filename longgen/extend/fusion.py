@@ -17,8 +17,17 @@ Frame positions: where the adapter declares an additive position embedding per a
 positions restart at 0 in every window as in FreeNoise and clips longer than the position table work. SVD adds
 its positions before the temporal block, so its windows keep the clip's global positions.
 
-DiTs with full 3D attention (Wan, SkyReels-V2, HunyuanVideo, CogVideoX, LTX) attend over all tokens at once,
-not over a frame axis; for them use the sliding-window sampler or :mod:`longgen.extend.rope`.
+DiTs (Wan incl. every Wan 2.2 expert, SkyReels-V2, LTX-Video): their self-attention runs over all video
+tokens ``[B, f*h*w, D]`` (frame-major, ``h*w`` tokens per latent frame) with the rotary embedding passed to the
+attention call. The hook on each block's ``attn1`` runs the stock attention on the tokens of each frame window
+``[kS, kS + W)`` (same windows, tail window and pyramid weights as above) with the rotary tables sliced to the
+same tokens, and fuses the outputs per latent frame. RoPE scores depend only on position differences, so the
+sliced tables equal positions restarted at 0 in each window, as FreeNoise restarts AnimateDiff's positions;
+SkyReels-V2's block-causal mask is sliced to the window too. The grid ``(f, h, w)`` comes from a pre-forward hook
+on the transformer; ``attn2`` (text cross-attention) is untouched. See :mod:`longgen.extend.dit_attention`.
+Window and stride count latent frames (all supported DiTs patch time by 1). HunyuanVideo and CogVideoX attend
+over text and video tokens jointly in one sequence and are not supported; for them use the sliding-window
+sampler or :mod:`longgen.extend.rope`.
 """
 
 from __future__ import annotations
@@ -31,6 +40,15 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from torch import nn
 
+from .dit_attention import (
+    DIT_WINDOW_FAMILIES,
+    DiTWindowHook,
+    denoiser_models,
+    dit_self_attention_layers,
+    register_dit_window_hooks,
+    remove_hooks,
+)
+
 if TYPE_CHECKING:
     from ..backbones.base import BackboneAdapter
 
@@ -38,10 +56,12 @@ __all__ = [
     "FRAME_ATTENTION_FAMILIES",
     "WindowFusionConfig",
     "apply_window_fusion",
+    "fuse_window_outputs",
     "fuse_windows",
     "has_window_fusion",
     "pyramid_weights",
     "remove_window_fusion",
+    "supported_families",
     "window_starts",
 ]
 
@@ -50,16 +70,27 @@ FRAME_ATTENTION_FAMILIES = ("animatediff", "svd")
 
 WINDOW_FUSION_HOOK = "longgen_window_fusion"
 _POSITION_HOOK = "longgen_window_fusion_positions"
+_GRID_HOOK = "longgen_window_fusion_grid"
+
+
+def supported_families() -> tuple[str, ...]:
+    """Backbones window fusion and SpectralBlend support: frame-axis UNets, then the video-token DiTs."""
+    return (*FRAME_ATTENTION_FAMILIES, *DIT_WINDOW_FAMILIES)
 
 
 def check_frame_attention_backbone(adapter: BackboneAdapter, method: str) -> list[tuple[str, nn.Module]]:
-    """The adapter's temporal attention layers, or a ValueError naming the backbones ``method`` supports."""
+    """The adapter's frame-axis temporal attention layers (UNets), or a ValueError naming the supported backbones.
+
+    Call it only for families outside :data:`~longgen.extend.dit_attention.DIT_WINDOW_FAMILIES` (those take the
+    DiT path).
+    """
     if adapter.family not in FRAME_ATTENTION_FAMILIES:
         raise ValueError(
-            f"{method} is not available for the {adapter.family!r} backbone: it hooks temporal attention whose "
-            f"sequence is the frame axis, supported: {', '.join(FRAME_ATTENTION_FAMILIES)}. "
-            f"{adapter.family!r} attends over all video tokens jointly (full 3D attention); for long clips use the "
-            "sliding, fifo or df samplers, or apply_rope_extension (pi, ntk, yarn, riflex)."
+            f"{method} is not available for the {adapter.family!r} backbone; supported: "
+            f"{', '.join(supported_families())} (temporal attention over the frame axis, or self-attention over "
+            f"video tokens only with RoPE, windowed per latent frame). {adapter.family!r} attends over text and "
+            "video tokens jointly; for long clips use the sliding, fifo or df samplers, or apply_rope_extension "
+            "(pi, ntk, yarn, riflex)."
         )
     modules = adapter.temporal_attention_modules()
     if not modules:
@@ -99,6 +130,31 @@ def window_starts(num_frames: int, window: int, stride: int) -> list[int]:
     return starts
 
 
+def fuse_window_outputs(
+    run: Callable[[int], torch.Tensor], num_frames: int, window: int, stride: int
+) -> torch.Tensor:
+    """FreeNoise's pyramid-weighted mean of window outputs (Eq. 6) over ``num_frames`` frames.
+
+    ``run(start)`` returns the output ``[N, W, ...]`` (frame axis 1) of the window ``[start, start + W)``; the
+    windows are :func:`window_starts`. Returns ``[N, F, ...]``. The sums run in float32; the result has the
+    windows' dtype.
+    """
+    weights = pyramid_weights(window)  # [W]
+    total = torch.zeros(num_frames)  # [F]
+    acc = None
+    out_dtype = torch.float32
+    for start in window_starts(num_frames, window, stride):
+        out = run(start)  # [N, W, ...]
+        if acc is None:
+            acc = torch.zeros(out.shape[0], num_frames, *out.shape[2:], device=out.device)  # [N, F, ...]
+            weights = weights.to(out.device).view(1, window, *([1] * (out.ndim - 2)))
+            total = total.to(out.device)
+            out_dtype = out.dtype
+        acc[:, start : start + window] += weights * out.float()
+        total[start : start + window] += weights.flatten()
+    return (acc / total.view(1, num_frames, *([1] * (acc.ndim - 2)))).to(out_dtype)
+
+
 def fuse_windows(
     fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, window: int, stride: int
 ) -> torch.Tensor:
@@ -110,18 +166,7 @@ def fuse_windows(
     num_frames = x.shape[1]
     if num_frames <= window:
         return fn(x)
-    weights = pyramid_weights(window, device=x.device)  # [W]
-    total = torch.zeros(num_frames, device=x.device)  # [F]
-    acc = None
-    out_dtype = x.dtype
-    for start in window_starts(num_frames, window, stride):
-        out = fn(x[:, start : start + window])  # [N, W, C']
-        if acc is None:
-            acc = torch.zeros(out.shape[0], num_frames, out.shape[2], device=out.device)  # [N, F, C']
-            out_dtype = out.dtype
-        acc[:, start : start + window] += weights[None, :, None] * out.float()
-        total[start : start + window] += weights
-    return (acc / total[None, :, None]).to(out_dtype)
+    return fuse_window_outputs(lambda start: fn(x[:, start : start + window]), num_frames, window, stride)
 
 
 class _PositionBypassHook(ModelHook):
@@ -168,12 +213,37 @@ class _WindowFusionHook(ModelHook):
         return fuse_windows(attend, hidden_states, self.config.window, self.config.stride)
 
 
+class _DiTWindowFusionHook(DiTWindowHook):
+    """Runs a DiT's video self-attention per frame window (rotary tables sliced alike) and fuses (FreeNoise)."""
+
+    def __init__(self, config: WindowFusionConfig, name: str, grid):
+        super().__init__(name, grid, "window fusion")
+        self.config = config
+
+    def new_forward(self, module, *args, **kwargs):
+        call = self.bind(args, kwargs)
+        if not self.is_video_self_attention(call):
+            return self.fn_ref.original_forward(*args, **kwargs)
+        grid = self.token_grid(call["hidden_states"])
+        if grid[0] <= self.config.window:  # one window: the stock attention, bit for bit
+            return self.fn_ref.original_forward(*args, **kwargs)
+        return self.windowed(call, grid, self.config.window, self.config.stride)
+
+
+def _check_no_replacing_hook(modules: list[tuple[str, nn.Module]], hook_name: str, message: str) -> None:
+    for name, module in modules:
+        registry = getattr(module, "_diffusers_hook", None)
+        if registry is not None and registry.get_hook(hook_name) is not None:
+            raise RuntimeError(message.format(name=name))
+
+
 def has_window_fusion(adapter: BackboneAdapter) -> bool:
     """True when window fusion hooks are on the adapter's model."""
     return any(
         getattr(m, "_diffusers_hook", None) is not None
         and m._diffusers_hook.get_hook(WINDOW_FUSION_HOOK) is not None
-        for m in adapter.model.modules()
+        for model in denoiser_models(adapter)
+        for m in model.modules()
     )
 
 
@@ -182,25 +252,40 @@ def apply_window_fusion(
 ) -> WindowFusionConfig:
     """Apply FreeNoise window fusion (Qiu et al. 2024) to every temporal attention layer of the adapter's model.
 
+    UNets (AnimateDiff, SVD): the temporal attention over the frame axis; DiTs (Wan, SkyReels-V2, LTX-Video):
+    every block's video self-attention ``attn1``, windowed per latent frame with sliced RoPE tables.
+
     ``window`` defaults to the model's native clip in latent frames (FreeNoise: 16, AnimateDiff's length) and
     ``stride`` to a quarter of it (FreeNoise: 4). Clips of at most ``window`` frames run the stock model exactly.
     Undo with :func:`remove_window_fusion`.
     """
     from .spectral import SPECTRAL_BLEND_HOOK
 
-    modules = check_frame_attention_backbone(adapter, "window fusion")
+    is_dit = adapter.family in DIT_WINDOW_FAMILIES
+    modules = (
+        dit_self_attention_layers(adapter, "window fusion")
+        if is_dit
+        else check_frame_attention_backbone(adapter, "window fusion")
+    )
     if has_window_fusion(adapter):
         raise RuntimeError("window fusion is already applied; call remove_window_fusion(adapter) first")
-    for name, module in modules:
-        registry = getattr(module, "_diffusers_hook", None)
-        if registry is not None and registry.get_hook(SPECTRAL_BLEND_HOOK) is not None:
-            raise RuntimeError(
-                f"SpectralBlend is applied to {name}: window fusion and SpectralBlend both replace temporal "
-                "attention; remove_spectral_blend(adapter) first"
-            )
+    _check_no_replacing_hook(
+        modules,
+        SPECTRAL_BLEND_HOOK,
+        "SpectralBlend is applied to {name}: window fusion and SpectralBlend both replace temporal attention; "
+        "remove_spectral_blend(adapter) first",
+    )
     native = adapter.num_latent_frames(adapter.native_video_size[0])
     window = window or native
     config = WindowFusionConfig(window=window, stride=stride or max(1, window // 4))
+    if is_dit:
+        register_dit_window_hooks(
+            adapter,
+            _GRID_HOOK,
+            WINDOW_FUSION_HOOK,
+            lambda site: _DiTWindowFusionHook(config, site.name, site.grid),
+        )
+        return config
     positions = (
         adapter.temporal_attention_positions() if hasattr(adapter, "temporal_attention_positions") else {}
     )
@@ -226,9 +311,6 @@ def apply_window_fusion(
 
 def remove_window_fusion(adapter: BackboneAdapter) -> None:
     """Remove the hooks of :func:`apply_window_fusion`; the model is the stock model again."""
-    registry = HookRegistry.check_if_exists_or_initialize(adapter.model)
-    registry.remove_hook(WINDOW_FUSION_HOOK, recurse=True)
-    registry.remove_hook(_POSITION_HOOK, recurse=True)
-    registry.invalidate_child_registries_cache()
+    remove_hooks(adapter, WINDOW_FUSION_HOOK, _POSITION_HOOK, _GRID_HOOK)
     if hasattr(adapter, "position_window"):
         adapter.position_window = None

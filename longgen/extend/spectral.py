@@ -29,6 +29,22 @@ so clips up to the native length are bit-identical to the stock model.
 Differences from the FreeLong reference code (``freelong_temp_attn`` for LaVie): its local window spans
 ``i - L/2 .. i + L/2`` (``L + 1`` frames) inside the clip; here it is exactly ``L`` frames everywhere. The
 filter is built per feature size on the fly and cached, instead of a table of hard-coded sizes.
+
+DiTs (Wan incl. every Wan 2.2 expert, SkyReels-V2, LTX-Video; :mod:`longgen.extend.dit_attention`): each
+block's video self-attention ``attn1`` over the tokens ``[B, f*h*w, D]`` (frame-major) is the hooked layer.
+
+* global branch: the stock attention over all tokens (full rotary tables, SkyReels-V2's mask);
+* local branch: FreeNoise window fusion of the same attention, windows of ``L`` latent frames every
+  ``local_stride`` frames (default ``L // 4``), each window with the rotary tables sliced to its tokens
+  (equal to positions restarted at 0: RoPE is relative), fused per frame with the pyramid weights;
+* the blend: the outputs as volumes ``[B, D, f, h, w]`` over the token grid (recorded by a pre-forward hook on
+  the transformer), the same Gaussian filter and :func:`spectral_blend` as for the UNets.
+
+Departure from FreeLong on DiTs: its local branch lets each frame attend to its own centred window (an
+attention mask). Over DiT tokens that mask is ``[S, S]`` with ``S = f*h*w`` (about 10^9 entries at Wan's
+480p x 81 frames) and forces a masked, non-flash attention kernel; fused windows use the stock kernels on
+``L*h*w`` tokens at a time, every frame still attends only to frames within ``L`` of it, and the windows
+around a frame are weighted towards the one centred on it. Cross-attention (``attn2``) is untouched.
 """
 
 from __future__ import annotations
@@ -41,6 +57,15 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from torch import nn
 
+from .dit_attention import (
+    DIT_WINDOW_FAMILIES,
+    DiTWindowHook,
+    TokenGrid,
+    denoiser_models,
+    dit_self_attention_layers,
+    register_dit_window_hooks,
+    remove_hooks,
+)
 from .fusion import WINDOW_FUSION_HOOK, check_frame_attention_backbone
 
 if TYPE_CHECKING:
@@ -59,19 +84,29 @@ __all__ = [
 
 SPECTRAL_BLEND_HOOK = "longgen_spectral_blend"
 _SIZE_HOOK = "longgen_spectral_blend_size"
+_GRID_HOOK = "longgen_spectral_blend_grid"
 
 
 @dataclass(frozen=True)
 class SpectralBlendConfig:
-    """FreeLong SpectralBlend: local window ``local_window`` frames, Gaussian stop frequencies ``d_s``, ``d_t``."""
+    """FreeLong SpectralBlend: local window ``local_window`` frames, Gaussian stop frequencies ``d_s``, ``d_t``.
+
+    ``local_stride``: stride of the fused local windows on DiTs (None on UNets, whose local branch is masked).
+    """
 
     local_window: int = 16
     spatial_stop_frequency: float = 0.25
     temporal_stop_frequency: float = 0.25
+    local_stride: int | None = None
 
     def __post_init__(self):
         if self.local_window < 1:
             raise ValueError(f"local_window must be >= 1 latent frame, got {self.local_window}")
+        if self.local_stride is not None and not 1 <= self.local_stride <= self.local_window:
+            raise ValueError(
+                f"local_stride must be in [1, local_window={self.local_window}] so that the local windows cover "
+                f"every frame, got {self.local_stride}"
+            )
         if self.spatial_stop_frequency < 0 or self.temporal_stop_frequency < 0:
             raise ValueError(
                 "stop frequencies must be >= 0 (0: all-stop, inf: all-pass), got "
@@ -166,7 +201,7 @@ class _SpectralBlendHook(ModelHook):
         self.config = config
         self.name = name
         self.ancestors = ancestors  # deepest first
-        self._filters: dict[tuple, torch.Tensor] = {}
+        self.low_pass = _LowPassCache(config)
 
     def feature_size(self) -> tuple[int, int]:
         for record in self.ancestors:
@@ -176,15 +211,6 @@ class _SpectralBlendHook(ModelHook):
             f"SpectralBlend could not find the feature-map size of {self.name}: no enclosing module took a "
             "[B*F, C, H, W] input in this forward"
         )
-
-    def low_pass(self, num_frames: int, height: int, width: int, device) -> torch.Tensor:
-        key = (num_frames, height, width, str(device))
-        if key not in self._filters:
-            c = self.config
-            self._filters[key] = gaussian_low_pass_filter(
-                num_frames, height, width, c.spatial_stop_frequency, c.temporal_stop_frequency, device
-            )
-        return self._filters[key]
 
     def new_forward(self, module, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
         original = self.fn_ref.original_forward
@@ -219,19 +245,77 @@ class _SpectralBlendHook(ModelHook):
         return blended.to(global_out.dtype)
 
 
+class _LowPassCache:
+    """The Gaussian low-pass filter of a config per ``(F, H, W, device)``, built once."""
+
+    def __init__(self, config: SpectralBlendConfig):
+        self.config = config
+        self._filters: dict[tuple, torch.Tensor] = {}
+
+    def __call__(self, num_frames: int, height: int, width: int, device) -> torch.Tensor:
+        key = (num_frames, height, width, str(device))
+        if key not in self._filters:
+            c = self.config
+            self._filters[key] = gaussian_low_pass_filter(
+                num_frames, height, width, c.spatial_stop_frequency, c.temporal_stop_frequency, device
+            )
+        return self._filters[key]
+
+
+class _DiTSpectralBlendHook(DiTWindowHook):
+    """FreeLong on a DiT: stock attention over all tokens (global) and fused frame windows (local), blended."""
+
+    def __init__(self, config: SpectralBlendConfig, name: str, grid: TokenGrid):
+        super().__init__(name, grid, "SpectralBlend")
+        self.config = config
+        self.low_pass = _LowPassCache(config)
+
+    def new_forward(self, module, *args, **kwargs):
+        original = self.fn_ref.original_forward
+        call = self.bind(args, kwargs)
+        if not self.is_video_self_attention(call):
+            return original(*args, **kwargs)
+        grid = self.token_grid(call["hidden_states"])
+        window = self.config.local_window
+        if grid[0] <= window:  # the local window is the whole clip: both branches agree
+            return original(*args, **kwargs)
+        stride = self.config.local_stride or max(1, window // 4)
+        global_out = original(*args, **kwargs)  # [B, f*h*w, D']
+        local_out = self.windowed(call, grid, window, stride)  # [B, f*h*w, D']
+        f, h, w = grid
+        batch, seq_len, channels = global_out.shape
+
+        def volume(t: torch.Tensor) -> torch.Tensor:  # [B, f*h*w, D] -> [B, D, f, h, w]
+            return t.reshape(batch, f, h, w, channels).permute(0, 4, 1, 2, 3)
+
+        lpf = self.low_pass(f, h, w, global_out.device)
+        blended = spectral_blend(volume(global_out), volume(local_out), lpf)  # [B, D, f, h, w]
+        return blended.permute(0, 2, 3, 4, 1).reshape(batch, seq_len, channels).to(global_out.dtype)
+
+
 def apply_spectral_blend(
     adapter: BackboneAdapter,
     local_window: int | None = None,
     spatial_stop_frequency: float = 0.25,
     temporal_stop_frequency: float = 0.25,
+    local_stride: int | None = None,
 ) -> SpectralBlendConfig:
     """Apply FreeLong's SpectralBlend (Lu et al. 2024) to every temporal attention layer of the adapter's model.
 
     ``local_window`` defaults to the model's native clip in latent frames (FreeLong: 16); ``d_s``/``d_t`` are the
     Gaussian filter's stop frequencies (FreeLong: 0.25). FreeLong pairs it with FreeNoise noise rescheduling
     (``LongVideoPipeline.generate(noise="freenoise")``). Undo with :func:`remove_spectral_blend`.
+
+    UNets (AnimateDiff, SVD): temporal attention over the frame axis, local branch masked per frame. DiTs (Wan,
+    SkyReels-V2, LTX-Video): every block's video self-attention ``attn1``, local branch fused frame windows of
+    ``local_window`` latent frames every ``local_stride`` frames (default ``local_window // 4``).
     """
-    modules = check_frame_attention_backbone(adapter, "SpectralBlend")
+    is_dit = adapter.family in DIT_WINDOW_FAMILIES
+    modules = (
+        dit_self_attention_layers(adapter, "SpectralBlend")
+        if is_dit
+        else check_frame_attention_backbone(adapter, "SpectralBlend")
+    )
     for name, module in modules:
         registry = getattr(module, "_diffusers_hook", None)
         if registry is not None and registry.get_hook(SPECTRAL_BLEND_HOOK) is not None:
@@ -242,7 +326,26 @@ def apply_spectral_blend(
                 "attention; remove_window_fusion(adapter) first"
             )
     native = adapter.num_latent_frames(adapter.native_video_size[0])
-    config = SpectralBlendConfig(local_window or native, spatial_stop_frequency, temporal_stop_frequency)
+    local_window = local_window or native
+    if is_dit:
+        config = SpectralBlendConfig(
+            local_window,
+            spatial_stop_frequency,
+            temporal_stop_frequency,
+            local_stride or max(1, local_window // 4),
+        )
+        register_dit_window_hooks(
+            adapter,
+            _GRID_HOOK,
+            SPECTRAL_BLEND_HOOK,
+            lambda site: _DiTSpectralBlendHook(config, site.name, site.grid),
+        )
+        return config
+    if local_stride is not None:
+        raise ValueError(
+            "local_stride applies to DiTs only: on a UNet the local branch is a per-frame window mask"
+        )
+    config = SpectralBlendConfig(local_window, spatial_stop_frequency, temporal_stop_frequency)
     model = adapter.model
     records: dict[str, _SizeRecord] = {}
     for name, module in modules:
@@ -268,10 +371,7 @@ def apply_spectral_blend(
 
 def remove_spectral_blend(adapter: BackboneAdapter) -> None:
     """Remove the hooks of :func:`apply_spectral_blend`; the model is the stock model again."""
-    registry = HookRegistry.check_if_exists_or_initialize(adapter.model)
-    registry.remove_hook(SPECTRAL_BLEND_HOOK, recurse=True)
-    registry.remove_hook(_SIZE_HOOK, recurse=True)
-    registry.invalidate_child_registries_cache()
+    remove_hooks(adapter, SPECTRAL_BLEND_HOOK, _SIZE_HOOK, _GRID_HOOK)
 
 
 def has_spectral_blend(adapter: BackboneAdapter) -> bool:
@@ -279,5 +379,6 @@ def has_spectral_blend(adapter: BackboneAdapter) -> bool:
     return any(
         getattr(m, "_diffusers_hook", None) is not None
         and m._diffusers_hook.get_hook(SPECTRAL_BLEND_HOOK) is not None
-        for m in adapter.model.modules()
+        for model in denoiser_models(adapter)
+        for m in model.modules()
     )

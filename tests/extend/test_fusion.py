@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from longgen.backbones import build_tiny
-from longgen.backbones.wan import WanAdapter
+from longgen.backbones.cogvideox import CogVideoXAdapter
 from longgen.extend.fusion import (
     WINDOW_FUSION_HOOK,
     WindowFusionConfig,
@@ -160,11 +160,12 @@ def test_removal_restores_stock_and_long_clips(animatediff, ad_cond):
 
 
 def test_unsupported_backbone_is_a_clear_error():
-    wan = WanAdapter.__new__(WanAdapter)  # only the family is consulted before the error
+    cogvideox = CogVideoXAdapter.__new__(CogVideoXAdapter)  # only the family is consulted before the error
     with pytest.raises(
-        ValueError, match=r"window fusion is not available for the 'wan' backbone.*animatediff, svd"
+        ValueError,
+        match=r"window fusion is not available for the 'cogvideox' backbone.*animatediff, svd, wan",
     ):
-        apply_window_fusion(wan)
+        apply_window_fusion(cogvideox)
 
 
 @pytest.mark.parametrize("sampler", ["full", "sliding"])

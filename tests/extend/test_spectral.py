@@ -6,7 +6,7 @@ import torch
 from diffusers.pipelines.free_init_utils import FreeInitMixin
 
 from longgen.backbones import build_tiny
-from longgen.backbones.wan import WanAdapter
+from longgen.backbones.cogvideox import CogVideoXAdapter
 from longgen.extend.fusion import apply_window_fusion
 from longgen.extend.spectral import (
     SPECTRAL_BLEND_HOOK,
@@ -167,11 +167,12 @@ def test_model_level_identity_removal_and_all_pass(family, animatediff, svd):
 
 
 def test_unsupported_backbone_is_a_clear_error():
-    wan = WanAdapter.__new__(WanAdapter)
+    cogvideox = CogVideoXAdapter.__new__(CogVideoXAdapter)
     with pytest.raises(
-        ValueError, match=r"SpectralBlend is not available for the 'wan' backbone.*animatediff, svd"
+        ValueError,
+        match=r"SpectralBlend is not available for the 'cogvideox' backbone.*animatediff, svd, wan",
     ):
-        apply_spectral_blend(wan)
+        apply_spectral_blend(cogvideox)
 
 
 def test_generate_end_to_end(animatediff):
