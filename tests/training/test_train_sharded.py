@@ -176,7 +176,8 @@ def test_sharded_training_matches_ddp_and_resumes_exactly(
 ):
     launch = ["--config_file", _cpu_launch_config(config, tmp_path)]
     out = str(tmp_path)
-    _launch(tmp_path, clips, "straight", backend, launch)
+    validation = ["validation.every=4", "validation.steps=2", "validation.num_frames=17"]
+    _launch(tmp_path, clips, "straight", backend, launch, extra=validation)
     # a new run resumes from the straight run's step-2 checkpoint (a new process, as after a kill)
     step2 = os.path.join(out, "straight", "checkpoints", "step_00000002")
     _launch(tmp_path, clips, "resumed", backend, launch, extra=[f"train.resume={step2}"])
@@ -200,6 +201,12 @@ def test_sharded_training_matches_ddp_and_resumes_exactly(
     _assert_same_lora(
         _lora(os.path.join(out, "straight")), _lora(os.path.join(ddp_reference, "straight")), atol=2e-5
     )
+
+    # validation generated with the sharded weights (every process takes part, the main one writes)
+    from longgen.io import read_video
+
+    video = os.path.join(out, "straight", "validation", "step_00000004.mp4")
+    assert read_video(video).shape[0] == 17
 
     # resumed from the sharded step-2 checkpoint: the same curve and weights
     resumed = json.load(open(os.path.join(out, "resumed_rank0.json")))
