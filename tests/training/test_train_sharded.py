@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -133,8 +134,23 @@ def _launch(out, clips, run: str, backend: str, launch_args: list[str], extra=()
         _accelerate(), "launch", *launch_args, "--main_process_port", "0",
         str(worker), str(out), run, *_overrides(clips), *extra,
     ]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=out)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    # own process group: a timeout kills the launcher and both workers (a stuck rank must not outlive the test)
+    proc = subprocess.Popen(
+        cmd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=out,
+        start_new_session=True,
+    )
+    try:
+        stdout, stderr = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"{run} ({backend}) did not finish in 300 s:\n{stdout[-2000:]}{stderr[-4000:]}")
+    assert proc.returncode == 0, stdout[-3000:] + stderr[-6000:]
 
 
 def _lora(folder: str) -> dict[str, torch.Tensor]:
