@@ -164,9 +164,9 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
         help="pi / ntk / yarn / riflex: temporal RoPE extension so 3D-RoPE DiTs (Wan, SkyReels-V2, "
         "HunyuanVideo, CogVideoX; LTX: pi) see --target-frames per window (RIFLEx: ~2x length training-free); "
         "fusion: FreeNoise window fusion of temporal attention; spectral: FreeLong SpectralBlend of global "
-        "and local temporal attention (fusion, spectral: AnimateDiff, SVD, Wan, SkyReels-V2, LTX-Video; "
-        "windows of the native length); exvideo: ExVideo positional extension to --target-frames "
-        "(AnimateDiff, SVD)",
+        "and local temporal attention (fusion, spectral: AnimateDiff, SVD, Wan, SkyReels-V2, LTX-Video, "
+        "CogVideoX, HunyuanVideo; windows of the native length); exvideo: ExVideo positional extension to "
+        "--target-frames (AnimateDiff, SVD)",
     )
     g.add_argument(
         "--target-frames",

@@ -118,8 +118,9 @@ class LongVideoPipeline:
           ``target_num_frames`` (SVD, AnimateDiff); windows default to the target too.
         * ``fusion`` (FreeNoise window fusion) and ``spectral`` (FreeLong SpectralBlend): temporal attention
           over windows of the native length, so the whole clip can be sampled at once: the frame-axis
-          attention of AnimateDiff and SVD, or the video self-attention of Wan, SkyReels-V2 and LTX-Video
-          windowed per latent frame with sliced RoPE.
+          attention of AnimateDiff and SVD, or the video self-attention of Wan, SkyReels-V2, LTX-Video,
+          CogVideoX and HunyuanVideo windowed per latent frame with sliced RoPE (CogVideoX, HunyuanVideo: joint
+          text-video attention, every window with all text tokens and its positions restarted at 0).
         """
         from . import extend
 

@@ -10,3 +10,20 @@ def _single_thread_torch():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="session")
+def saved(tmp_path_factory):
+    """family -> folder of a saved tiny pipeline (each family built and saved once per test session)."""
+    from longgen.backbones import build_tiny
+
+    cache = {}
+
+    def get(family):
+        if family not in cache:
+            path = tmp_path_factory.mktemp(family)
+            build_tiny(family).save_pretrained(path)
+            cache[family] = str(path)
+        return cache[family]
+
+    return get

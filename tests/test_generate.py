@@ -3,25 +3,10 @@
 import pytest
 import torch
 
-from longgen.backbones import FAMILIES, build_tiny, load_adapter
+from longgen.backbones import FAMILIES, load_adapter
 from longgen.cli import build_parser, main
 from longgen.io import read_video, video_info
 from longgen.pipeline import GuidedDenoiser, LongVideoPipeline
-
-
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    """family -> folder of a saved tiny pipeline (built once per test module)."""
-    cache = {}
-
-    def get(family):
-        if family not in cache:
-            path = tmp_path_factory.mktemp(family)
-            build_tiny(family).save_pretrained(path)
-            cache[family] = str(path)
-        return cache[family]
-
-    return get
 
 
 def _image(tmp_path, size):

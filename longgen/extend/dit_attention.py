@@ -1,7 +1,9 @@
 """Frame windows of a DiT's 3D self-attention (FreeNoise window fusion and FreeLong SpectralBlend on DiTs).
 
 Shared plumbing of :mod:`longgen.extend.fusion` and :mod:`longgen.extend.spectral` for the DiTs whose
-self-attention runs over the video tokens only and takes its rotary embedding as an argument:
+self-attention over the video tokens takes its rotary embedding as an argument. Two kinds:
+
+Video-only self-attention (the text enters through a separate cross-attention ``attn2``, never touched):
 
 * Wan (``WanTransformer3DModel``; every expert of Wan 2.2 MoE) and SkyReels-V2
   (``SkyReelsV2Transformer3DModel``): ``blocks[i].attn1(hidden_states, None, attention_mask, rotary_emb)``,
@@ -10,28 +12,60 @@ self-attention runs over the video tokens only and takes its rotary embedding as
 * LTX-Video (``LTXVideoTransformer3DModel``): ``transformer_blocks[i].attn1(..., image_rotary_emb=(cos, sin))``
   of shape ``[B, S, inner_dim]``.
 
-Token layout: all three flatten the patchified latent ``[B, C, f, h, w]`` frame-major, token
-``t = (i_f * h + i_h) * w + i_w`` (Wan: ``patch_embedding(x).flatten(2).transpose(1, 2)``; LTX: the
-pipelines' ``_pack_latents``, ``b (f h w) c``), so latent frame ``i`` owns the contiguous token slice
-``[i*h*w, (i+1)*h*w)`` and a frame window ``[s, s + W)`` is the slice ``[s*h*w, (s+W)*h*w)``. The grid
-``(f, h, w)`` is not visible inside the attention call; a pre-forward hook on each transformer records it from
-the model input (Wan/SkyReels: ``hidden_states [B, C, F, H, W]`` and ``config.patch_size``; LTX: the
-``num_frames``/``height``/``width`` arguments, or the distinct values of ``video_coords`` per axis).
+Joint text-video attention (MM-DiT: one softmax over the text and video tokens; the call takes the video tokens
+as ``hidden_states`` and the text tokens as ``encoder_hidden_states`` and returns ``(video_out, text_out)``):
 
-Windowed attention: the stock attention (processor, kernels and all) runs on each window's tokens with the
-rotary tables sliced to the same tokens (and a mask sliced to the window's rows and columns). RoPE makes a
-query-key score depend on positions only through their difference (``R(p_q)^T R(p_k) = R(p_k - p_q)``), so
-the sliced global table gives the same attention as positions restarted at 0 in every window, which is
-what FreeNoise does with AnimateDiff's position table; it also keeps each token's true coordinates where the
-grid is not uniform (LTX's pixel ``video_coords``, whose first latent frame is squeezed by the causal VAE).
-Frames covered by several windows are fused with FreeNoise's pyramid weights
-(:func:`longgen.extend.fusion.fuse_window_outputs`). Cross-attention (``attn2``) and text tokens are never
-touched. The hooks assume the whole sequence is on this process (no context-parallel sharding).
+* CogVideoX (``CogVideoXTransformer3DModel``): ``transformer_blocks[i].attn1(hidden_states=video,
+  encoder_hidden_states=text, image_rotary_emb=(cos, sin))``; the processor attends over ``[text; video]`` with
+  RoPE (tables ``[S, head_dim]``) on the video part only; no attention mask. CogVideoX 1.0 2B has no RoPE
+  (``image_rotary_emb=None``): its sin-cos positions are added once at the patch embedding, so its windows keep
+  the clip's global positions (as SVD's do). CogVideoX 1.5 patches 2 latent frames per token
+  (``patch_size_t``) and is refused (:func:`dit_self_attention_layers`).
+* HunyuanVideo (``HunyuanVideoTransformer3DModel``): dual-stream ``transformer_blocks[i].attn`` and
+  single-stream ``single_transformer_blocks[i].attn``, both called as ``attn(video, text, attention_mask,
+  image_rotary_emb)``; they attend over ``[video; text]`` with RoPE (tables ``[S, head_dim]``) on the video part;
+  ``attention_mask [B, 1, 1, S + L]`` (bool) masks the padded text keys. The token refiner's ``attn``
+  (text only, inside ``context_embedder``) is not a video attention and is not hooked.
+
+Token layout: all five flatten the patchified latent ``[B, C, f, h, w]`` frame-major, token
+``t = (i_f * h + i_h) * w + i_w`` (Wan, HunyuanVideo: ``Conv3d`` patch embedding, ``flatten(2).transpose(1, 2)``;
+LTX: the pipelines' ``_pack_latents``, ``b (f h w) c``; CogVideoX 1.0: ``[B, F, h*w, D].flatten(1, 2)`` in
+``CogVideoXPatchEmbed``), so latent frame ``i`` owns the contiguous token slice ``[i*h*w, (i+1)*h*w)`` and a
+frame window ``[s, s + W)`` is the slice ``[s*h*w, (s+W)*h*w)``. The grid ``(f, h, w)`` is not visible inside the
+attention call; a pre-forward hook on each transformer records it from the model input (Wan/SkyReels:
+``hidden_states [B, C, F, H, W]`` and ``config.patch_size``; HunyuanVideo: the same with ``patch_size_t`` and
+``patch_size``; CogVideoX: ``hidden_states [B, F, C, H, W]``; LTX: the ``num_frames``/``height``/``width``
+arguments, or the distinct values of ``video_coords`` per axis).
+
+Windowed attention: the stock attention (processor, kernels and all) runs on each window's video tokens.
+
+* Video-only attention: the rotary tables are sliced to the same tokens (and a mask to the window's rows and
+  columns). RoPE makes a query-key score depend on positions only through their difference
+  (``R(p_q)^T R(p_k) = R(p_k - p_q)``), so the sliced global table gives the same attention as positions
+  restarted at 0 in every window, which is what FreeNoise does with AnimateDiff's position table; it also keeps
+  each token's true coordinates where the grid is not uniform (LTX's pixel ``video_coords``, whose first latent
+  frame is squeezed by the causal VAE).
+* Joint attention: each window attends over its video tokens and **all** text tokens (the mask keeps the
+  window's video columns and every text column). The text tokens carry no rotation, so a text-video score
+  depends on the video token's absolute position and a sliced table is *not* the same as positions restarted
+  at 0; the windows use the table of the clip's first ``W`` frames, i.e. temporal positions ``0 .. W-1``
+  exactly as the model would build them for a native-length clip (FreeNoise's restart; both grids are uniform).
+  Each window returns outputs for all text tokens; the text outputs are averaged uniformly over the windows.
+  Departure: FreeNoise's temporal attention has no text tokens; a uniform mean keeps the text stream's scale
+  (every window's text output is a full attention output) and treats every part of the clip alike.
+
+Video outputs of frames covered by several windows are fused with FreeNoise's pyramid weights
+(:func:`longgen.extend.fusion.fuse_window_outputs`). With one window (``f <= W``) the stock call runs untouched.
+HunyuanVideo's per-frame-timestep hook gates the dual-stream attention output per frame with a hook on the same
+``attn``; it must wrap the window hook, so registering window hooks removes it (the adapter re-adds it, outside,
+on its next per-frame call). The hooks assume the whole sequence is on this process (no context-parallel
+sharding).
 """
 
 from __future__ import annotations
 
 import inspect
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -45,6 +79,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DIT_WINDOW_FAMILIES",
+    "JOINT_TEXT_FAMILIES",
     "DiTAttentionSite",
     "DiTWindowHook",
     "TokenGrid",
@@ -56,10 +91,22 @@ __all__ = [
     "slice_rotary_embedding",
 ]
 
-DIT_WINDOW_FAMILIES = ("wan", "skyreels_v2", "ltx")
-"""DiTs whose self-attention sees only video tokens, frame-major, with RoPE passed to the attention call."""
+DIT_WINDOW_FAMILIES = ("wan", "skyreels_v2", "ltx", "cogvideox", "hunyuan_video")
+"""DiTs whose video self-attention runs over frame-major tokens with RoPE passed to the attention call."""
+
+JOINT_TEXT_FAMILIES: dict[str, str] = {"cogvideox": "text_first", "hunyuan_video": "text_last"}
+"""DiTs of :data:`DIT_WINDOW_FAMILIES` whose attention is joint over text and video tokens, with the order in
+which their processors concatenate them (``[text; video]`` or ``[video; text]``; it matters for the mask)."""
 
 _ROPE_ARGS = ("rotary_emb", "image_rotary_emb")
+_DEFAULT_ROPE_ARG = {"wan": "rotary_emb", "skyreels_v2": "rotary_emb"}
+"""The rotary argument where the attention's ``forward`` takes it through ``**kwargs`` (else ``image_rotary_emb``)."""
+
+_JOINT_LAYER = {
+    "cogvideox": re.compile(r"(^|\.)transformer_blocks\.\d+\.attn1$"),
+    "hunyuan_video": re.compile(r"(^|\.)(single_)?transformer_blocks\.\d+\.attn$"),
+}
+"""Names of the joint text-video attention layers (HunyuanVideo's text-only token refiner is excluded)."""
 
 
 @dataclass(eq=False)
@@ -91,10 +138,32 @@ def _ltx_grid(model: nn.Module, args: tuple, kwargs: dict) -> tuple[int, int, in
     return None
 
 
+def _hunyuan_grid(model: nn.Module, args: tuple, kwargs: dict) -> tuple[int, int, int] | None:
+    """HunyuanVideo: ``hidden_states [B, C, F, H, W]`` divided by ``config.patch_size_t`` / ``patch_size``."""
+    hidden = args[0] if args else kwargs.get("hidden_states")
+    if not isinstance(hidden, torch.Tensor) or hidden.ndim != 5:
+        return None
+    pt, p = int(model.config.patch_size_t), int(model.config.patch_size)
+    _, _, frames, height, width = hidden.shape
+    return frames // pt, height // p, width // p
+
+
+def _cogvideox_grid(model: nn.Module, args: tuple, kwargs: dict) -> tuple[int, int, int] | None:
+    """CogVideoX: ``hidden_states [B, F, C, H, W]`` (frames before channels) divided by the patch sizes."""
+    hidden = args[0] if args else kwargs.get("hidden_states")
+    if not isinstance(hidden, torch.Tensor) or hidden.ndim != 5:
+        return None
+    pt, p = int(model.config.patch_size_t or 1), int(model.config.patch_size)
+    _, frames, _, height, width = hidden.shape
+    return frames // pt, height // p, width // p
+
+
 _GRID_READERS: dict[str, Callable[[nn.Module, tuple, dict], tuple[int, int, int] | None]] = {
     "wan": _wan_grid,
     "skyreels_v2": _wan_grid,
     "ltx": _ltx_grid,
+    "cogvideox": _cogvideox_grid,
+    "hunyuan_video": _hunyuan_grid,
 }
 
 
@@ -113,11 +182,17 @@ class _GridHook(ModelHook):
 
 @dataclass(eq=False)
 class DiTAttentionSite:
-    """One self-attention layer of a DiT with the token-grid record of the transformer it belongs to."""
+    """One self-attention layer of a DiT with the token-grid record of the transformer it belongs to.
+
+    ``text_order``: None for video-only self-attention, else where the processor puts the text tokens
+    (``"text_first"``: CogVideoX, ``"text_last"``: HunyuanVideo). ``rope_arg``: the rotary argument's name.
+    """
 
     name: str
     module: nn.Module
     grid: TokenGrid
+    text_order: str | None = None
+    rope_arg: str = "image_rotary_emb"
 
 
 def denoiser_models(adapter: BackboneAdapter) -> list[nn.Module]:
@@ -130,16 +205,20 @@ def _models(adapter: BackboneAdapter) -> list[tuple[str, nn.Module]]:
     return [("" if i == 0 else "transformer_2.", model) for i, model in enumerate(denoiser_models(adapter))]
 
 
-def _self_attention_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The video self-attention of every block: ``attn1`` (``attn2`` is the text cross-attention)."""
+def _self_attention_layers(model: nn.Module, family: str) -> list[tuple[str, nn.Module]]:
+    """The video self-attention of every block: ``attn1`` (``attn2`` is the text cross-attention); for the joint
+    families, the blocks' joint attention (CogVideoX ``attn1``, HunyuanVideo ``attn`` of both block kinds)."""
+    pattern = _JOINT_LAYER.get(family)
+    if pattern is not None:
+        return [(name, module) for name, module in model.named_modules() if pattern.search(name)]
     return [(name, module) for name, module in model.named_modules() if name.endswith("attn1")]
 
 
 def dit_self_attention_layers(adapter: BackboneAdapter, method: str) -> list[tuple[str, nn.Module]]:
     """(name, module) of the video self-attention layers of every transformer of a DiT adapter.
 
-    Windows count latent frames, so the transformer must patch time by 1 (every released Wan, SkyReels-V2 and
-    LTX-Video model does); otherwise a ValueError.
+    Windows count latent frames, so the transformer must patch time by 1 (every released Wan, SkyReels-V2,
+    LTX-Video, HunyuanVideo and CogVideoX 1.0 model does; CogVideoX 1.5 does not); otherwise a ValueError.
     """
     patch_t = int(adapter.patch_size[0])
     if patch_t != 1:
@@ -150,38 +229,43 @@ def dit_self_attention_layers(adapter: BackboneAdapter, method: str) -> list[tup
     return [
         (prefix + name, module)
         for prefix, model in _models(adapter)
-        for name, module in _self_attention_layers(model)
+        for name, module in _self_attention_layers(model, adapter.family)
     ]
 
 
 def dit_attention_sites(adapter: BackboneAdapter, grid_hook_name: str) -> list[DiTAttentionSite]:
     """Register a token-grid hook named ``grid_hook_name`` on each transformer of ``adapter`` and return its
     self-attention layers. Remove the grid hooks with ``registry.remove_hook(grid_hook_name, recurse=True)``."""
-    reader = _GRID_READERS[adapter.family]
+    family = adapter.family
+    reader = _GRID_READERS[family]
+    text_order = JOINT_TEXT_FAMILIES.get(family)
+    rope_arg = _DEFAULT_ROPE_ARG.get(family, "image_rotary_emb")
     sites = []
     for prefix, model in _models(adapter):
+        layers = _self_attention_layers(model, family)
+        if not layers:
+            raise ValueError(f"the {family!r} model has none of the self-attention layers windows need")
         record = TokenGrid()
         HookRegistry.check_if_exists_or_initialize(model).register_hook(
             _GridHook(record, reader), grid_hook_name
         )
-        layers = _self_attention_layers(model)
-        if not layers:
-            raise ValueError(f"the {adapter.family!r} model has no self-attention layers named '*attn1'")
-        sites.extend(DiTAttentionSite(prefix + name, module, record) for name, module in layers)
+        sites.extend(
+            DiTAttentionSite(prefix + name, module, record, text_order, rope_arg) for name, module in layers
+        )
     return sites
 
 
 def slice_rotary_embedding(rotary: Any, seq_len: int, start: int, stop: int) -> Any:
     """Tokens ``[start, stop)`` of a rotary embedding: a tensor or tuple of tensors whose token axis has
-    ``seq_len`` entries (axis 1: Wan ``[1, S, 1, D]``, LTX ``[B, S, D]``; else axis 0: ``[S, D]``)."""
+    ``seq_len`` entries (axis 1 of 3+ dims: Wan ``[1, S, 1, D]``, LTX ``[B, S, D]``; axis 0 of 1-2 dims:
+    CogVideoX, HunyuanVideo ``[S, D]``)."""
     if rotary is None:
         return None
     if isinstance(rotary, (tuple, list)):
         return type(rotary)(slice_rotary_embedding(t, seq_len, start, stop) for t in rotary)
-    if rotary.ndim >= 2 and rotary.shape[1] == seq_len:
-        return rotary[:, start:stop]
-    if rotary.shape[0] == seq_len:
-        return rotary[start:stop]
+    axis = 1 if rotary.ndim >= 3 else 0
+    if rotary.shape[axis] == seq_len:
+        return rotary.narrow(axis, start, stop - start)
     raise ValueError(
         f"cannot find the {seq_len}-token axis of a rotary embedding of shape {tuple(rotary.shape)}"
     )
@@ -200,21 +284,49 @@ def _slice_mask(mask: torch.Tensor | None, seq_len: int, start: int, stop: int) 
     return mask[..., rows, start:stop]
 
 
+def _slice_joint_mask(
+    mask: torch.Tensor | None, num_video: int, num_text: int, start: int, stop: int, text_order: str
+) -> torch.Tensor | None:
+    """A joint text-video mask ``[..., 1 or N, N]`` (``N = S + L``) restricted to the video tokens
+    ``[start, stop)`` and every text token, in the processor's order (HunyuanVideo's padded-text key mask)."""
+    if mask is None:
+        return None
+    n = num_video + num_text
+    if mask.ndim < 2 or mask.shape[-1] != n or mask.shape[-2] not in (1, n):
+        raise ValueError(
+            f"frame windows need a [..., 1 or N, N] attention mask over the N = {num_video} video + {num_text} "
+            f"text tokens, got {tuple(mask.shape)}; remove the window fusion / SpectralBlend for this model"
+        )
+    video = torch.arange(start, stop, device=mask.device)
+    if text_order == "text_first":  # [text; video]
+        keep = torch.cat([torch.arange(num_text, device=mask.device), num_text + video])
+    else:  # [video; text]
+        keep = torch.cat([video, torch.arange(num_video, n, device=mask.device)])
+    mask = mask.index_select(-1, keep)  # [..., 1 or N, W*h*w + L]
+    return mask.index_select(-2, keep) if mask.shape[-2] == n else mask
+
+
 class DiTWindowHook(ModelHook):
     """Base of the DiT self-attention hooks: binds the attention call and runs it on frame windows."""
 
-    def __init__(self, name: str, grid: TokenGrid, method: str):
+    def __init__(self, site: DiTAttentionSite, method: str):
         super().__init__()
-        self.name = name
-        self.grid_record = grid
+        self.name = site.name
+        self.grid_record = site.grid
+        self.text_order = site.text_order
         self.method = method
         self._names: list[str] | None = None
-        self._rope_arg = "rotary_emb"
+        self._rope_arg = site.rope_arg
+
+    @property
+    def joint(self) -> bool:
+        """True for joint text-video attention (CogVideoX, HunyuanVideo): calls return ``(video, text)``."""
+        return self.text_order is not None
 
     def initialize_hook(self, module):
         params = inspect.signature(module.forward).parameters
         self._names = [n for n, p in params.items() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-        self._rope_arg = next((n for n in _ROPE_ARGS if n in params), "rotary_emb")
+        self._rope_arg = next((n for n in _ROPE_ARGS if n in params), self._rope_arg)
         return module
 
     def bind(self, args: tuple, kwargs: dict) -> dict[str, Any]:
@@ -239,38 +351,61 @@ class DiTWindowHook(ModelHook):
             )
         return f, h, w
 
-    def attend(self, call: dict[str, Any], start: int, stop: int, tokens_per_frame: int) -> torch.Tensor:
-        """The stock attention on latent frames ``[start, stop)`` only: tokens, rotary tables and mask sliced."""
+    def attend(self, call: dict[str, Any], start: int, stop: int, tokens_per_frame: int) -> Any:
+        """The stock attention on latent frames ``[start, stop)`` only: tokens, rotary tables and mask sliced.
+
+        Joint attention keeps every text token and takes the rotary table of frames ``[0, stop - start)``
+        (positions restarted at 0; see the module docstring); it returns ``(video_out, text_out)``.
+        """
         hidden = call["hidden_states"]
         seq_len = hidden.shape[1]
         a, b = start * tokens_per_frame, stop * tokens_per_frame
         window_call = dict(call)
         window_call["hidden_states"] = hidden[:, a:b]
         if call.get(self._rope_arg) is not None:
-            window_call[self._rope_arg] = slice_rotary_embedding(call[self._rope_arg], seq_len, a, b)
+            rope_start = 0 if self.joint else a
+            window_call[self._rope_arg] = slice_rotary_embedding(
+                call[self._rope_arg], seq_len, rope_start, rope_start + b - a
+            )
         if call.get("attention_mask") is not None:
-            window_call["attention_mask"] = _slice_mask(call["attention_mask"], seq_len, a, b)
+            mask = call["attention_mask"]
+            if self.joint:
+                num_text = call["encoder_hidden_states"].shape[1]
+                window_call["attention_mask"] = _slice_joint_mask(
+                    mask, seq_len, num_text, a, b, self.text_order
+                )
+            else:
+                window_call["attention_mask"] = _slice_mask(mask, seq_len, a, b)
         return self.fn_ref.original_forward(**window_call)
 
-    def windowed(
-        self, call: dict[str, Any], grid: tuple[int, int, int], window: int, stride: int
-    ) -> torch.Tensor:
-        """FreeNoise window fusion of the attention over frame windows: ``[B, f*h*w, D']``."""
+    def windowed(self, call: dict[str, Any], grid: tuple[int, int, int], window: int, stride: int) -> Any:
+        """FreeNoise window fusion of the attention over frame windows: ``[B, f*h*w, D']``; joint attention:
+        ``(video [B, f*h*w, D'], text [B, L, D'])``, the text outputs averaged uniformly over the windows."""
         from .fusion import fuse_window_outputs  # fusion imports this module
 
         f, h, w = grid
         hw = h * w
+        text: dict[str, Any] = {"sum": 0.0, "count": 0, "dtype": None}  # the windows' text outputs, summed
 
         def run(start: int) -> torch.Tensor:
-            out = self.attend(call, start, start + window, hw)  # [B, W*h*w, D']
+            out = self.attend(call, start, start + window, hw)  # [B, W*h*w, D'] (joint: and [B, L, D'])
+            if self.joint:
+                out, text_out = out
+                text["sum"] = text_out.float() + text["sum"]  # [B, L, D'] float32
+                text["count"] += 1
+                text["dtype"] = text_out.dtype
             return out.unflatten(1, (window, hw))  # [B, W, h*w, D']
 
-        fused = fuse_window_outputs(run, f, window, stride)  # [B, f, h*w, D']
-        return fused.flatten(1, 2)  # [B, f*h*w, D']
+        fused = fuse_window_outputs(run, f, window, stride).flatten(1, 2)  # [B, f*h*w, D']
+        if not self.joint:
+            return fused
+        return fused, (text["sum"] / text["count"]).to(text["dtype"])  # [B, L, D']
 
-    def is_video_self_attention(self, call: dict[str, Any]) -> bool:
-        """True for self-attention over the video tokens (no ``encoder_hidden_states``)."""
-        return call.get("encoder_hidden_states") is None
+    def is_windowed_call(self, call: dict[str, Any]) -> bool:
+        """True for the calls windows apply to: self-attention over the video tokens (no
+        ``encoder_hidden_states``), or joint attention over video and text (``encoder_hidden_states`` given)."""
+        has_text = call.get("encoder_hidden_states") is not None
+        return has_text if self.joint else not has_text
 
 
 def register_dit_window_hooks(
@@ -279,7 +414,12 @@ def register_dit_window_hooks(
     hook_name: str,
     make_hook: Callable[[DiTAttentionSite], ModelHook],
 ) -> None:
-    """Register ``make_hook(site)`` as ``hook_name`` on every video self-attention of the adapter's DiT(s)."""
+    """Register ``make_hook(site)`` as ``hook_name`` on every video self-attention of the adapter's DiT(s).
+
+    HunyuanVideo: the per-frame-timestep hooks are removed first (see the module docstring).
+    """
+    if adapter.family == "hunyuan_video" and hasattr(adapter, "remove_per_frame_hook"):
+        adapter.remove_per_frame_hook()
     for site in dit_attention_sites(adapter, grid_hook_name):
         HookRegistry.check_if_exists_or_initialize(site.module).register_hook(make_hook(site), hook_name)
     for model in denoiser_models(adapter):

@@ -25,9 +25,14 @@ same tokens, and fuses the outputs per latent frame. RoPE scores depend only on 
 sliced tables equal positions restarted at 0 in each window, as FreeNoise restarts AnimateDiff's positions;
 SkyReels-V2's block-causal mask is sliced to the window too. The grid ``(f, h, w)`` comes from a pre-forward hook
 on the transformer; ``attn2`` (text cross-attention) is untouched. See :mod:`longgen.extend.dit_attention`.
-Window and stride count latent frames (all supported DiTs patch time by 1). HunyuanVideo and CogVideoX attend
-over text and video tokens jointly in one sequence and are not supported; for them use the sliding-window
-sampler or :mod:`longgen.extend.rope`.
+Window and stride count latent frames (the DiT must patch time by 1: CogVideoX 1.5 is refused).
+
+CogVideoX and HunyuanVideo attend over text and video tokens jointly (CogVideoX ``attn1``, HunyuanVideo's
+dual- and single-stream ``attn``): each window runs the stock attention on its video tokens plus *all* text
+tokens (HunyuanVideo's padded-text mask sliced alike), with the rotary table of frames ``0 .. W-1`` (text
+tokens are not rotated, so here a sliced table would not equal FreeNoise's restarted positions). The video
+outputs are pyramid-fused per frame as above; the text tokens' outputs are averaged uniformly over the windows.
+Departure: FreeNoise's temporal attention has no text tokens; the uniform mean keeps the text stream's scale.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ from torch import nn
 
 from .dit_attention import (
     DIT_WINDOW_FAMILIES,
+    DiTAttentionSite,
     DiTWindowHook,
     denoiser_models,
     dit_self_attention_layers,
@@ -88,9 +94,8 @@ def check_frame_attention_backbone(adapter: BackboneAdapter, method: str) -> lis
         raise ValueError(
             f"{method} is not available for the {adapter.family!r} backbone; supported: "
             f"{', '.join(supported_families())} (temporal attention over the frame axis, or self-attention over "
-            f"video tokens only with RoPE, windowed per latent frame). {adapter.family!r} attends over text and "
-            "video tokens jointly; for long clips use the sliding, fifo or df samplers, or apply_rope_extension "
-            "(pi, ntk, yarn, riflex)."
+            f"video tokens with RoPE, windowed per latent frame). For long clips on {adapter.family!r} use the "
+            "sliding, fifo or df samplers, or apply_rope_extension (pi, ntk, yarn, riflex)."
         )
     modules = adapter.temporal_attention_modules()
     if not modules:
@@ -216,13 +221,13 @@ class _WindowFusionHook(ModelHook):
 class _DiTWindowFusionHook(DiTWindowHook):
     """Runs a DiT's video self-attention per frame window (rotary tables sliced alike) and fuses (FreeNoise)."""
 
-    def __init__(self, config: WindowFusionConfig, name: str, grid):
-        super().__init__(name, grid, "window fusion")
+    def __init__(self, config: WindowFusionConfig, site: DiTAttentionSite):
+        super().__init__(site, "window fusion")
         self.config = config
 
     def new_forward(self, module, *args, **kwargs):
         call = self.bind(args, kwargs)
-        if not self.is_video_self_attention(call):
+        if not self.is_windowed_call(call):
             return self.fn_ref.original_forward(*args, **kwargs)
         grid = self.token_grid(call["hidden_states"])
         if grid[0] <= self.config.window:  # one window: the stock attention, bit for bit
@@ -253,7 +258,8 @@ def apply_window_fusion(
     """Apply FreeNoise window fusion (Qiu et al. 2024) to every temporal attention layer of the adapter's model.
 
     UNets (AnimateDiff, SVD): the temporal attention over the frame axis; DiTs (Wan, SkyReels-V2, LTX-Video):
-    every block's video self-attention ``attn1``, windowed per latent frame with sliced RoPE tables.
+    every block's video self-attention ``attn1``, windowed per latent frame with sliced RoPE tables; CogVideoX,
+    HunyuanVideo: every block's joint text-video attention, windows of video tokens plus all text tokens.
 
     ``window`` defaults to the model's native clip in latent frames (FreeNoise: 16, AnimateDiff's length) and
     ``stride`` to a quarter of it (FreeNoise: 4). Clips of at most ``window`` frames run the stock model exactly.
@@ -283,7 +289,7 @@ def apply_window_fusion(
             adapter,
             _GRID_HOOK,
             WINDOW_FUSION_HOOK,
-            lambda site: _DiTWindowFusionHook(config, site.name, site.grid),
+            lambda site: _DiTWindowFusionHook(config, site),
         )
         return config
     positions = (

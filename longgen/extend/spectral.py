@@ -45,6 +45,12 @@ attention mask). Over DiT tokens that mask is ``[S, S]`` with ``S = f*h*w`` (abo
 480p x 81 frames) and forces a masked, non-flash attention kernel; fused windows use the stock kernels on
 ``L*h*w`` tokens at a time, every frame still attends only to frames within ``L`` of it, and the windows
 around a frame are weighted towards the one centred on it. Cross-attention (``attn2``) is untouched.
+
+CogVideoX and HunyuanVideo (joint text-video attention; windows as in :mod:`longgen.extend.fusion`): the video
+outputs are blended as above. The text tokens' outputs (global: the stock call; local: the mean over the
+windows) are blended as a signal that is constant over the token grid, whose spectrum is its zero frequency
+alone: ``text = g * text_global + (1 - g) * text_local`` with ``g`` the filter's gain at zero frequency (index
+``(f//2, h//2, w//2)`` of the centred filter; 1 for the all-pass filter, 0 for the all-stop one).
 """
 
 from __future__ import annotations
@@ -59,8 +65,8 @@ from torch import nn
 
 from .dit_attention import (
     DIT_WINDOW_FAMILIES,
+    DiTAttentionSite,
     DiTWindowHook,
-    TokenGrid,
     denoiser_models,
     dit_self_attention_layers,
     register_dit_window_hooks,
@@ -265,23 +271,25 @@ class _LowPassCache:
 class _DiTSpectralBlendHook(DiTWindowHook):
     """FreeLong on a DiT: stock attention over all tokens (global) and fused frame windows (local), blended."""
 
-    def __init__(self, config: SpectralBlendConfig, name: str, grid: TokenGrid):
-        super().__init__(name, grid, "SpectralBlend")
+    def __init__(self, config: SpectralBlendConfig, site: DiTAttentionSite):
+        super().__init__(site, "SpectralBlend")
         self.config = config
         self.low_pass = _LowPassCache(config)
 
     def new_forward(self, module, *args, **kwargs):
         original = self.fn_ref.original_forward
         call = self.bind(args, kwargs)
-        if not self.is_video_self_attention(call):
+        if not self.is_windowed_call(call):
             return original(*args, **kwargs)
         grid = self.token_grid(call["hidden_states"])
         window = self.config.local_window
         if grid[0] <= window:  # the local window is the whole clip: both branches agree
             return original(*args, **kwargs)
         stride = self.config.local_stride or max(1, window // 4)
-        global_out = original(*args, **kwargs)  # [B, f*h*w, D']
-        local_out = self.windowed(call, grid, window, stride)  # [B, f*h*w, D']
+        global_out = original(*args, **kwargs)  # [B, f*h*w, D'] (joint: and text [B, L, D'])
+        local_out = self.windowed(call, grid, window, stride)  # [B, f*h*w, D'] (joint: and text [B, L, D'])
+        if self.joint:
+            (global_out, global_text), (local_out, local_text) = global_out, local_out
         f, h, w = grid
         batch, seq_len, channels = global_out.shape
 
@@ -290,7 +298,12 @@ class _DiTSpectralBlendHook(DiTWindowHook):
 
         lpf = self.low_pass(f, h, w, global_out.device)
         blended = spectral_blend(volume(global_out), volume(local_out), lpf)  # [B, D, f, h, w]
-        return blended.permute(0, 2, 3, 4, 1).reshape(batch, seq_len, channels).to(global_out.dtype)
+        video = blended.permute(0, 2, 3, 4, 1).reshape(batch, seq_len, channels).to(global_out.dtype)
+        if not self.joint:
+            return video
+        dc = lpf[f // 2, h // 2, w // 2]  # the filter's gain at zero frequency (fftshift puts it at n // 2)
+        text = dc * global_text.float() + (1.0 - dc) * local_text.float()  # [B, L, D']
+        return video, text.to(global_text.dtype)
 
 
 def apply_spectral_blend(
@@ -307,8 +320,9 @@ def apply_spectral_blend(
     (``LongVideoPipeline.generate(noise="freenoise")``). Undo with :func:`remove_spectral_blend`.
 
     UNets (AnimateDiff, SVD): temporal attention over the frame axis, local branch masked per frame. DiTs (Wan,
-    SkyReels-V2, LTX-Video): every block's video self-attention ``attn1``, local branch fused frame windows of
-    ``local_window`` latent frames every ``local_stride`` frames (default ``local_window // 4``).
+    SkyReels-V2, LTX-Video; CogVideoX and HunyuanVideo's joint text-video attention): every block's video
+    self-attention, local branch fused frame windows of ``local_window`` latent frames every ``local_stride``
+    frames (default ``local_window // 4``).
     """
     is_dit = adapter.family in DIT_WINDOW_FAMILIES
     modules = (
@@ -338,7 +352,7 @@ def apply_spectral_blend(
             adapter,
             _GRID_HOOK,
             SPECTRAL_BLEND_HOOK,
-            lambda site: _DiTSpectralBlendHook(config, site.name, site.grid),
+            lambda site: _DiTSpectralBlendHook(config, site),
         )
         return config
     if local_stride is not None:
