@@ -4,7 +4,8 @@ Trains the tiny model on short clips of the synthetic moving-shapes world (as `l
 generates clips 4x, 8x and 16x its native length from the same prompt and noise with every sampler, and
 with each RoPE extension applied to the naive baseline (the model run on the whole clip), and tabulates
 the synthetic scores against the prompted world (object count, colour, size, motion; 1 = perfect) and
-the pixel metrics, each as mean and end-minus-start change (drift).
+the pixel metrics, each as mean and end-minus-start change (drift). Each table also scores the prompted
+world's ground truth (``gt``) and its VAE reconstruction (``gt_vae``): the ceiling of every sampler.
 
     python -m benchmarks.long_video_quality --out outputs/bench_quality --train-steps 800 --factors 4 8 16
 """
@@ -39,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = DemoSettings(out_dir=args.out, train_steps=args.train_steps, num_videos=args.num_videos)
     adapter, train_result, data_dir, vae_report = train_tiny_model(settings)
     print(f"tiny VAE: PSNR {vae_report['psnr_before']} -> {vae_report['psnr']} dB", flush=True)
+    print(f"stage seconds: {vae_report.get('stage_seconds')}", flush=True)
     losses = list(train_result.losses.values())
     print(f"tiny model: {train_result.step} steps, loss {losses[0]:.3f} -> {losses[-1]:.3f}", flush=True)
     results = {}
@@ -47,10 +49,15 @@ def main(argv: list[str] | None = None) -> int:
         res = generate_and_evaluate(adapter, data_dir, folder, factor, tuple(args.samplers), args.steps)
         print(f"\n### {factor}x native length ({res['num_frames']} frames): samplers\n\n{summary_table(res)}",
               flush=True)
-        results[f"{factor}x"] = {"samplers": res["report"]["videos"], "runs": res["runs"]}
+        videos = res["report"]["videos"]
+        results[f"{factor}x"] = {
+            "samplers": {label: videos[label] for label in res["runs"]},
+            "references": {label: videos[label] for label in res["references"]},
+            "runs": res["runs"],
+        }
         for extension in args.extensions:
             ext = generate_and_evaluate(adapter, data_dir, os.path.join(folder, extension), factor, ("full",),
-                                        args.steps, extension=extension)
+                                        args.steps, extension=extension, references=False)
             table = summary_table(ext).splitlines()[-1].replace("| full |", f"| full + {extension} |")
             print(table, flush=True)
             results[f"{factor}x"][f"full+{extension}"] = ext["report"]["videos"]["full"]

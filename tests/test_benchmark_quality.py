@@ -1,8 +1,16 @@
 """benchmarks/long_video_quality.py runs end to end (quick settings) and writes its results."""
 
+import importlib
 import json
+import os
+import sys
 
-from benchmarks.long_video_quality import main
+# benchmarks/ is a folder of the repository, not part of the installed package: import it from the root
+# (``pytest`` puts tests/ on the path, ``python -m pytest`` the working directory).
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+main = importlib.import_module("benchmarks.long_video_quality").main
 
 
 def test_quality_benchmark_quick(tmp_path, capsys):
@@ -10,6 +18,9 @@ def test_quality_benchmark_quick(tmp_path, capsys):
     assert main(["--quick", "--out", str(out), "--factors", "2", "--samplers", "full", "df",
                  "--extensions", "riflex", "--steps", "2"]) == 0
     results = json.loads((out / "results.json").read_text())
-    assert set(results["2x"]) == {"samplers", "runs", "full+riflex"}
+    assert set(results["2x"]) == {"samplers", "references", "runs", "full+riflex"}
     assert set(results["2x"]["samplers"]) == {"full", "df"}
-    assert "| full + riflex |" in capsys.readouterr().out
+    assert set(results["2x"]["references"]) == {"gt", "gt_vae"}
+    assert results["2x"]["references"]["gt"]["synthetic"]["overall"] > 0.9
+    printed = capsys.readouterr().out
+    assert "| full + riflex |" in printed and "| gt_vae |" in printed

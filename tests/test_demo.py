@@ -2,7 +2,12 @@
 
 import json
 
+import numpy as np
+import pytest
+import torch
+
 from longgen.cli import main
+from longgen.demo import DEMO_VAE, build_latent_cache, is_per_frame, make_per_frame
 from longgen.io import video_info
 
 
@@ -13,17 +18,108 @@ def test_quick_demo_runs_end_to_end(tmp_path, capsys):
     assert summary["train"]["steps"] == 20
     # The VAE stage ran, improved the reconstruction, and its latent statistics reached the saved model.
     vae = summary["vae"]
-    assert vae["steps"] == 10 and vae["psnr"] > vae["psnr_before"] + 3.0
+    assert vae["steps"] == 10 and vae["psnr"] > vae["psnr_before"] + 3.0 and vae["per_frame"]
+    assert vae["latent_cache"]["num_samples"] == 4 * 8  # 4 videos x windows 0, 8, ..., 56 of 65 frames
     vae_config = json.loads((out / "train" / "base_model" / "vae" / "config.json").read_text())
     assert vae_config["scale_factor_spatial"] == 4 and len(vae_config["latents_mean"]) == vae_config["z_dim"]
     assert vae_config["latents_std"] != [0.5 + 0.25 * i for i in range(vae_config["z_dim"])]
     assert set(summary["runs"]) == {"full", "sliding", "fifo", "df"}
+    # One latent frame per frame: 2 x the native 9 frames.
     for run in summary["runs"].values():
-        assert video_info(run["path"])["num_frames"] == summary["num_frames"] == 21
+        assert video_info(run["path"])["num_frames"] == summary["num_frames"] == 18
     report = json.loads((out / "videos" / "eval" / "metrics.json").read_text())
+    assert set(report["videos"]) == {"full", "sliding", "fifo", "df", "gt", "gt_vae"}
     for video in report["videos"].values():
         assert 0.0 <= video["synthetic"]["overall"] <= 1.0
         assert video["metrics"]["temporal_flicker"]["summary"]["mean"] is not None
+    # The references: the ground truth scores near-perfectly; its VAE reconstruction is reported as the ceiling.
+    assert summary["ground_truth"]["overall"] > 0.9
+    assert summary["reconstructed_gt"]["overall"] == pytest.approx(
+        report["videos"]["gt_vae"]["synthetic"]["overall"]
+    )
+    assert set(summary["stage_seconds"]) == {
+        "data",
+        "vae",
+        "latent_cache",
+        "transformer",
+        "generate",
+        "evaluate",
+    }
     assert (out / "videos" / "eval" / "plots" / "temporal_flicker.png").exists()
+    assert not (out / "train" / "latent_cache").exists()
     printed = capsys.readouterr().out
-    assert "| full |" in printed and "summary.md" in printed
+    assert "| full |" in printed and "| gt_vae |" in printed and "summary.md" in printed
+    assert "reconstructed ground truth" in printed
+
+
+def _tiny_vae():
+    from longgen.backbones.wan import _tiny_wan_vae
+
+    torch.manual_seed(0)
+    return _tiny_wan_vae(**DEMO_VAE).eval()
+
+
+def test_per_frame_vae_codes_frames_independently():
+    vae = _tiny_vae()
+    assert not is_per_frame(vae)  # random 3D convolutions mix neighbouring frames
+    handles = make_per_frame(vae)
+    assert is_per_frame(vae) and handles
+    x = torch.rand(1, 3, 9, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    with torch.no_grad():
+        whole = vae.decode(vae.encode(x).latent_dist.mode()).sample
+        alone = torch.cat(
+            [vae.decode(vae.encode(x[:, :, t : t + 1]).latent_dist.mode()).sample for t in range(9)], 2
+        )
+        mixed = vae.encode(x[:, :, :3]).latent_dist.mode()
+        x2 = x.clone()
+        x2[:, :, 0] = -x2[:, :, 0]  # change frame 0 only: frames 1, 2 must not move
+        mixed2 = vae.encode(x2[:, :, :3]).latent_dist.mode()
+    torch.testing.assert_close(whole, alone, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(mixed[:, :, 1:], mixed2[:, :, 1:], atol=1e-6, rtol=0)
+    assert not torch.allclose(mixed[:, :, 0], mixed2[:, :, 0])
+    # The past taps stay zero through an optimizer step (gradient hooks), then the hooks come off.
+    opt = torch.optim.Adam(vae.parameters(), lr=1e-2)
+    vae.decode(vae.encode(x).latent_dist.mode()).sample.square().mean().backward()
+    opt.step()
+    assert is_per_frame(vae)
+    for handle in handles:
+        handle.remove()
+
+
+def test_per_frame_refuses_temporal_downsampling():
+    from longgen.backbones.wan import _tiny_wan_vae
+
+    vae = _tiny_wan_vae(**{**DEMO_VAE, "temperal_downsample": [True, True], "scale_factor_temporal": 4})
+    with pytest.raises(ValueError, match="temperal_downsample"):
+        make_per_frame(vae)
+    assert not is_per_frame(vae)
+
+
+def test_latent_cache_windows_equal_window_encodings(tmp_path):
+    from longgen.backbones.wan import WanAdapter
+    from longgen.data.cache import LatentCacheDataset
+    from longgen.data.synthetic import load_manifest, write_synthetic_dataset
+    from longgen.io import read_video
+
+    write_synthetic_dataset(tmp_path / "data", num_videos=2, num_frames=14, height=32, width=32, seed=3)
+    pipe = WanAdapter.tiny_pipeline(seed=0, vae_kwargs=DEMO_VAE)
+    adapter = WanAdapter(pipe, native_video_size=WanAdapter.tiny_video_size)
+    with pytest.raises(ValueError, match="per-frame"):
+        build_latent_cache(adapter, str(tmp_path / "data"), str(tmp_path / "cache0"), 9)
+    make_per_frame(pipe.vae)
+    info = build_latent_cache(adapter, str(tmp_path / "data"), str(tmp_path / "cache"), 9, stride=2)
+    assert info["num_samples"] == 2 * 3  # windows starting at 0, 2, 4 of 14 frames
+    cache = LatentCacheDataset(tmp_path / "cache")
+    video = read_video(load_manifest(tmp_path / "data" / "manifest.jsonl")[1]["video"])
+    item = cache[3 + 2]  # second video, window starting at frame 4
+    window = torch.from_numpy(np.ascontiguousarray(video[4:13])).float()[None] / 255.0
+    torch.testing.assert_close(item["latents"], adapter.encode_video(window)[0], atol=1e-4, rtol=1e-4)
+    cond, _ = adapter.encode_prompt([item["caption"]], do_classifier_free_guidance=False)
+    torch.testing.assert_close(item["cond"]["encoder_hidden_states"], cond["encoder_hidden_states"][0])
+
+
+def test_vae_stage_needs_4k_plus_1_frames(tmp_path):
+    from longgen.demo import train_vae
+
+    with pytest.raises(ValueError, match="4k\\+1.*use 1 or 5"):
+        train_vae(_tiny_vae(), str(tmp_path), steps=1, num_frames=4)
