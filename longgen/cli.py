@@ -392,7 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", default="outputs/demo", help="output folder")
     p.add_argument("--quick", action="store_true", help="a reduced run (about a minute): little training")
-    p.add_argument("--train-steps", type=int, default=None, help="training steps (default 800; quick 20)")
+    p.add_argument("--train-steps", type=int, default=None, help="transformer training steps (default 1000; quick 20)")
     p.add_argument("--length-factor", type=int, default=None, help="clip length / native length (default 4)")
     p.add_argument("--samplers", nargs="+", default=None, choices=["full", "sliding", "fifo", "df"],
                    help="samplers to compare (default: all; full is the naive baseline)")

@@ -1,16 +1,8 @@
 """benchmarks/long_video_quality.py runs end to end (quick settings) and writes its results."""
 
-import importlib
 import json
-import os
-import sys
 
-# benchmarks/ is a folder of the repository, not part of the installed package: import it from the root
-# (``pytest`` puts tests/ on the path, ``python -m pytest`` the working directory).
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
-main = importlib.import_module("benchmarks.long_video_quality").main
+from benchmarks.long_video_quality import main  # the repo root is on the path (pyproject: pythonpath)
 
 
 def test_quality_benchmark_quick(tmp_path, capsys):

@@ -410,12 +410,17 @@ class WanAdapter(BackboneAdapter):
 
         The distribution's mode by default (what the I2V pipelines use); ``sample=True`` draws from it.
         """
-        self.num_latent_frames(frames.shape[1])  # validates 4k+1 with a message that names the fix
+        num_latent = self.num_latent_frames(frames.shape[1])  # validates 4k+1 with a message that names the fix
+        pad = (-(frames.shape[1] - 1)) % 4
+        if pad:
+            # AutoencoderKLWan encodes frame 0, then chunks of 4, and drops a remainder, whatever its time
+            # compression; a VAE without time compression takes any count: repeat the last frame, crop after.
+            frames = torch.cat([frames, frames[:, -1:].expand(-1, pad, -1, -1, -1)], dim=1)
         vae = self.vae
         vae_param = next(vae.parameters())
         video = frames.permute(0, 4, 1, 2, 3).to(vae_param.device, vae_param.dtype) * 2 - 1  # (B, 3, F, H, W)
         dist = vae.encode(video).latent_dist
-        z = (dist.sample(generator) if sample else dist.mode()).float()
+        z = (dist.sample(generator) if sample else dist.mode()).float()[:, :, :num_latent]
         mean, inv_std = self._latent_stats(z)
         return (z - mean) * inv_std
 

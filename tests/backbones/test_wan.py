@@ -279,3 +279,17 @@ def test_image_to_video_conditioning(tmp_path):
         adapter.denoise(x[:, :, :2], sigma[:, :2], cond)
     with pytest.raises(ValueError, match="needs the image condition"):
         adapter.denoise(x, sigma, _text(1))
+
+
+def test_vae_without_time_compression_encodes_every_frame():
+    """AutoencoderKLWan reads frame 0 then chunks of 4 and drops a remainder; with no time compression
+    (the demo's VAE) every frame count is valid, so the adapter pads with the last frame and crops."""
+    vae_kwargs = {"base_dim": 8, "z_dim": 4, "dim_mult": [1, 1], "num_res_blocks": 1,
+                  "temperal_downsample": [False], "scale_factor_spatial": 2, "scale_factor_temporal": 1}  # fmt: skip
+    adapter = WanAdapter(WanAdapter.tiny_pipeline(seed=0, vae_kwargs=vae_kwargs), native_video_size=(9, 16, 16))
+    assert adapter.temporal_compression == 1
+    frames = torch.rand(1, 7, 16, 16, 3, generator=torch.Generator().manual_seed(0))
+    latents = adapter.encode_video(frames)
+    assert latents.shape[2] == 7  # not 5
+    # the causal encoder: the 5 first frames alone give the same first 5 latent frames
+    torch.testing.assert_close(latents[:, :, :5], adapter.encode_video(frames[:, :5]), atol=1e-5, rtol=1e-5)
