@@ -975,3 +975,8 @@ class Trainer:
         self.adapter.__dict__.pop("denoise", None)
         self.adapter.__dict__.pop("encode_prompt", None)
         self.accelerator.end_training()
+        # Accelerate keeps its state (mixed precision, plugins) in a process-wide singleton: forget it so a
+        # later Trainer in this process can use other settings (e.g. bf16 after fp32).
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state()
