@@ -315,6 +315,12 @@ class Trainer:
                     f"validation.report_to={report_to} needs the {module} package: pip install {module} "
                     "(or pip install 'longgen[train]'), or set validation.report_to=none"
                 ) from err
+        from accelerate.state import AcceleratorState
+
+        # Accelerate keeps mixed precision and plugins in a process-wide singleton that refuses new settings;
+        # a second Trainer in one process (a sweep, the demo, tests) starts from a clean one. The process
+        # group (PartialState) is kept.
+        AcceleratorState._reset_state(reset_partial_state=False)
         return Accelerator(
             mixed_precision=resolve_mixed_precision(cfg.train.mixed_precision),
             gradient_accumulation_plugin=GradientAccumulationPlugin(
@@ -975,8 +981,3 @@ class Trainer:
         self.adapter.__dict__.pop("denoise", None)
         self.adapter.__dict__.pop("encode_prompt", None)
         self.accelerator.end_training()
-        # Accelerate keeps its state (mixed precision, plugins) in a process-wide singleton: forget it so a
-        # later Trainer in this process can use other settings (e.g. bf16 after fp32).
-        from accelerate.state import AcceleratorState
-
-        AcceleratorState._reset_state()
