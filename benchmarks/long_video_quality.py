@@ -63,8 +63,45 @@ def main(argv: list[str] | None = None) -> int:
             results[f"{factor}x"][f"full+{extension}"] = ext["report"]["videos"]["full"]
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(results, f)
+    for factor in args.factors:
+        path = plot_overall(os.path.join(args.out, f"{factor}x"))
+        print(f"{factor}x: synthetic overall score over time, every method: {path}")
     print(f"\ntotal {time.perf_counter() - start:.0f} s; per-video metrics and plots under {args.out}/<factor>x/")
     return 0
+
+
+def plot_overall(folder: str, score: str = "overall") -> str:
+    """One picture per length: the synthetic ``score`` per window over time for every sampler, extension
+    and reference clip under ``folder`` (read back from each ``eval/metrics.json``). Returns the PNG path."""
+    import glob
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for metrics_path in sorted(glob.glob(os.path.join(folder, "**", "eval", "metrics.json"), recursive=True)):
+        extension = os.path.basename(os.path.dirname(os.path.dirname(metrics_path)))
+        with open(metrics_path) as f:
+            videos = json.load(f)["videos"]
+        for label, video in videos.items():
+            curve = (video.get("synthetic") or {}).get("scores", {}).get(score)
+            if not curve:
+                continue
+            name = f"{label} + {extension}" if os.path.dirname(os.path.dirname(metrics_path)) != folder else label
+            style = ":" if label.startswith("gt") else ("--" if "+" in name else "-")
+            ax.plot(curve["positions"], curve["values"], style, label=name, linewidth=1.5)
+    ax.set_xlabel("frame (window centre)")
+    ax.set_ylabel(f"synthetic {score} (1 = ground truth)")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title(f"{os.path.basename(folder)} native length: synthetic {score} over time")
+    ax.legend(fontsize=7, ncol=2, loc="upper right")
+    fig.tight_layout()
+    path = os.path.join(folder, f"synthetic_{score}_all_methods.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 if __name__ == "__main__":
