@@ -57,7 +57,9 @@ for name, p in model.named_parameters():
     alone = max(alone, (p.grad - ref_grads[name]).abs().max().item())
 result = {"forward": (got - ref).abs().max().item(), "grad_summed": summed, "grad_one_rank": alone,
           "grad_scale": max(g.abs().max().item() for g in ref_grads.values())}
-json.dump(result, open(f"{out}/cp_rank{rank}.json", "w"))
+with open(f"{out}/cp_rank{rank}.json", "w") as fh:
+    json.dump(result, fh)
+dist.barrier()  # both ranks done with the model-level mesh before the process group goes away
 trainer.close()
 """
 
