@@ -93,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
                              "seconds": statistics.median(secs), "peak_rss_mib": statistics.median(mems)})
                 print(json.dumps(rows[-1]), flush=True)
     print()
-    print("| sampler | decode | length | frames | s/frame | peak RSS MiB | RSS vs 1x | time vs 1x |")
+    first = f"{args.factors[0]}x"
+    print(f"| sampler | decode | length | frames | s/frame | peak RSS MiB | RSS vs {first} | time vs {first} |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         base = next(b for b in rows if (b["sampler"], b["decode"]) == (r["sampler"], r["decode"])
