@@ -19,19 +19,21 @@ import time
 
 
 def main(argv: list[str] | None = None) -> int:
+    from longgen.demo import DemoSettings, generate_and_evaluate, summary_table, train_tiny_model
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="outputs/bench_quality", help="output folder")
-    p.add_argument("--train-steps", type=int, default=800, help="training steps of the tiny model")
+    p.add_argument("--train-steps", type=int, default=DemoSettings.train_steps,
+                   help="transformer training steps of the tiny model (default: the demo's)")
     p.add_argument("--num-videos", type=int, default=24, help="synthetic training videos")
     p.add_argument("--factors", type=int, nargs="+", default=[4, 8, 16], help="clip length / native length")
     p.add_argument("--samplers", nargs="+", default=["full", "sliding", "fifo", "df"], help="samplers")
-    p.add_argument("--extensions", nargs="+", default=["pi", "ntk", "yarn", "riflex"],
-                   help="RoPE extensions applied to the naive full-clip baseline")
+    p.add_argument("--extensions", nargs="+", default=["pi", "ntk", "yarn", "riflex", "fusion", "spectral"],
+                   help="extensions applied to the naive full-clip baseline (RoPE scaling to the clip length; "
+                   "fusion / spectral with native-length windows)")
     p.add_argument("--steps", type=int, default=16, help="denoising steps")
     p.add_argument("--quick", action="store_true", help="the demo's quick settings (smoke test, ~1 min)")
     args = p.parse_args(argv)
-
-    from longgen.demo import DemoSettings, generate_and_evaluate, summary_table, train_tiny_model
 
     start = time.perf_counter()
     if args.quick:
