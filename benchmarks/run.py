@@ -152,16 +152,7 @@ def trainer_overhead(quick: bool, device: str) -> tuple[list[Row], str, Any]:
         to.measure_overhead(w, device, steps=8 if quick else 12, warmup=2, repeats=4 if quick else 6)
         for w in workloads
     ]
-    memory_workload = to.Workload(
-        "memory DiT (8 blocks, d=128, 128x128 px: 256 tokens per latent frame, batch 1)",
-        heads=4,
-        head_dim=32,
-        layers=8,
-        ffn=512,
-        height=128,
-        width=128,
-        batch_size=1,
-    )
+    memory_workload = to.MEMORY
     frames = [2, 6, 12] if quick else [2, 6, 12, 20, 28]
     budgets = [1024, 4096, 16384] if device == "cuda" else [128, 512, 2048]
     memory = to.measure_max_frames(memory_workload, device, frames, budgets, lora=True, text_len=32)

@@ -68,6 +68,17 @@ SMALL = Workload(
     height=96,
     width=96,
 )
+MEMORY = Workload(
+    "memory DiT (8 blocks, d=128, 128x128 px: 256 tokens per latent frame, batch 1)",
+    heads=4,
+    head_dim=32,
+    layers=8,
+    ffn=512,
+    height=128,
+    width=128,
+    batch_size=1,
+)
+"""The workload of the max-trainable-frames-per-memory-budget measurement."""
 
 
 def _status_kib(field: str) -> int:
@@ -710,16 +721,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     memory = None
     if not args.no_memory:
-        mem_workload = Workload(
-            "memory DiT (8 blocks, d=128, 128x128 px: 256 tokens per latent frame, batch 1)",
-            heads=4,
-            head_dim=32,
-            layers=8,
-            ffn=512,
-            height=128,
-            width=128,
-            batch_size=1,
-        )
+        mem_workload = MEMORY
         frames = args.latent_frames or ([2, 6, 12] if args.quick else [2, 6, 12, 20, 28])
         budgets = args.budgets_mib or ([1024, 4096, 16384] if device == "cuda" else [128, 512, 2048])
         memory = measure_max_frames(mem_workload, device, frames, budgets, not args.full, text_len=32)

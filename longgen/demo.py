@@ -135,26 +135,10 @@ def _train_overrides(settings: DemoSettings, train_dir: str) -> list[str]:
 def write_demo_data(config) -> str:
     """Write the synthetic data set where the trainer looks for it (``<output_dir>/synthetic_data``), with
     the spec file it compares, so the VAE stage and the trainer read the same videos. Returns the folder."""
-    from .data.synthetic import write_synthetic_dataset
+    from .data.synthetic import ensure_synthetic_dataset
 
-    data, syn = config.data, config.data.synthetic
     folder = os.path.join(os.path.abspath(config.train.output_dir), "synthetic_data")
-    spec = {
-        "num_videos": syn.num_videos,
-        "num_frames": syn.num_frames,
-        "height": syn.height or data.height,
-        "width": syn.width or data.width,
-        "fps": syn.fps,
-        "seed": syn.seed,
-    }
-    spec_path = os.path.join(folder, "synthetic_spec.json")
-    if os.path.exists(spec_path):
-        with open(spec_path) as fh:
-            if json.load(fh) == spec and os.path.exists(os.path.join(folder, "manifest.jsonl")):
-                return folder
-    write_synthetic_dataset(folder, **spec)
-    with open(spec_path, "w") as fh:
-        json.dump(spec, fh)
+    ensure_synthetic_dataset(folder, config.data)
     return folder
 
 

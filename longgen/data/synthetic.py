@@ -16,6 +16,7 @@ exact: the unbounded path is folded into [0, 1] (a triangle wave), so nothing ac
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from dataclasses import asdict, dataclass, field
@@ -308,6 +309,37 @@ def write_synthetic_dataset(
                 "world": world.to_dict(),
             }
             fh.write(json.dumps(record) + "\n")
+    return manifest
+
+
+SPEC_NAME = "synthetic_spec.json"
+
+
+def ensure_synthetic_dataset(folder: str | os.PathLike, data_config) -> str:
+    """The synthetic data set a training config describes (``data.synthetic`` and the clip size), written to
+    ``folder`` unless the same one is already there (``synthetic_spec.json`` equal). Returns the manifest.
+    Call on one process only."""
+    syn = data_config.synthetic
+    spec = {
+        "num_videos": syn.num_videos,
+        "num_frames": syn.num_frames,
+        "height": syn.height or data_config.height,
+        "width": syn.width or data_config.width,
+        "fps": syn.fps,
+        "seed": syn.seed,
+    }
+    folder = os.fspath(folder)
+    manifest = os.path.join(folder, "manifest.jsonl")
+    spec_path = os.path.join(folder, SPEC_NAME)
+    if os.path.exists(manifest) and os.path.exists(spec_path):
+        with open(spec_path) as fh:
+            if json.load(fh) == spec:
+                return manifest
+        os.remove(manifest)  # a different data set: written again below
+    logging.getLogger(__name__).info("writing the synthetic data set (%d videos) to %s", syn.num_videos, folder)
+    write_synthetic_dataset(folder, **spec)
+    with open(spec_path, "w") as fh:
+        json.dump(spec, fh)
     return manifest
 
 

@@ -471,35 +471,13 @@ class Trainer:
 
     def _synthetic_source(self) -> str:
         """Write the synthetic moving-shapes data set into the output folder once (main process)."""
-        from ..data.synthetic import write_synthetic_dataset
+        from ..data.synthetic import ensure_synthetic_dataset
 
-        data = self.config.data
-        syn = data.synthetic
         folder = os.path.join(self.output_dir, "synthetic_data")
-        manifest = os.path.join(folder, "manifest.jsonl")
-        spec = {
-            "num_videos": syn.num_videos,
-            "num_frames": syn.num_frames,
-            "height": syn.height or data.height,
-            "width": syn.width or data.width,
-            "fps": syn.fps,
-            "seed": syn.seed,
-        }
-        spec_path = os.path.join(folder, "synthetic_spec.json")
         if self.accelerator.is_main_process:
-            current = None
-            if os.path.exists(manifest) and os.path.exists(spec_path):
-                with open(spec_path) as fh:
-                    current = json.load(fh)
-            if current != spec:
-                logger.info("writing the synthetic data set (%d videos) to %s", syn.num_videos, folder)
-                if os.path.exists(manifest):
-                    os.remove(manifest)
-                write_synthetic_dataset(folder, **spec)
-                with open(spec_path, "w") as fh:
-                    json.dump(spec, fh)
+            ensure_synthetic_dataset(folder, self.config.data)
         self.accelerator.wait_for_everyone()
-        return manifest
+        return os.path.join(folder, "manifest.jsonl")
 
     def _build_data(self):
         from torch.utils.data import DataLoader
