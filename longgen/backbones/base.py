@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -45,7 +45,10 @@ def cat_conds(conds: list[Cond]) -> Cond:
 
 def repeat_cond(cond: Cond, repeats: int) -> Cond:
     """Repeat every batched tensor of a cond ``repeats`` times along the batch (windows in one call)."""
-    return {k: (v.repeat_interleave(repeats, dim=0) if isinstance(v, torch.Tensor) else v) for k, v in cond.items()}
+    return {
+        k: (v.repeat_interleave(repeats, dim=0) if isinstance(v, torch.Tensor) else v)
+        for k, v in cond.items()
+    }
 
 
 @dataclass(frozen=True)
@@ -125,7 +128,9 @@ class BackboneAdapter:
         self.pipe = pipe
         if getattr(pipe, self.model_attr, None) is None:
             raise ValueError(f"{type(pipe).__name__} has no '{self.model_attr}' component")
-        self.native_video_size = tuple(native_video_size or (self.default_num_frames, self.default_height, self.default_width))
+        self.native_video_size = tuple(
+            native_video_size or (self.default_num_frames, self.default_height, self.default_width)
+        )
         """(num_frames, height, width) the model was trained on: the window of long samplers."""
 
     # --- construction -------------------------------------------------------------------------
@@ -204,7 +209,13 @@ class BackboneAdapter:
                 f"Use {height // mult * mult or mult}x{width // mult * mult or mult}."
             )
         f = self.num_latent_frames(num_frames)
-        return (batch_size, self.latent_channels, f, height // self.spatial_compression, width // self.spatial_compression)
+        return (
+            batch_size,
+            self.latent_channels,
+            f,
+            height // self.spatial_compression,
+            width // self.spatial_compression,
+        )
 
     # --- noise levels -------------------------------------------------------------------------
     def sigmas(self, num_steps: int, shift: float | None = None) -> torch.Tensor:
@@ -268,9 +279,50 @@ class BackboneAdapter:
         """(name, module) of attention layers that mix information across frames."""
         return []
 
+    def window_attention_spec(self) -> WindowAttentionSpec | None:
+        """How frame-window extensions reach this DiT's video attention; None where they do not apply."""
+        return None
+
     def context_parallel_plan(self) -> dict | None:
         """The diffusers ``_cp_plan`` when the model supports context parallel, else None."""
         return getattr(self.model, "_cp_plan", None)
+
+
+@dataclass(frozen=True)
+class WindowAttentionSpec:
+    """Where and how frame-window extensions (FreeNoise window fusion, FreeLong SpectralBlend on DiTs, see
+    :mod:`longgen.extend.dit_attention`) reach a DiT's video attention. Declared by the adapter, so the
+    extensions hold no model-specific code.
+
+    * ``layer_pattern``: regex matched (``re.search``) against module names inside the transformer: the
+      attention layers over the video tokens (frame-major order, one latent frame per temporal patch);
+    * ``token_grid(model, args, kwargs)``: the post-patch token grid ``(f, h, w)`` of a transformer call,
+      read from its arguments (None when they do not say);
+    * ``text_order``: None for video-only self-attention, else ``"text_first"`` / ``"text_last"``: where
+      the attention processor concatenates the text tokens in a joint text-video attention;
+    * ``rope_arg``: the name of the attention call's rotary-embedding argument;
+    * ``before_hooks``: called before window hooks are registered (an adapter whose own hooks must stay
+      outside them removes those here; they are re-added, outermost, on the next call).
+    """
+
+    layer_pattern: str
+    token_grid: Callable[[Any, tuple, dict], tuple[int, int, int] | None]
+    text_order: str | None = None
+    rope_arg: str = "image_rotary_emb"
+    before_hooks: Callable[[], None] | None = None
+
+
+def grid_from_hidden_states(
+    model: Any, args: tuple, kwargs: dict, patch: tuple[int, int, int], frames_first: bool = False
+) -> tuple[int, int, int] | None:
+    """Token grid of a transformer whose ``hidden_states`` is ``[B, C, F, H, W]`` (``[B, F, C, H, W]`` with
+    ``frames_first``), divided by the ``(t, h, w)`` patch sizes."""
+    hidden = args[0] if args else kwargs.get("hidden_states")
+    if not isinstance(hidden, torch.Tensor) or hidden.ndim != 5:
+        return None
+    frames = hidden.shape[1] if frames_first else hidden.shape[2]
+    pt, ph, pw = (int(p) for p in patch)
+    return frames // pt, hidden.shape[3] // ph, hidden.shape[4] // pw
 
 
 LONGGEN_META = "longgen.json"
@@ -333,7 +385,9 @@ class StreamingDecoder:
     while they run, so frames reach the mp4 during sampling.
     """
 
-    def __init__(self, adapter: BackboneAdapter, chunk_latent_frames: int = 8, context_latent_frames: int = 2):
+    def __init__(
+        self, adapter: BackboneAdapter, chunk_latent_frames: int = 8, context_latent_frames: int = 2
+    ):
         if chunk_latent_frames < 1:
             raise ValueError(f"decode chunk must be >= 1 latent frame, got {chunk_latent_frames}")
         self.adapter = adapter
@@ -383,7 +437,9 @@ def read_model_index(path: str) -> dict:
             "(one with model_index.json); longgen does not download from a hub."
         )
     if not os.path.isdir(path):
-        raise NotADirectoryError(f"{path!r} is a file; pass the diffusers pipeline folder that holds model_index.json")
+        raise NotADirectoryError(
+            f"{path!r} is a file; pass the diffusers pipeline folder that holds model_index.json"
+        )
     index_path = os.path.join(path, "model_index.json")
     if not os.path.exists(index_path):
         raise FileNotFoundError(

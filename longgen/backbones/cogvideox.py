@@ -31,7 +31,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 from torch import nn
 
 from ..schedules import VPSchedule, shift_sigma
-from .base import BackboneAdapter, Cond
+from .base import BackboneAdapter, Cond, WindowAttentionSpec, grid_from_hidden_states
 from .tiny import tiny_tokenizer
 
 __all__ = [
@@ -829,6 +829,17 @@ class CogVideoXAdapter(BackboneAdapter):
         if self._stock_temporal_inv_freq is None:
             self._stock_temporal_inv_freq = rope.temporal_inv_freq.clone()
         rope.temporal_inv_freq.copy_(frequencies.detach().to(rope.temporal_inv_freq))
+
+    def window_attention_spec(self) -> WindowAttentionSpec:
+        """Every block's joint ``attn1`` (the processor concatenates ``[text; video]``, RoPE on the video part as
+        ``image_rotary_emb``); the grid is ``hidden_states [B, F, C, H, W]`` over the patch sizes."""
+        cfg = self.model.config
+        patch = (int(cfg.patch_size_t or 1), int(cfg.patch_size), int(cfg.patch_size))
+        return WindowAttentionSpec(
+            layer_pattern=r"(^|\.)transformer_blocks\.\d+\.attn1$",
+            token_grid=lambda model, args, kwargs: grid_from_hidden_states(model, args, kwargs, patch, frames_first=True),
+            text_order="text_first",
+        )
 
     def temporal_attention_modules(self) -> list[tuple[str, nn.Module]]:
         """Every block's ``attn1``: full 3D attention over text + all video tokens mixes frames."""

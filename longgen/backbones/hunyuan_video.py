@@ -34,7 +34,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 from einops import rearrange
 
 from ..schedules import flow_sigmas
-from .base import BackboneAdapter, Cond
+from .base import BackboneAdapter, Cond, WindowAttentionSpec, grid_from_hidden_states
 
 __all__ = [
     "HunyuanVideoAdapter",
@@ -845,6 +845,20 @@ class HunyuanVideoAdapter(BackboneAdapter):
             )
         hook = _TemporalRopeHook(frequencies.detach().float().to(self.device))
         registry.register_hook(hook, TEMPORAL_ROPE_HOOK)
+
+    def window_attention_spec(self) -> WindowAttentionSpec:
+        """The joint ``attn`` of the dual- and single-stream blocks (``[video; text]``, RoPE on the video part;
+        the text-only token refiner is left out). The per-frame-timestep hooks gate the dual-stream attention
+        output per frame on the same module, so they are removed before window hooks and re-added outermost on
+        the next per-frame call."""
+        cfg = self.model.config
+        patch = (int(cfg.patch_size_t), int(cfg.patch_size), int(cfg.patch_size))
+        return WindowAttentionSpec(
+            layer_pattern=r"(^|\.)(single_)?transformer_blocks\.\d+\.attn$",
+            token_grid=lambda model, args, kwargs: grid_from_hidden_states(model, args, kwargs, patch),
+            text_order="text_last",
+            before_hooks=self.remove_per_frame_hook,
+        )
 
     def temporal_attention_modules(self) -> list[tuple[str, torch.nn.Module]]:
         """Every dual- and single-stream block's ``attn``: full 3D attention over all frames (the token

@@ -25,11 +25,23 @@ import torch
 from einops import rearrange
 
 from ..schedules import shift_sigma
-from .base import BackboneAdapter, Cond, per_frame_to_tokens
+from .base import BackboneAdapter, Cond, WindowAttentionSpec, per_frame_to_tokens
 
 # Pipelines whose model (LTX-Video >= 0.9.5) takes pixel-space RoPE coordinates (``video_coords``) with
 # the causal first-frame offset; the others pass a latent grid plus ``rope_interpolation_scale``.
 _PIXEL_COORD_PIPELINES = ("LTXConditionPipeline",)
+
+
+def _ltx_token_grid(model, args: tuple, kwargs: dict) -> tuple[int, int, int] | None:
+    """LTX-Video's token grid: the ``num_frames``/``height``/``width`` arguments, else ``video_coords [B, 3, S]``."""
+    names = ("num_frames", "height", "width")
+    values = [kwargs.get(n, args[4 + i] if len(args) > 4 + i else None) for i, n in enumerate(names)]
+    if all(v is not None for v in values):
+        return tuple(int(v) for v in values)
+    coords = kwargs.get("video_coords", args[8] if len(args) > 8 else None)
+    if isinstance(coords, torch.Tensor):
+        return tuple(int(torch.unique(coords[0, axis]).numel()) for axis in range(3))
+    return None
 
 
 class LTXAdapter(BackboneAdapter):
@@ -421,6 +433,12 @@ class LTXAdapter(BackboneAdapter):
             {"axis": axis, "dim": 2 * n, "base": float(rope.theta), "frequencies": omega * step, "unit": unit}
             for axis, step, unit in steps
         ]
+
+    def window_attention_spec(self) -> WindowAttentionSpec:
+        """Every block's ``attn1`` over the packed video tokens (``b (f h w) c``), RoPE as ``image_rotary_emb``;
+        the grid from the ``num_frames``/``height``/``width`` arguments (post-patch), else the distinct values of
+        ``video_coords`` per axis."""
+        return WindowAttentionSpec(layer_pattern=r"attn1$", token_grid=_ltx_token_grid)
 
     def temporal_attention_modules(self) -> list[tuple[str, torch.nn.Module]]:
         """Each block's ``attn1``: full spatio-temporal self-attention over all tokens (``attn2`` is text)."""

@@ -21,7 +21,14 @@ from typing import Any, ClassVar
 import torch
 
 from ..schedules import flow_sigmas
-from .base import BackboneAdapter, Cond, compute_dtype, per_frame_to_tokens
+from .base import (
+    BackboneAdapter,
+    Cond,
+    WindowAttentionSpec,
+    compute_dtype,
+    grid_from_hidden_states,
+    per_frame_to_tokens,
+)
 
 # cond keys the adapter understands; everything else is an error that names these.
 _TRANSFORMER_COND_KEYS = ("encoder_hidden_states", "encoder_hidden_states_image", "attention_kwargs")
@@ -428,6 +435,16 @@ class WanAdapter(BackboneAdapter):
     def rope_module(self) -> torch.nn.Module | None:
         """``WanRotaryPosEmbed``: t/h/w rotary tables (t gets head_dim - 4 * (head_dim // 6) dims)."""
         return self.model.rope
+
+    def window_attention_spec(self) -> WindowAttentionSpec:
+        """Every block's ``attn1``: self-attention over the video tokens (``attn2`` is the text cross-attention),
+        RoPE passed as ``rotary_emb``; the grid is ``hidden_states [B, C, F, H, W]`` over ``config.patch_size``
+        (every expert of Wan 2.2 reads its own config)."""
+        return WindowAttentionSpec(
+            layer_pattern=r"attn1$",
+            token_grid=lambda model, args, kwargs: grid_from_hidden_states(model, args, kwargs, model.config.patch_size),
+            rope_arg="rotary_emb",
+        )
 
     def temporal_attention_modules(self) -> list[tuple[str, torch.nn.Module]]:
         """Each block's full 3D self-attention (``blocks.N.attn1``): the layers that mix frames."""

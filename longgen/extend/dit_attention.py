@@ -74,12 +74,13 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from torch import nn
 
+from ..backbones.base import WindowAttentionSpec
+
 if TYPE_CHECKING:
     from ..backbones.base import BackboneAdapter
 
 __all__ = [
     "DIT_WINDOW_FAMILIES",
-    "JOINT_TEXT_FAMILIES",
     "DiTAttentionSite",
     "DiTWindowHook",
     "TokenGrid",
@@ -92,21 +93,10 @@ __all__ = [
 ]
 
 DIT_WINDOW_FAMILIES = ("wan", "skyreels_v2", "ltx", "cogvideox", "hunyuan_video")
-"""DiTs whose video self-attention runs over frame-major tokens with RoPE passed to the attention call."""
-
-JOINT_TEXT_FAMILIES: dict[str, str] = {"cogvideox": "text_first", "hunyuan_video": "text_last"}
-"""DiTs of :data:`DIT_WINDOW_FAMILIES` whose attention is joint over text and video tokens, with the order in
-which their processors concatenate them (``[text; video]`` or ``[video; text]``; it matters for the mask)."""
+"""The DiT families whose adapters declare a :class:`~longgen.backbones.base.WindowAttentionSpec` (listed in
+error messages; what an adapter supports is decided by its ``window_attention_spec()``)."""
 
 _ROPE_ARGS = ("rotary_emb", "image_rotary_emb")
-_DEFAULT_ROPE_ARG = {"wan": "rotary_emb", "skyreels_v2": "rotary_emb"}
-"""The rotary argument where the attention's ``forward`` takes it through ``**kwargs`` (else ``image_rotary_emb``)."""
-
-_JOINT_LAYER = {
-    "cogvideox": re.compile(r"(^|\.)transformer_blocks\.\d+\.attn1$"),
-    "hunyuan_video": re.compile(r"(^|\.)(single_)?transformer_blocks\.\d+\.attn$"),
-}
-"""Names of the joint text-video attention layers (HunyuanVideo's text-only token refiner is excluded)."""
 
 
 @dataclass(eq=False)
@@ -114,57 +104,6 @@ class TokenGrid:
     """Token grid ``(f, h, w)`` of a transformer's latest input (post-patch), recorded by a pre-forward hook."""
 
     grid: tuple[int, int, int] | None = None
-
-
-def _wan_grid(model: nn.Module, args: tuple, kwargs: dict) -> tuple[int, int, int] | None:
-    """Wan / SkyReels-V2: ``hidden_states [B, C, F, H, W]`` divided by ``config.patch_size``."""
-    hidden = args[0] if args else kwargs.get("hidden_states")
-    if not isinstance(hidden, torch.Tensor) or hidden.ndim != 5:
-        return None
-    pt, ph, pw = (int(p) for p in model.config.patch_size)
-    _, _, frames, height, width = hidden.shape
-    return frames // pt, height // ph, width // pw
-
-
-def _ltx_grid(model: nn.Module, args: tuple, kwargs: dict) -> tuple[int, int, int] | None:
-    """LTX-Video: the ``num_frames``/``height``/``width`` arguments (post-patch grid), else ``video_coords``."""
-    names = ("num_frames", "height", "width")
-    values = [kwargs.get(n, args[4 + i] if len(args) > 4 + i else None) for i, n in enumerate(names)]
-    if all(v is not None for v in values):
-        return tuple(int(v) for v in values)
-    coords = kwargs.get("video_coords", args[8] if len(args) > 8 else None)  # [B, 3, S]
-    if isinstance(coords, torch.Tensor):
-        return tuple(int(torch.unique(coords[0, axis]).numel()) for axis in range(3))
-    return None
-
-
-def _hunyuan_grid(model: nn.Module, args: tuple, kwargs: dict) -> tuple[int, int, int] | None:
-    """HunyuanVideo: ``hidden_states [B, C, F, H, W]`` divided by ``config.patch_size_t`` / ``patch_size``."""
-    hidden = args[0] if args else kwargs.get("hidden_states")
-    if not isinstance(hidden, torch.Tensor) or hidden.ndim != 5:
-        return None
-    pt, p = int(model.config.patch_size_t), int(model.config.patch_size)
-    _, _, frames, height, width = hidden.shape
-    return frames // pt, height // p, width // p
-
-
-def _cogvideox_grid(model: nn.Module, args: tuple, kwargs: dict) -> tuple[int, int, int] | None:
-    """CogVideoX: ``hidden_states [B, F, C, H, W]`` (frames before channels) divided by the patch sizes."""
-    hidden = args[0] if args else kwargs.get("hidden_states")
-    if not isinstance(hidden, torch.Tensor) or hidden.ndim != 5:
-        return None
-    pt, p = int(model.config.patch_size_t or 1), int(model.config.patch_size)
-    _, frames, _, height, width = hidden.shape
-    return frames // pt, height // p, width // p
-
-
-_GRID_READERS: dict[str, Callable[[nn.Module, tuple, dict], tuple[int, int, int] | None]] = {
-    "wan": _wan_grid,
-    "skyreels_v2": _wan_grid,
-    "ltx": _ltx_grid,
-    "cogvideox": _cogvideox_grid,
-    "hunyuan_video": _hunyuan_grid,
-}
 
 
 class _GridHook(ModelHook):
@@ -205,17 +144,23 @@ def _models(adapter: BackboneAdapter) -> list[tuple[str, nn.Module]]:
     return [("" if i == 0 else "transformer_2.", model) for i, model in enumerate(denoiser_models(adapter))]
 
 
-def _self_attention_layers(model: nn.Module, family: str) -> list[tuple[str, nn.Module]]:
-    """The video self-attention of every block: ``attn1`` (``attn2`` is the text cross-attention); for the joint
-    families, the blocks' joint attention (CogVideoX ``attn1``, HunyuanVideo ``attn`` of both block kinds)."""
-    pattern = _JOINT_LAYER.get(family)
-    if pattern is not None:
-        return [(name, module) for name, module in model.named_modules() if pattern.search(name)]
-    return [(name, module) for name, module in model.named_modules() if name.endswith("attn1")]
+def _spec(adapter: BackboneAdapter) -> WindowAttentionSpec:
+    spec = adapter.window_attention_spec() if hasattr(adapter, "window_attention_spec") else None
+    if spec is None:
+        raise ValueError(
+            f"the {adapter.family!r} adapter declares no window attention (window_attention_spec)"
+        )
+    return spec
+
+
+def _self_attention_layers(model: nn.Module, spec: WindowAttentionSpec) -> list[tuple[str, nn.Module]]:
+    """The attention layers the adapter's spec names (``layer_pattern`` over module names)."""
+    pattern = re.compile(spec.layer_pattern)
+    return [(name, module) for name, module in model.named_modules() if name and pattern.search(name)]
 
 
 def dit_self_attention_layers(adapter: BackboneAdapter, method: str) -> list[tuple[str, nn.Module]]:
-    """(name, module) of the video self-attention layers of every transformer of a DiT adapter.
+    """(name, module) of the video self-attention layers of every transformer of a DiT adapter (its spec).
 
     Windows count latent frames, so the transformer must patch time by 1 (every released Wan, SkyReels-V2,
     LTX-Video, HunyuanVideo and CogVideoX 1.0 model does; CogVideoX 1.5 does not); otherwise a ValueError.
@@ -229,28 +174,28 @@ def dit_self_attention_layers(adapter: BackboneAdapter, method: str) -> list[tup
     return [
         (prefix + name, module)
         for prefix, model in _models(adapter)
-        for name, module in _self_attention_layers(model, adapter.family)
+        for name, module in _self_attention_layers(model, _spec(adapter))
     ]
 
 
 def dit_attention_sites(adapter: BackboneAdapter, grid_hook_name: str) -> list[DiTAttentionSite]:
     """Register a token-grid hook named ``grid_hook_name`` on each transformer of ``adapter`` and return its
     self-attention layers. Remove the grid hooks with ``registry.remove_hook(grid_hook_name, recurse=True)``."""
-    family = adapter.family
-    reader = _GRID_READERS[family]
-    text_order = JOINT_TEXT_FAMILIES.get(family)
-    rope_arg = _DEFAULT_ROPE_ARG.get(family, "image_rotary_emb")
+    spec = _spec(adapter)
     sites = []
     for prefix, model in _models(adapter):
-        layers = _self_attention_layers(model, family)
+        layers = _self_attention_layers(model, spec)
         if not layers:
-            raise ValueError(f"the {family!r} model has none of the self-attention layers windows need")
+            raise ValueError(
+                f"the {adapter.family!r} model has none of the self-attention layers windows need"
+            )
         record = TokenGrid()
         HookRegistry.check_if_exists_or_initialize(model).register_hook(
-            _GridHook(record, reader), grid_hook_name
+            _GridHook(record, spec.token_grid), grid_hook_name
         )
         sites.extend(
-            DiTAttentionSite(prefix + name, module, record, text_order, rope_arg) for name, module in layers
+            DiTAttentionSite(prefix + name, module, record, spec.text_order, spec.rope_arg)
+            for name, module in layers
         )
     return sites
 
@@ -416,10 +361,11 @@ def register_dit_window_hooks(
 ) -> None:
     """Register ``make_hook(site)`` as ``hook_name`` on every video self-attention of the adapter's DiT(s).
 
-    HunyuanVideo: the per-frame-timestep hooks are removed first (see the module docstring).
+    The adapter's ``before_hooks`` runs first (HunyuanVideo removes its per-frame-timestep hooks there).
     """
-    if adapter.family == "hunyuan_video" and hasattr(adapter, "remove_per_frame_hook"):
-        adapter.remove_per_frame_hook()
+    spec = _spec(adapter)
+    if spec.before_hooks is not None:
+        spec.before_hooks()
     for site in dit_attention_sites(adapter, grid_hook_name):
         HookRegistry.check_if_exists_or_initialize(site.module).register_hook(make_hook(site), hook_name)
     for model in denoiser_models(adapter):

@@ -267,7 +267,7 @@ def apply_window_fusion(
     """
     from .spectral import SPECTRAL_BLEND_HOOK
 
-    is_dit = adapter.family in DIT_WINDOW_FAMILIES
+    is_dit = getattr(adapter, "window_attention_spec", lambda: None)() is not None
     modules = (
         dit_self_attention_layers(adapter, "window fusion")
         if is_dit

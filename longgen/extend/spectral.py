@@ -64,7 +64,6 @@ from diffusers.hooks import HookRegistry, ModelHook
 from torch import nn
 
 from .dit_attention import (
-    DIT_WINDOW_FAMILIES,
     DiTAttentionSite,
     DiTWindowHook,
     denoiser_models,
@@ -324,7 +323,7 @@ def apply_spectral_blend(
     self-attention, local branch fused frame windows of ``local_window`` latent frames every ``local_stride``
     frames (default ``local_window // 4``).
     """
-    is_dit = adapter.family in DIT_WINDOW_FAMILIES
+    is_dit = getattr(adapter, "window_attention_spec", lambda: None)() is not None
     modules = (
         dit_self_attention_layers(adapter, "SpectralBlend")
         if is_dit
