@@ -30,6 +30,8 @@ from typing import Any
 
 import torch
 
+from .backbones.wan import is_vae_per_frame, make_vae_per_frame
+
 logger = logging.getLogger(__name__)
 
 DEMO_SAMPLERS = ("full", "sliding", "fifo", "df")
@@ -46,7 +48,7 @@ DEMO_VAE: dict[str, Any] = {
 }
 """The demo's VAE: two levels, 4x space and no time compression (32x32 frames -> 8x8x16 latents, one latent
 frame per frame), so a latent cell covers 4x4 pixels and the small shapes (radius 2-4 px) keep their colour.
-Trained per frame (:func:`make_per_frame`). A VAE that also compresses time 4x (the Wan default) trained in
+Trained per frame (:func:`make_vae_per_frame`). A VAE that also compresses time 4x (the Wan default) trained in
 the same few minutes returned only about half of the objects' pixels in their colour on 4x-long clips."""
 DEMO_TRANSFORMER: dict[str, Any] = {
     "num_attention_heads": 4,
@@ -77,7 +79,7 @@ class DemoSettings:
     drops a remainder). With ``vae_per_frame`` the frames of a clip are coded independently, and single
     frames in batches of 64 cost least per frame on a CPU."""
     vae_per_frame: bool = True
-    """Restrict the VAE's causal convolutions to the current frame (:func:`make_per_frame`): exact on long
+    """Restrict the VAE's causal convolutions to the current frame (:func:`make_vae_per_frame`): exact on long
     clips, and its latents of any window are slices of one encode of the whole video (the latent cache)."""
     vae_recon_loss: str = "l1"
     vae_object_weight: float = 20.0
@@ -162,53 +164,6 @@ def _psnr(x: torch.Tensor, y: torch.Tensor) -> float:
     return float("inf") if mse == 0 else 10.0 * math.log10(4.0 / mse)
 
 
-def make_per_frame(vae) -> list:
-    """Make a causal Wan VAE code each frame on its own: zero the past taps of every temporal convolution.
-
-    ``WanCausalConv3d`` pads time on the left only, so the last of its ``k_t`` temporal taps reads the
-    current frame and the others the frames before it (through the feature cache on long clips). With those
-    zeroed, and kept at zero by gradient hooks (Adam then leaves them at zero too), every output frame is a
-    function of its own input frame: a 2D autoencoder in the 3D model's clothes, exact on clips of any
-    length, whose encoding of a window is the slice of the encoding of the whole video. The saved model is a
-    stock ``AutoencoderKLWan`` (the zeros are ordinary weights). Needs ``temperal_downsample`` all False
-    (downsampling in time mixes frames). Returns the hook handles (``handle.remove()`` after training).
-    """
-    flags = list(vae.config.get("temperal_downsample") or [])
-    if any(flags):
-        raise ValueError(
-            f"a per-frame VAE cannot compress time; got temperal_downsample={flags}: set them all to False "
-            "(and scale_factor_temporal=1), or train with vae_per_frame=False"
-        )
-    from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
-
-    def keep_current_tap(grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.clone()
-        grad[:, :, :-1] = 0  # (out, in, k_t, k_h, k_w): the past taps get no update
-        return grad
-
-    handles = []
-    for module in vae.modules():
-        if isinstance(module, WanCausalConv3d) and module.weight.shape[2] > 1:
-            with torch.no_grad():
-                module.weight[:, :, :-1] = 0
-            handles.append(module.weight.register_hook(keep_current_tap))
-    return handles
-
-
-def is_per_frame(vae) -> bool:
-    """True when every temporal convolution of the Wan VAE reads only the current frame (and none downsamples
-    time), i.e. :func:`make_per_frame` holds."""
-    from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
-
-    if any(vae.config.get("temperal_downsample") or []):
-        return False
-    return all(
-        not bool(m.weight[:, :, :-1].any())
-        for m in vae.modules()
-        if isinstance(m, WanCausalConv3d) and m.weight.shape[2] > 1
-    )
-
-
 def train_vae(
     vae,
     data_dir: str,
@@ -230,7 +185,7 @@ def train_vae(
     saturated shape that comes back greyish costs more), with pixels away from the background weighted
     ``1 + object_weight`` (the shapes cover a few percent of a frame and would otherwise be learnt last),
     plus ``kl_weight`` times the KL to N(0, 1) per input value. Adam with
-    warm-up and cosine decay. ``per_frame`` first applies :func:`make_per_frame` (and keeps it through
+    warm-up and cosine decay. ``per_frame`` first applies :func:`make_vae_per_frame` (and keeps it through
     training). Afterwards sets the VAE config's ``latents_mean`` / ``latents_std`` (what the
     Wan adapter normalises latents with) to the per-channel statistics of the encoded data, so the
     transformer sees unit-scale latents. Returns ``{"steps", "psnr_before", "psnr", "loss", "seconds"}``
@@ -261,7 +216,7 @@ def train_vae(
         recon = vae.decode(vae.encode(probe).latent_dist.mode()).sample.clamp(-1, 1)
         return _psnr(recon, probe)
 
-    handles = make_per_frame(vae) if per_frame else []
+    handles = make_vae_per_frame(vae) if per_frame else []
     psnr_before = evaluate()
     losses: list[float] = []
     if steps > 0:
@@ -328,7 +283,7 @@ def build_latent_cache(
     """Write a ``longgen-latent-cache`` (:mod:`longgen.data.cache`) of every ``stride``-th ``num_frames``-frame
     window of each video of the data set, for the trainer's ``data.cache_dir``.
 
-    Needs a per-frame VAE (:func:`is_per_frame`): each video is encoded once and its windows are slices of
+    Needs a per-frame VAE (:func:`is_vae_per_frame`): each video is encoded once and its windows are slices of
     that encoding, which then equal the encodings of the windows themselves (``longgen precompute`` encodes
     one window per video). The caption's text embedding is stored with every window. Returns ``{"dir",
     "num_samples", "seconds"}``.
@@ -339,10 +294,10 @@ def build_latent_cache(
     from .data.synthetic import load_manifest
     from .io import read_video
 
-    if not is_per_frame(adapter.vae):
+    if not is_vae_per_frame(adapter.vae):
         raise ValueError(
             "build_latent_cache slices one encoding per video, which is exact only for a per-frame VAE "
-            "(make_per_frame); train without the cache (latent_cache=False) or use longgen precompute"
+            "(make_vae_per_frame); train without the cache (latent_cache=False) or use longgen precompute"
         )
     start = time.perf_counter()
     num_latent = adapter.num_latent_frames(num_frames)  # one latent frame per frame (checked above)

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from longgen.backbones.wan import is_vae_per_frame, make_vae_per_frame
 from longgen.cli import main
-from longgen.demo import DEMO_VAE, build_latent_cache, is_per_frame, make_per_frame
+from longgen.demo import DEMO_VAE, build_latent_cache
 from longgen.io import video_info
 
 
@@ -61,9 +62,9 @@ def _tiny_vae():
 
 def test_per_frame_vae_codes_frames_independently():
     vae = _tiny_vae()
-    assert not is_per_frame(vae)  # random 3D convolutions mix neighbouring frames
-    handles = make_per_frame(vae)
-    assert is_per_frame(vae) and handles
+    assert not is_vae_per_frame(vae)  # random 3D convolutions mix neighbouring frames
+    handles = make_vae_per_frame(vae)
+    assert is_vae_per_frame(vae) and handles
     x = torch.rand(1, 3, 9, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
     with torch.no_grad():
         whole = vae.decode(vae.encode(x).latent_dist.mode()).sample
@@ -81,7 +82,7 @@ def test_per_frame_vae_codes_frames_independently():
     opt = torch.optim.Adam(vae.parameters(), lr=1e-2)
     vae.decode(vae.encode(x).latent_dist.mode()).sample.square().mean().backward()
     opt.step()
-    assert is_per_frame(vae)
+    assert is_vae_per_frame(vae)
     for handle in handles:
         handle.remove()
 
@@ -91,8 +92,8 @@ def test_per_frame_refuses_temporal_downsampling():
 
     vae = _tiny_wan_vae(**{**DEMO_VAE, "temperal_downsample": [True, True], "scale_factor_temporal": 4})
     with pytest.raises(ValueError, match="temperal_downsample"):
-        make_per_frame(vae)
-    assert not is_per_frame(vae)
+        make_vae_per_frame(vae)
+    assert not is_vae_per_frame(vae)
 
 
 def test_latent_cache_windows_equal_window_encodings(tmp_path):
@@ -106,7 +107,7 @@ def test_latent_cache_windows_equal_window_encodings(tmp_path):
     adapter = WanAdapter(pipe, native_video_size=WanAdapter.tiny_video_size)
     with pytest.raises(ValueError, match="per-frame"):
         build_latent_cache(adapter, str(tmp_path / "data"), str(tmp_path / "cache0"), 9)
-    make_per_frame(pipe.vae)
+    make_vae_per_frame(pipe.vae)
     info = build_latent_cache(adapter, str(tmp_path / "data"), str(tmp_path / "cache"), 9, stride=2)
     assert info["num_samples"] == 2 * 3  # windows starting at 0, 2, 4 of 14 frames
     cache = LatentCacheDataset(tmp_path / "cache")

@@ -37,6 +37,53 @@ CONDITION_LATENTS = "condition_latents"
 ``[B, temporal_compression + C, f, h, w]``, concatenated to ``x`` along channels (Wan 2.1 I2V)."""
 
 
+def make_vae_per_frame(vae) -> list:
+    """Make a causal Wan VAE code each frame on its own: zero the past taps of every temporal convolution.
+
+    ``WanCausalConv3d`` pads time on the left only, so the last of its ``k_t`` temporal taps reads the
+    current frame and the others the frames before it (through the feature cache on long clips). With those
+    zeroed, and kept at zero by gradient hooks (Adam then leaves them at zero too), every output frame is a
+    function of its own input frame: a 2D autoencoder in the 3D model's clothes, exact on clips of any
+    length, whose encoding of a window is the slice of the encoding of the whole video. The saved model is a
+    stock ``AutoencoderKLWan`` (the zeros are ordinary weights). Needs ``temperal_downsample`` all False
+    (downsampling in time mixes frames). Returns the hook handles (``handle.remove()`` after training).
+    """
+    flags = list(vae.config.get("temperal_downsample") or [])
+    if any(flags):
+        raise ValueError(
+            f"a per-frame VAE cannot compress time; got temperal_downsample={flags}: set them all to False "
+            "(and scale_factor_temporal=1), or do not make it per-frame"
+        )
+    from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
+
+    def keep_current_tap(grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        grad[:, :, :-1] = 0  # (out, in, k_t, k_h, k_w): the past taps get no update
+        return grad
+
+    handles = []
+    for module in vae.modules():
+        if isinstance(module, WanCausalConv3d) and module.weight.shape[2] > 1:
+            with torch.no_grad():
+                module.weight[:, :, :-1] = 0
+            handles.append(module.weight.register_hook(keep_current_tap))
+    return handles
+
+
+def is_vae_per_frame(vae) -> bool:
+    """True when every temporal convolution of the Wan VAE reads only the current frame (and none downsamples
+    time), i.e. :func:`make_vae_per_frame` holds."""
+    from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
+
+    if any(vae.config.get("temperal_downsample") or []):
+        return False
+    return all(
+        not bool(m.weight[:, :, :-1].any())
+        for m in vae.modules()
+        if isinstance(m, WanCausalConv3d) and m.weight.shape[2] > 1
+    )
+
+
 class WanAdapter(BackboneAdapter):
     """Backbone adapter of Wan 2.1 / 2.2 (T2V, Wan 2.1-style I2V, V2V; Wan 2.2 two-expert MoE)."""
 
