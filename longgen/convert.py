@@ -205,9 +205,15 @@ def read_tensor_file(path: str | os.PathLike) -> Any:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such checkpoint file; pass a .pt/.pth/.safetensors file")
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except SafetensorError as err:
+            raise ValueError(
+                f"{path}: not a readable safetensors file ({err}); re-download or re-save it"
+            ) from None
     try:
         try:  # mmap keeps a 10 GB three-model release off the heap; legacy (non-zip) files cannot map
             return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -216,12 +222,22 @@ def read_tensor_file(path: str | os.PathLike) -> Any:
                 raise
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        text = str(err)
+        globals_ = re.findall(r"Unsupported global: GLOBAL (\S+)", text)
+        if not globals_:  # torch wraps every unpickler error the same way: junk is not a pickle of objects
+            raise ValueError(
+                f"{path}: not a readable torch checkpoint; pass a .pt/.safetensors file"
+            ) from None
+        first = ", ".join(sorted(set(globals_)))
         raise ValueError(
             f"{path}: this file needs full unpickling (it holds objects other than tensors and plain "
-            f"containers: {first}). longgen never unpickles checkpoints (it could run arbitrary code). "
+            f"containers, e.g. {first}). longgen never unpickles checkpoints (it could run arbitrary code). "
             "Fix: in an environment you trust, re-save just the tensors, e.g. "
             "torch.save({k: v for k, v in sd.items()}, 'weights.pt'), or convert it to .safetensors"
+        ) from None
+    except (RuntimeError, EOFError) as err:  # truncated zip, not a torch file at all
+        raise ValueError(
+            f"{path}: not a readable torch checkpoint ({err}); pass a .pt/.safetensors file"
         ) from None
 
 

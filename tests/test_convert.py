@@ -200,6 +200,11 @@ def test_file_needing_full_unpickling_is_refused(tmp_path):
     with pytest.raises(ValueError, match="needs full unpickling"):
         convert_wan_checkpoint(path, tmp_path / "out", head_dim=8)
     assert not (tmp_path / "out").exists()
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    (tmp_path / "junk.safetensors").write_bytes(b"not a checkpoint")
+    for junk in ("junk.pt", "junk.safetensors"):
+        with pytest.raises(ValueError, match="not a readable"):
+            convert_wan_checkpoint(tmp_path / junk, tmp_path / "out", head_dim=8)
 
 
 def test_unknown_missing_keys_and_entries_are_named(tmp_path):
