@@ -493,6 +493,33 @@ def _write_atomically(out_dir: Path, overwrite: bool, write) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _check_pipeline_folder(pipeline: Path) -> None:
+    index = pipeline / "model_index.json"
+    if not index.is_file():
+        raise FileNotFoundError(
+            f"{pipeline}: no model_index.json; --pipeline takes a Wan2.1 diffusers pipeline folder"
+        )
+    classes = json.loads(index.read_text())
+    transformer = classes.get("transformer") or [None, None]
+    if transformer[1] != "WanTransformer3DModel":
+        raise ValueError(
+            f"{pipeline}: its transformer is {transformer[1]!r}, not WanTransformer3DModel; "
+            "pass a Wan2.1 pipeline folder (e.g. Wan2.1-T2V-1.3B-Diffusers)"
+        )
+
+
+def _write_transformer(folder: Path, model: Any, causal: dict[str, Any], lora_sd: dict | None) -> None:
+    """The transformer (if any), its causal settings and an unmerged LoRA into ``folder``."""
+    if model is not None:
+        model.save_pretrained(folder, safe_serialization=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / CAUSAL_CONFIG_NAME).write_text(json.dumps(causal, indent=2) + "\n")
+    if lora_sd is not None:
+        from safetensors.torch import save_file
+
+        save_file(lora_sd, str(folder / LORA_WEIGHT_NAME), metadata={"format": "pt"})
+
+
 def convert_wan_checkpoint(
     src: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -507,6 +534,8 @@ def convert_wan_checkpoint(
     preset: str = "self_forcing",
     head_dim: int = 128,
     dtype: str | None = None,
+    pipeline: str | os.PathLike | None = None,
+    copy_components: bool = False,
     overwrite: bool = False,
 ) -> Path:
     """Convert a Self-Forcing / CausVid / LongLive (original Wan layout) checkpoint to a diffusers folder.
@@ -515,9 +544,16 @@ def convert_wan_checkpoint(
     ``longgen_causal.json`` (``PRESETS[preset]`` plus provenance), and, given an unmerged ``lora``,
     ``pytorch_lora_weights.safetensors`` in the format ``WanPipeline.load_lora_weights`` reads. ``entry``
     picks the state dict of a ``{generator, critic, generator_ema}`` file (ignored for a plain state dict).
+    With ``pipeline`` (a Wan2.1 diffusers pipeline folder) ``out_dir`` is instead that pipeline with the
+    converted ``transformer/`` (other components symlinked, or copied with ``copy_components``), ready for
+    ``longgen generate --model``; the base config then defaults to the pipeline's transformer config.
     """
     from .dtypes import torch_dtype
 
+    if pipeline is not None:
+        pipeline = Path(pipeline)
+        _check_pipeline_folder(pipeline)
+        base_config = base_config if base_config is not None else pipeline / "transformer"
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
     if merge_lora and lora is None:
@@ -557,12 +593,25 @@ def convert_wan_checkpoint(
         )
 
     def write(tmp: Path) -> None:
-        model.save_pretrained(tmp, safe_serialization=True)
-        (tmp / CAUSAL_CONFIG_NAME).write_text(json.dumps(causal, indent=2) + "\n")
-        if lora_sd is not None and not merge_lora:
-            from safetensors.torch import save_file
-
-            save_file(lora_sd, str(tmp / LORA_WEIGHT_NAME), metadata={"format": "pt"})
+        lora_out = None if lora_sd is None or merge_lora else lora_sd
+        if pipeline is None:
+            _write_transformer(tmp, model, causal, lora_out)
+            return
+        for item in sorted(pipeline.iterdir()):
+            if item.name in ("transformer", CAUSAL_CONFIG_NAME, LORA_WEIGHT_NAME) or item.name.startswith(
+                "."
+            ):
+                continue
+            if item.is_dir() and not copy_components:  # the 1.3B pipeline's text encoder alone is 11 GB
+                os.symlink(item.resolve(), tmp / item.name, target_is_directory=True)
+            elif item.is_dir():
+                shutil.copytree(item, tmp / item.name, symlinks=False)
+            else:
+                shutil.copy2(item, tmp / item.name)
+        _write_transformer(tmp / "transformer", model, causal, None)
+        _write_transformer(
+            tmp, None, causal, lora_out
+        )  # pipeline-level LoRA: WanPipeline.load_lora_weights(out)
 
     _write_atomically(out_dir, overwrite, write)
     return out_dir
@@ -574,7 +623,7 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
         "src", help="checkpoint file: .pt/.pth (tensors only) or .safetensors, original Wan layout"
     )
     parser.add_argument(
-        "--out", required=True, help="output folder (a diffusers WanTransformer3DModel folder)"
+        "--out", required=True, help="output folder: a diffusers WanTransformer3DModel folder (a pipeline with --pipeline)"
     )
     parser.add_argument(
         "--preset",
@@ -612,7 +661,24 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dtype", choices=DTYPE_NAMES, default=None, help="cast the weights (default: keep the checkpoint's)"
     )
+    parser.add_argument(
+        "--pipeline",
+        default=None,
+        help="Wan2.1 diffusers pipeline folder: write --out as that pipeline with the converted transformer "
+        "(for longgen generate --model); its transformer config is the default --base-config",
+    )
+    parser.add_argument(
+        "--copy-components",
+        action="store_true",
+        help="with --pipeline: copy the other components (text encoder, VAE, ...) instead of symlinking them",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+
+
+def _under_symlink(path: Path, root: Path) -> bool:
+    return any(
+        parent.is_symlink() for parent in [path, *path.parents] if parent != root and root in parent.parents
+    )
 
 
 def run_convert(args: argparse.Namespace) -> int:
@@ -631,8 +697,12 @@ def run_convert(args: argparse.Namespace) -> int:
         preset=args.preset,
         head_dim=args.head_dim,
         dtype=args.dtype,
+        pipeline=args.pipeline,
+        copy_components=args.copy_components,
         overwrite=args.overwrite,
     )
-    for path in sorted(out.iterdir()):
+    for path in sorted(p for p in out.rglob("*") if p.is_file() and not _under_symlink(p, out)):
         print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
+    for path in sorted(p for p in out.iterdir() if p.is_symlink()):
+        print(f"linked {path} -> {os.readlink(path)}")
     return 0
