@@ -402,3 +402,39 @@ def test_pipeline_output_loads_as_a_wan_pipeline(tmp_path, saved):
         )
     with pytest.raises(FileNotFoundError, match="model_index.json"):
         convert_wan_checkpoint(tmp_path / "sf.pt", tmp_path / "p2", pipeline=tmp_path)
+
+
+def test_inferred_config_of_wan21_1_3b_shapes():
+    """The real release shapes (meta tensors, no memory): inference gives diffusers' Wan2.1-T2V-1.3B config."""
+    from longgen.convert import infer_transformer_config, strip_wrapper_prefix
+
+    wan_1_3b = dict(
+        patch_size=[1, 2, 2], num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
+        text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads", eps=1e-6, image_dim=None, added_kv_proj_dim=None,
+        rope_max_seq_len=1024, pos_embed_seq_len=None,
+    )  # fmt: skip
+    with torch.device("meta"):
+        model = WanTransformer3DModel(**wan_1_3b)
+    original = strip_wrapper_prefix({"model." + to_original(k): v for k, v in model.state_dict().items()})
+    assert infer_transformer_config(original) == wan_1_3b
+
+
+def test_recipes_match_presets():
+    import pathlib
+
+    import yaml
+
+    folder = pathlib.Path(__file__).parents[1] / "configs" / "generate"
+    for name, preset in PRESETS.items():
+        recipe = yaml.safe_load((folder / f"{name}.yaml").read_text())
+        steps = [int(s) for s in str(recipe["denoising-steps"]).split(",")]
+        assert steps == preset["denoising_steps"] and recipe["steps"] == len(steps), name
+        assert recipe["chunk-size"] == preset["chunk_size"], name
+        assert recipe["warp-denoising-step"] == preset["warp_denoising_step"], name
+        assert recipe["shift"] == preset["timestep_shift"], name
+        assert recipe["sink-size"] == preset["sink_size"], name
+        assert recipe["local-window"] == preset["local_attn_size"], name
+        assert recipe["context-noise"] == preset["context_noise"], name
+        assert recipe["guidance"] == preset["guidance_scale"], name
+        assert recipe["sampler"] == "causal", name
