@@ -438,3 +438,16 @@ def test_recipes_match_presets():
         assert recipe["context-noise"] == preset["context_noise"], name
         assert recipe["guidance"] == preset["guidance_scale"], name
         assert recipe["sampler"] == "causal", name
+
+
+def test_i2v_and_flf2v_keys_roundtrip():
+    """Every key of an image-to-video (CLIP projection, k_img/v_img, FLF position embedding) model maps back."""
+    from longgen.convert import diffusers_key_to_original, original_key_to_diffusers
+
+    cfg = dict(TINY, image_dim=20, added_kv_proj_dim=16, pos_embed_seq_len=6)
+    with torch.device("meta"):
+        keys = list(WanTransformer3DModel(**cfg).state_dict())
+    originals = [diffusers_key_to_original(k) for k in keys]
+    assert "blocks.0.cross_attn.k_img.weight" in originals and "img_emb.emb_pos" in originals
+    assert "img_emb.proj.4.bias" in originals
+    assert [original_key_to_diffusers(k) for k in originals] == keys
