@@ -34,6 +34,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from ..schedules import edm_sigma_to_flow, flow_sigma_to_edm, shift_sigma
 from .base import BackboneAdapter, Cond, encode_per_frame
+from .capabilities import ExVideoSites, FrameAttention, ImageConditioning
 
 if TYPE_CHECKING:
     from ..extend.exvideo import ExVideoSite
@@ -174,7 +175,7 @@ def has_svd_per_frame_timesteps(unet: torch.nn.Module) -> bool:
 # ------------------------------------------------------------------------------------------------
 # the adapter
 # ------------------------------------------------------------------------------------------------
-class SVDAdapter(BackboneAdapter):
+class SVDAdapter(BackboneAdapter, FrameAttention, ExVideoSites, ImageConditioning):
     """Stable Video Diffusion / SVD-XT (image-to-video, EDM v-prediction UNet, per-frame image VAE).
 
     Conditioning knobs of the pipeline are attributes (``fps``, ``motion_bucket_id``,
