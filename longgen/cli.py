@@ -406,8 +406,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 # --- extensions: flags from the registry --------------------------------------------------------
 def _extension_flag(name: str, field_name: str) -> tuple[str, str]:
-    """(``--riflex-k``, ``ext_riflex_k``): the flag and dest of one extension config field."""
-    return f"--{name}-{field_name.replace('_', '-')}", f"ext_{name}_{field_name}"
+    """(``--riflex-k``, ``riflex_k``): the flag and dest (also the ``--config`` YAML key) of one config field."""
+    return f"--{name}-{field_name.replace('_', '-')}", f"{name}_{field_name}"
 
 
 def _option_type(annotation: str):
