@@ -1,4 +1,12 @@
-"""Backbone adapters, one per diffusers family, and the registry that picks one for a model folder."""
+"""Backbone adapters, one per diffusers family, and the registry that picks one for a model folder.
+
+Adding a backbone: write ``longgen/backbones/<family>.py`` with a ``BackboneAdapter`` subclass (the abstract
+``tiny_pipeline``, ``encode_prompt``, ``denoise``, ``decode``) whose bases also list the capabilities it has
+(:mod:`.capabilities`: ``WindowAttention``, ``TemporalRopeFrequencies``, ...), add one line to ``_ADAPTERS``
+below (``FAMILIES`` follows): ``tests/backbones/test_conformance.py`` then runs the
+contract and every declared capability on it; add its stock-parity tests in ``tests/backbones/test_<family>.py``.
+Extensions find it through its capabilities; nothing in ``longgen/extend`` lists families.
+"""
 
 from __future__ import annotations
 

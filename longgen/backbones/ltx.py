@@ -101,6 +101,7 @@ class LTXAdapter(BackboneAdapter, TemporalRopeScale, WindowAttention):
         """Noise mixed into latents before a timestep-conditioned decode; None means ``decode_timestep``."""
 
     # --- construction -------------------------------------------------------------------------
+    # Over ~80 lines on purpose: one flat literal config per tiny component, read top to bottom.
     @classmethod
     def tiny_pipeline(cls, seed: int = 0):
         """A tiny random ``LTXPipeline``: 1-layer DiT, 8-channel VAE with LTX's 8x / 32x strides, tiny T5."""

@@ -438,6 +438,8 @@ class SVDAdapter(BackboneAdapter, FrameAttention, ExVideoSites, ImageConditionin
         embeds = encoder(inputs.to(device=param.device, dtype=param.dtype)).image_embeds
         return embeds.unsqueeze(1)  # [B, 1, D]
 
+    # Over ~80 lines: it mirrors StableVideoDiffusionPipeline's conditioning steps in order, so it can be
+    # compared with diffusers line by line (splitting it was left for a later pass).
     @torch.no_grad()
     def encode_prompt(
         self,

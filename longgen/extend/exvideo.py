@@ -310,6 +310,53 @@ def _model_dtype(module: nn.Module) -> tuple[torch.device, torch.dtype]:
     return param.device, param.dtype
 
 
+def _install_site(
+    site_state: _SiteState,
+    state: ExVideoState,
+    ids: torch.Tensor,
+    positional_conv: bool,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> None:
+    """Give one site its trainable position table (and Conv3d layers), recording what changed in ``state``."""
+    site = site_state.site
+    position = site.position
+    if site.position_kind == "ids":
+        with torch.no_grad():
+            table = position(ids.to(device)).detach().clone()  # [N, D], the module's own sinusoid
+        table = nn.Parameter(table)
+        position.register_parameter(TABLE_ATTR, table)
+        state.new_parameters.append(table)
+        HookRegistry.check_if_exists_or_initialize(position).register_hook(
+            _TableLookupHook(table, site.name), _TABLE_HOOK
+        )
+        if positional_conv:
+            for block in site.conv_blocks:
+                channels = _block_channels(block)
+                conv = IdentityConv3d(channels, device=device, dtype=dtype)
+                block.add_module(CONV_ATTR, conv)
+                state.new_parameters.extend(conv.parameters())
+                HookRegistry.check_if_exists_or_initialize(block).register_hook(
+                    _ConvBeforeBlockHook(conv, site_state), _CONV_HOOK
+                )
+    elif site.position_kind == "additive":
+        pe = position.pe  # [1, P, D] buffer
+        site_state.original_pe = pe
+        table = nn.Parameter(pe[:, ids.to(pe.device)].detach().clone())  # [1, N, D]
+        del position._buffers["pe"]
+        position.register_parameter("pe", table)
+        state.new_parameters.append(table)
+        if positional_conv:
+            conv = IdentityConv3d(pe.shape[-1], device=device, dtype=dtype)
+            position.add_module(CONV_ATTR, conv)
+            state.new_parameters.extend(conv.parameters())
+            HookRegistry.check_if_exists_or_initialize(position).register_hook(
+                _ConvAfterPositionHook(conv, site_state), _CONV_HOOK
+            )
+    else:
+        raise ValueError(f"unknown ExVideo position kind {site.position_kind!r} at {site.name}")
+
+
 def apply_exvideo(
     adapter: BackboneAdapter,
     num_latent_frames: int,
@@ -361,41 +408,7 @@ def apply_exvideo(
                 )
             site_state = _SiteState(site, record)
             state.sites.append(site_state)
-            position = site.position
-            if site.position_kind == "ids":
-                with torch.no_grad():
-                    table = position(ids.to(device)).detach().clone()  # [N, D], the module's own sinusoid
-                table = nn.Parameter(table)
-                position.register_parameter(TABLE_ATTR, table)
-                state.new_parameters.append(table)
-                HookRegistry.check_if_exists_or_initialize(position).register_hook(
-                    _TableLookupHook(table, site.name), _TABLE_HOOK
-                )
-                if positional_conv:
-                    for block in site.conv_blocks:
-                        channels = _block_channels(block)
-                        conv = IdentityConv3d(channels, device=device, dtype=dtype)
-                        block.add_module(CONV_ATTR, conv)
-                        state.new_parameters.extend(conv.parameters())
-                        HookRegistry.check_if_exists_or_initialize(block).register_hook(
-                            _ConvBeforeBlockHook(conv, site_state), _CONV_HOOK
-                        )
-            elif site.position_kind == "additive":
-                pe = position.pe  # [1, P, D] buffer
-                site_state.original_pe = pe
-                table = nn.Parameter(pe[:, ids.to(pe.device)].detach().clone())  # [1, N, D]
-                del position._buffers["pe"]
-                position.register_parameter("pe", table)
-                state.new_parameters.append(table)
-                if positional_conv:
-                    conv = IdentityConv3d(pe.shape[-1], device=device, dtype=dtype)
-                    position.add_module(CONV_ATTR, conv)
-                    state.new_parameters.extend(conv.parameters())
-                    HookRegistry.check_if_exists_or_initialize(position).register_hook(
-                        _ConvAfterPositionHook(conv, site_state), _CONV_HOOK
-                    )
-            else:
-                raise ValueError(f"unknown ExVideo position kind {site.position_kind!r} at {site.name}")
+            _install_site(site_state, state, ids, positional_conv, device, dtype)
             for module in site.trainable:
                 if not any(module is m for m in state.trainable_modules):
                     state.trainable_modules.append(module)
@@ -510,6 +523,7 @@ def _register() -> None:
             needs_target_frames=True,
             sets_window=True,
             trainable_parameters=exvideo_trainable_parameters,
+            training_options=(("set_trainable", True),),
         )
     )
 

@@ -3,6 +3,13 @@
 The pipeline (``LongVideoPipeline.apply_extension``), the CLI (``--extension`` and its option flags), training
 (which extension, its trainable parameters) and checkpoint metadata (``longgen_extension.json``) read this
 registry, so a new extension is one module with a config dataclass and one :func:`register_extension` call.
+
+Adding an extension: write ``longgen/extend/<name>.py`` with ``apply_<name>(adapter, ...)``, ``remove_<name>``,
+a frozen config dataclass (field ``metadata={"help": ...}``; a ``target_latent_frames`` field if it extends
+positions) and one ``register_extension(ExtensionSpec(...))`` at its end; add its import to
+``longgen/extend/__init__.py`` (one line) and its tests. The pipeline, the CLI flags (``--<name>-<field>``),
+the metadata round trip and the training config read the registry. If it needs something of the model, read
+it through a capability type of :mod:`longgen.backbones.capabilities` (``isinstance``), never a family name.
 """
 
 from __future__ import annotations
@@ -38,7 +45,9 @@ class ExtensionSpec:
     * ``apply(adapter, config)`` applies it and returns its state (anything; ``describe()`` of it, if it has
       one, goes into the handle's description); ``remove(adapter)`` restores the stock model;
     * ``sets_window``: windowed samplers default to windows of the target (RoPE, ExVideo);
-    * ``trainable_parameters(adapter)``: the parameters post-tuning trains (ExVideo), None for "the model's".
+    * ``trainable_parameters(adapter)``: the parameters post-tuning trains (ExVideo), None for "the model's";
+    * ``training_options``: config values training applies it with (ExVideo ``set_trainable``, RIFLEx
+      ``finetune``); they are stored in the checkpoint metadata, so inference reapplies the trained form.
     """
 
     name: str
@@ -49,6 +58,7 @@ class ExtensionSpec:
     needs_target_frames: bool = False
     sets_window: bool = False
     trainable_parameters: Callable[[Any], list] | None = None
+    training_options: tuple[tuple[str, Any], ...] = ()
 
 
 _REGISTRY: dict[str, ExtensionSpec] = {}
@@ -168,9 +178,15 @@ def make_config(name: str, options: Any = None, **overrides: Any) -> Any:
     return spec.config_cls(**values)
 
 
-def apply_extension(adapter: Any, name: str, config: Any = None, **options: Any) -> ExtensionHandle:
-    """Apply a registered extension to an adapter; ``config`` is its config dataclass or a dict of options."""
+def apply_extension(
+    adapter: Any, name: str, config: Any = None, *, training: bool = False, **options: Any
+) -> ExtensionHandle:
+    """Apply a registered extension to an adapter; ``config`` is its config dataclass or a dict of options.
+
+    ``training=True`` applies it as post-tuning does (the spec's ``training_options`` over the options)."""
     spec = get_extension(name)
+    if training:
+        options = {**options, **dict(spec.training_options)}
     cfg = make_config(name, config, **options)
     state = spec.apply(adapter, cfg)
     return ExtensionHandle(spec, adapter, cfg, state)

@@ -695,6 +695,8 @@ def _register_rope_extensions() -> None:
                 description=descriptions[method],
                 needs_target_frames=True,
                 sets_window=True,
+                # a model post-tuned with RIFLEx learned the lowered frequency at every length
+                training_options=(("finetune", True),) if method == "riflex" else (),
             )
         )
 

@@ -69,6 +69,23 @@ def test_describe_is_json_and_metadata_rebuilds_the_same_extension():
     assert torch.equal(_denoise(adapter, cond, 9), stock)
 
 
+def test_training_applies_the_trained_form_and_metadata_keeps_it():
+    adapter = build_tiny("wan")  # tiny Wan: N_k = 6; a 6-frame target is stock RoPE training-free
+    with apply_extension(adapter, "riflex", {"target_latent_frames": 6}) as free:
+        assert free.config.finetune is False and torch.equal(free.state.frequencies, free.state.stock_frequencies)
+    with apply_extension(adapter, "riflex", {"target_latent_frames": 6}, training=True) as trained:
+        meta = json.loads(json.dumps(trained.describe()))
+        assert meta["options"]["finetune"] is True
+    with extension_from_metadata(adapter, meta) as again:  # inference of the trained checkpoint
+        assert again.config.finetune is True and not torch.equal(again.state.frequencies, again.state.stock_frequencies)
+    unet = build_tiny("animatediff")
+    with apply_extension(unet, "exvideo", {"target_latent_frames": 32}, training=True) as ex:
+        trainable = ex.trainable_parameters()
+        assert trainable and all(p.requires_grad for p in trainable)
+        assert sum(p.requires_grad for p in unet.model.parameters()) == len(trainable)
+    assert all(p.requires_grad for p in unet.model.parameters())  # removal restores requires_grad
+
+
 def test_a_new_extension_is_one_registration():
     """A toy extension registered once shows up in the pipeline and the CLI (flags from its config fields)."""
 
