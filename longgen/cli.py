@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -444,7 +445,11 @@ def add_extension_args(p: argparse.ArgumentParser) -> None:
             flag, dest = _extension_flag(name, f.name)
             kind = _option_type(f.type)
             extra = {"action": argparse.BooleanOptionalAction} if kind is bool else {"type": kind}
-            g.add_argument(flag, dest=dest, default=None, help=f"{name}: {f.metadata.get('help', f.name)}", **extra)
+            text = f"{name}: {f.metadata.get('help', f.name)}"
+            if f.default is not None and f.default is not dataclasses.MISSING and "default" not in text:
+                text += f" (default: {f.default})"
+            # SUPPRESS: an unset flag leaves the config's default (shown in the help text instead)
+            g.add_argument(flag, dest=dest, default=argparse.SUPPRESS, help=text, **extra)
 
 
 def extension_options_from_args(args: argparse.Namespace) -> dict[str, Any]:
