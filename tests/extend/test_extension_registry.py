@@ -164,3 +164,21 @@ def test_no_adapter_probes_and_no_family_tables_outside_backbones():
         text = path.read_text()
         assert not probe.search(text), f"{path}: probes the adapter; check a capability type instead"
         assert not tables.search(text), f"{path}: a family table; ask backbones.families_with"
+
+
+def test_cli_extension_flag_reaches_the_model(saved, tmp_path, caplog, monkeypatch):
+    """``--extension fusion --fusion-window 2`` applies fusion with that window (the logged description)."""
+    from longgen.cli import main
+    from longgen.io import video_info
+
+    out = tmp_path / "f.mp4"
+    argv = ["generate", "--model", saved("animatediff"), "--num-frames", "16", "--steps", "1", "--out", str(out),
+            "--quiet", "--extension", "fusion", "--fusion-window", "2", "--fusion-stride", "1"]
+    with caplog.at_level("INFO", logger="longgen"):
+        assert main(argv) == 0
+    described = next(json.loads(r.getMessage().split("extension ", 1)[1]) for r in caplog.records
+                     if r.getMessage().startswith("extension "))
+    assert described["options"] == {"window": 2, "stride": 1} and described["details"]["window"] == 2
+    assert video_info(out)["num_frames"] == 16
+    bad = [*argv[:-6], "--extension", "riflex", "--fusion-window", "2"]
+    assert main(bad) == 2  # a flag of another extension: a clear error, no traceback
