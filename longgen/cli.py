@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
 import sys
 import time
+from typing import Any
 
 logger = logging.getLogger("longgen")
 
@@ -156,25 +158,7 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="how overlapping windows are blended (sliding sampler; default pyramid)",
     )
-    g = p.add_argument_group("extension")
-    g.add_argument(
-        "--extension",
-        default="none",
-        choices=["none", "pi", "ntk", "yarn", "riflex", "fusion", "spectral", "exvideo"],
-        help="pi / ntk / yarn / riflex: temporal RoPE extension so 3D-RoPE DiTs (Wan, SkyReels-V2, "
-        "HunyuanVideo, CogVideoX; LTX: pi) see --target-frames per window (RIFLEx: ~2x length training-free); "
-        "fusion: FreeNoise window fusion of temporal attention; spectral: FreeLong SpectralBlend of global "
-        "and local temporal attention (fusion, spectral: AnimateDiff, SVD, Wan, SkyReels-V2, LTX-Video, "
-        "CogVideoX, HunyuanVideo; windows of the native length); exvideo: ExVideo positional extension to "
-        "--target-frames (AnimateDiff, SVD)",
-    )
-    g.add_argument(
-        "--target-frames",
-        type=int,
-        default=None,
-        help="pixel frames the extended model sees at once (default: --num-frames); windowed samplers "
-        "default to windows of this length",
-    )
+    add_extension_args(p)
     g = p.add_argument_group("output")
     g.add_argument("--out", default="outputs/longgen.mp4", help="output mp4 path")
     g.add_argument("--fps", type=float, default=16.0, help="frames per second of the mp4")
@@ -232,10 +216,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         offload=args.offload,
         attention_backend=args.attention_backend,
     )
-    if args.extension != "none":
-        target = args.target_frames or args.num_frames or pipe.adapter.native_video_size[0]
-        handle = pipe.apply_extension(args.extension, None if args.extension in ("fusion", "spectral") else target)
-        logger.info("extension %s", json.dumps(handle.describe()))
+    apply_extension_args(pipe, args)
     options = {
         "window": args.window,
         "stride": args.stride,
@@ -414,7 +395,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     from .data.cache import add_precompute_parser
-    from .extend.rope import add_inspect_rope_parser
 
     add_precompute_parser(sub)
     add_inspect_rope_parser(sub)
@@ -423,6 +403,108 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="local diffusers pipeline folder")
     p.set_defaults(func=cmd_info)
     return parser
+
+
+# --- extensions: flags from the registry --------------------------------------------------------
+def _extension_flag(name: str, field_name: str) -> tuple[str, str]:
+    """(``--riflex-k``, ``riflex_k``): the flag and dest (also the ``--config`` YAML key) of one config field."""
+    return f"--{name}-{field_name.replace('_', '-')}", f"{name}_{field_name}"
+
+
+def _option_type(annotation: str):
+    kind = str(annotation)
+    return bool if "bool" in kind else int if "int" in kind else float if "float" in kind else str
+
+
+def add_extension_args(p: argparse.ArgumentParser) -> None:
+    """The ``extension`` group of ``longgen generate``: ``--extension`` and ``--target-frames``, plus one flag per
+    option of every registered extension (``--<name>-<field>``, help from the config field's metadata)."""
+    from .extend.registry import extension_names, extension_option_fields, get_extension
+
+    names = extension_names()
+    g = p.add_argument_group("extension")
+    g.add_argument(
+        "--extension",
+        default="none",
+        choices=["none", *names],
+        help="; ".join(f"{n}: {get_extension(n).description}" for n in names),
+    )
+    g.add_argument(
+        "--target-frames",
+        type=int,
+        default=None,
+        help="pixel frames the extended model sees at once (default: --num-frames); windowed samplers "
+        "default to windows of this length (extensions that extend positions: "
+        + ", ".join(n for n in names if get_extension(n).needs_target_frames)
+        + ")",
+    )
+    for name in names:
+        for f in extension_option_fields(name):
+            if not f.metadata.get("cli", True):
+                continue
+            flag, dest = _extension_flag(name, f.name)
+            kind = _option_type(f.type)
+            extra = {"action": argparse.BooleanOptionalAction} if kind is bool else {"type": kind}
+            text = f"{name}: {f.metadata.get('help', f.name)}"
+            if f.default is not None and f.default is not dataclasses.MISSING and "default" not in text:
+                text += f" (default: {f.default})"
+            # SUPPRESS: an unset flag leaves the config's default (shown in the help text instead)
+            g.add_argument(flag, dest=dest, default=argparse.SUPPRESS, help=text, **extra)
+
+
+def extension_options_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The options of ``--extension`` given by its flags; a flag of another extension is a ValueError."""
+    from .extend.registry import extension_names, extension_option_fields
+
+    options = {}
+    for name in extension_names():
+        for f in extension_option_fields(name):
+            flag, dest = _extension_flag(name, f.name)
+            value = getattr(args, dest, None)
+            if value is None:
+                continue
+            if name != args.extension:
+                raise ValueError(f"{flag} is an option of --extension {name}, not of --extension {args.extension}")
+            options[f.name] = value
+    return options
+
+
+def apply_extension_args(pipe, args: argparse.Namespace):
+    """Apply ``--extension`` with its flags to a pipeline (None for ``none``); logs the handle's description."""
+    options = extension_options_from_args(args)
+    if args.extension == "none":
+        return None
+    target = args.target_frames or args.num_frames or pipe.adapter.native_video_size[0]
+    handle = pipe.apply_extension(args.extension, target, **options)
+    logger.info("extension %s", json.dumps(handle.describe()))
+    return handle
+
+
+# --- inspect-rope --------------------------------------------------------------------------------
+def cmd_inspect_rope(args: argparse.Namespace) -> int:
+    from .backbones import load_adapter
+    from .extend.rope import print_rope_info, temporal_rope_info
+
+    info = temporal_rope_info(load_adapter(args.model))
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        print_rope_info(info)
+    return 0
+
+
+def add_inspect_rope_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """``longgen inspect-rope --model PATH [--json]``."""
+    p = sub.add_parser(
+        "inspect-rope",
+        help="print each RoPE axis's frequencies and periods of a model folder (and RIFLEx's k)",
+        description="Print the rotary position embedding of a 3D-RoPE video DiT: per axis (t, h, w) the "
+        "channels, base, frequencies and periods 2*pi/theta_j, and RIFLEx's intrinsic temporal component.",
+    )
+    p.add_argument("--model", required=True, help="local diffusers pipeline folder")
+    p.add_argument("--json", action="store_true", help="print the information as JSON")
+    p.set_defaults(func=cmd_inspect_rope)
+    return p
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .backbones import BackboneAdapter, Cond, cat_conds, load_adapter
+from .backbones import BackboneAdapter, CausalBlockMask, Cond, cat_conds, load_adapter
 from .backbones.base import StreamingDecoder
 from .io import VideoWriter
 from .noise import freenoise_noise
@@ -73,21 +73,6 @@ class GuidedDenoiser:
 
 
 @dataclass
-class _Extension:
-    """Uniform handle of an applied extension: ``.remove()`` and ``.describe()``."""
-
-    method: str
-    _remove: Callable[[], None]
-    settings: dict[str, Any]
-
-    def remove(self) -> None:
-        self._remove()
-
-    def describe(self) -> dict[str, Any]:
-        return {"method": self.method, **{k: v for k, v in self.settings.items() if not k.startswith("_")}}
-
-
-@dataclass
 class GenerationResult:
     latents: torch.Tensor
     num_frames: int
@@ -110,39 +95,28 @@ class LongVideoPipeline:
         self.extensions: list[Any] = []
 
     def apply_extension(self, method: str, target_num_frames: int | None = None, **options) -> Any:
-        """Apply an extension by name; returns a handle whose ``.remove()`` restores the stock model.
+        """Apply a registered extension by name (:func:`longgen.extend.extension_names`); returns its
+        :class:`~longgen.extend.ExtensionHandle`, whose ``.remove()`` restores the stock model.
 
-        * ``pi``, ``ntk``, ``yarn``, ``riflex``: temporal RoPE extension from the native length to
-          ``target_num_frames`` (3D-RoPE DiTs); windowed samplers then default to windows of the target.
-        * ``exvideo``: ExVideo's extended positional table + identity 3D convolutions for
-          ``target_num_frames`` (SVD, AnimateDiff); windows default to the target too.
-        * ``fusion`` (FreeNoise window fusion) and ``spectral`` (FreeLong SpectralBlend): temporal attention
-          over windows of the native length, so the whole clip can be sampled at once: the frame-axis
-          attention of AnimateDiff and SVD, or the video self-attention of Wan, SkyReels-V2, LTX-Video,
-          CogVideoX and HunyuanVideo windowed per latent frame with sliced RoPE (CogVideoX, HunyuanVideo: joint
-          text-video attention, every window with all text tokens and its positions restarted at 0).
+        ``target_num_frames`` (pixel frames) is the length RoPE extensions (``pi``, ``ntk``, ``yarn``,
+        ``riflex``) and ``exvideo`` extend the model to; windowed samplers then default to windows of that
+        length. ``fusion`` (FreeNoise) and ``spectral`` (FreeLong) window temporal attention at the native
+        length and ignore it. ``options`` are the extension's config fields (e.g. ``k=`` for RIFLEx,
+        ``window=`` for fusion); see each ``ExtensionSpec.config_cls``.
         """
-        from . import extend
+        from .extend.registry import apply_extension, get_extension
 
+        spec = get_extension(method)
         adapter = self.adapter
-        target_latent = adapter.num_latent_frames(target_num_frames) if target_num_frames else None
-        if method in extend.ROPE_METHODS or method == "exvideo":
-            if target_latent is None:
+        target_latent = None
+        if spec.needs_target_frames:
+            if not target_num_frames:
                 raise ValueError(f"extension {method!r} needs target_num_frames (--target-frames)")
-            if method == "exvideo":
-                extend.apply_exvideo(adapter, target_latent, set_trainable=False, **options)
-                handle = _Extension(method, lambda: extend.remove_exvideo(adapter), {"target_latent_frames": target_latent})
-            else:
-                handle = extend.apply_rope_extension(adapter, method, None, target_latent, **options)
+            target_latent = adapter.num_latent_frames(target_num_frames)
+            options = {"target_latent_frames": target_latent, **options}
+        handle = apply_extension(adapter, method, options)
+        if spec.sets_window:
             self.window_latent_frames = target_latent
-        elif method == "fusion":
-            config = extend.apply_window_fusion(adapter, **options)
-            handle = _Extension(method, lambda: extend.remove_window_fusion(adapter), vars(config))
-        elif method == "spectral":
-            config = extend.apply_spectral_blend(adapter, **options)
-            handle = _Extension(method, lambda: extend.remove_spectral_blend(adapter), vars(config))
-        else:
-            raise ValueError(f"unknown extension {method!r}; choose one of: {', '.join(extend.EXTENSIONS)}")
         self.extensions.append(handle)
         return handle
 
@@ -320,7 +294,7 @@ class LongVideoPipeline:
         shape = adapter.latent_shape(num_frames, height, width, batch_size=batch)
         knobs = self.sampler_kwargs(sampler, shape[2], dict(sampler_options or {}))
         steps = self._num_steps(sampler, knobs, num_inference_steps)
-        if "causal_block_size" in knobs and hasattr(adapter, "set_causal_block_size"):
+        if "causal_block_size" in knobs and isinstance(adapter, CausalBlockMask):
             adapter.set_causal_block_size(knobs["causal_block_size"])
         cond, uncond = self._conditioning(
             prompts, negatives, prompt_frames, shape[2], prompt_transition, image=image,

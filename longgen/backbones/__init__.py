@@ -1,4 +1,12 @@
-"""Backbone adapters, one per diffusers family, and the registry that picks one for a model folder."""
+"""Backbone adapters, one per diffusers family, and the registry that picks one for a model folder.
+
+Adding a backbone: write ``longgen/backbones/<family>.py`` with a ``BackboneAdapter`` subclass (the abstract
+``tiny_pipeline``, ``encode_prompt``, ``denoise``, ``decode``) whose bases also list the capabilities it has
+(:mod:`.capabilities`: ``WindowAttention``, ``TemporalRopeFrequencies``, ...), add one line to ``_ADAPTERS``
+below (``FAMILIES`` follows): ``tests/backbones/test_conformance.py`` then runs the
+contract and every declared capability on it; add its stock-parity tests in ``tests/backbones/test_<family>.py``.
+Extensions find it through its capabilities; nothing in ``longgen/extend`` lists families.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +17,19 @@ import os
 import torch
 
 from .base import BackboneAdapter, Cond, FrameLayout, cat_conds, read_model_index, repeat_cond
+from .capabilities import (
+    CAPABILITIES,
+    CausalBlockMask,
+    ExVideoSites,
+    FrameAttention,
+    ImageConditioning,
+    MixtureOfExperts,
+    TemporalRope,
+    TemporalRopeFrequencies,
+    TemporalRopeScale,
+    WindowAttention,
+    denoiser_models,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +54,20 @@ def get_adapter_class(family: str) -> type[BackboneAdapter]:
         raise ValueError(f"unknown backbone family {family!r}; choose one of: {', '.join(FAMILIES)}")
     module, name = _ADAPTERS[family].split(":")
     return getattr(importlib.import_module(module), name)
+
+
+def families_with(capability: type) -> list[str]:
+    """The families whose adapter class declares ``capability`` (a type of :mod:`.capabilities`), in
+    :data:`FAMILIES` order; for error messages that list what supports an extension."""
+    out = []
+    for family in FAMILIES:
+        try:
+            cls = get_adapter_class(family)
+        except ImportError:  # a family whose optional dependency is missing supports nothing here
+            continue
+        if issubclass(cls, capability):
+            out.append(family)
+    return out
 
 
 def adapter_class_for_pipeline(class_name: str) -> type[BackboneAdapter]:
@@ -67,10 +102,22 @@ def build_tiny(family: str, seed: int = 0) -> BackboneAdapter:
 
 
 __all__ = [
+    "CAPABILITIES",
     "FAMILIES",
     "BackboneAdapter",
+    "CausalBlockMask",
     "Cond",
+    "ExVideoSites",
+    "FrameAttention",
     "FrameLayout",
+    "ImageConditioning",
+    "MixtureOfExperts",
+    "TemporalRope",
+    "TemporalRopeFrequencies",
+    "TemporalRopeScale",
+    "WindowAttention",
+    "denoiser_models",
+    "families_with",
     "adapter_class_for_pipeline",
     "build_tiny",
     "cat_conds",

@@ -27,6 +27,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from ..schedules import VPSchedule
 from .base import BackboneAdapter, Cond, encode_per_frame
+from .capabilities import ExVideoSites, FrameAttention
 
 if TYPE_CHECKING:
     from ..extend.exvideo import ExVideoSite
@@ -199,7 +200,7 @@ def remove_frame_timesteps(unet: torch.nn.Module) -> None:
 _PREDICTIONS = {"epsilon": "eps", "v_prediction": "v"}
 
 
-class AnimateDiffAdapter(BackboneAdapter):
+class AnimateDiffAdapter(BackboneAdapter, FrameAttention, ExVideoSites):
     """AnimateDiff (Guo et al., ICLR 2024): SD UNet + motion modules, eps/v on a DDPM schedule, per-frame VAE."""
 
     family: ClassVar[str] = "animatediff"

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import weakref
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -89,11 +90,13 @@ class FrameLayout:
         return tc * (num_latent_frames - 1) + 1 if (self.causal and tc > 1) else tc * num_latent_frames
 
 
-class BackboneAdapter:
-    """Base class of the per-family adapters in ``longgen/backbones/<family>.py``.
+class BackboneAdapter(ABC):
+    """Abstract base of the per-family adapters in ``longgen/backbones/<family>.py``.
 
     Subclasses set the class attributes below and implement ``tiny_pipeline``, ``encode_prompt``,
-    ``denoise`` and ``decode``. They must not change the wrapped model's weights or classes.
+    ``denoise`` and ``decode``. They must not change the wrapped model's weights or classes. Optional
+    capabilities (RoPE, window attention, ExVideo sites, experts, ...) are the mixins of
+    :mod:`longgen.backbones.capabilities`, listed among the subclass's bases.
     """
 
     # Class attributes are the family's defaults; an adapter may override the compression, patch and
@@ -122,7 +125,13 @@ class BackboneAdapter:
     tiny_video_size: ClassVar[tuple[int, int, int]] = (9, 32, 32)
     """(num_frames, height, width) of the native clip of ``tiny_pipeline`` (tests and the demo)."""
     supports_image_condition: bool = False
+    """This checkpoint accepts a conditioning image (per instance: Wan I2V vs T2V)."""
     requires_image_condition: bool = False
+    """This checkpoint needs a conditioning image (training caches encode one per clip)."""
+    schedule: Any = None
+    """The model's discrete VP schedule (:class:`longgen.schedules.VPSchedule`: eps/v models), else None."""
+    sigma_data: ClassVar[float] = 1.0
+    """EDM's data standard deviation for loss weighting (1: unit-variance latents)."""
 
     def __init__(self, pipe, native_video_size: tuple[int, int, int] | None = None):
         self.pipe = pipe
@@ -164,9 +173,9 @@ class BackboneAdapter:
             json.dump(meta, f, indent=2)
 
     @classmethod
+    @abstractmethod
     def tiny_pipeline(cls, seed: int = 0):
         """A tiny randomly initialised pipeline of this family (tests, demo); no downloads."""
-        raise NotImplementedError
 
     # --- shapes -------------------------------------------------------------------------------
     @property
@@ -223,6 +232,7 @@ class BackboneAdapter:
         return flow_sigmas(num_steps, shift=1.0 if shift is None else shift)
 
     # --- the contract -------------------------------------------------------------------------
+    @abstractmethod
     def encode_prompt(
         self,
         prompt: list[str],
@@ -234,11 +244,10 @@ class BackboneAdapter:
         width: int | None = None,
     ) -> tuple[Cond, Cond | None]:
         """Encode prompts (and an optional conditioning image) with the pipeline's own encoders."""
-        raise NotImplementedError
 
+    @abstractmethod
     def denoise(self, x: torch.Tensor, sigma: torch.Tensor, cond: Cond) -> torch.Tensor:
         """x0 prediction for ``x`` ``[B, C, F, H, W]`` at per-frame flow sigmas ``sigma`` ``[B, F]``."""
-        raise NotImplementedError
 
     @staticmethod
     def check_denoise_inputs(x: torch.Tensor, sigma: torch.Tensor) -> None:
@@ -253,9 +262,9 @@ class BackboneAdapter:
             )
         check_sigma(sigma)
 
+    @abstractmethod
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Decode latents ``[B, C, f, h, w]`` to frames ``[B, num_pixel_frames(f), H, W, 3]`` in [0, 1]."""
-        raise NotImplementedError
 
     def encode_video(self, frames: torch.Tensor) -> torch.Tensor:
         """Encode frames ``[B, T, H, W, 3]`` in [0, 1] to model latents ``[B, C, f, h, w]`` (training, V2V)."""
@@ -271,17 +280,9 @@ class BackboneAdapter:
         yield from decoder.flush()
 
     # --- what extensions and training need ----------------------------------------------------
-    def rope_module(self) -> torch.nn.Module | None:
-        """The model's rotary embedding module (3D-RoPE DiTs) or None."""
-        return None
-
     def temporal_attention_modules(self) -> list[tuple[str, torch.nn.Module]]:
         """(name, module) of attention layers that mix information across frames."""
         return []
-
-    def window_attention_spec(self) -> WindowAttentionSpec | None:
-        """How frame-window extensions reach this DiT's video attention; None where they do not apply."""
-        return None
 
     def context_parallel_plan(self) -> dict | None:
         """The diffusers ``_cp_plan`` when the model supports context parallel, else None."""

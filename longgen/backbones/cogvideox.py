@@ -32,6 +32,7 @@ from torch import nn
 
 from ..schedules import VPSchedule, shift_sigma
 from .base import BackboneAdapter, Cond, WindowAttentionSpec, grid_from_hidden_states
+from .capabilities import ImageConditioning, TemporalRopeFrequencies, WindowAttention
 from .tiny import tiny_tokenizer
 
 __all__ = [
@@ -387,7 +388,7 @@ class CogVideoXRotaryEmbedding(nn.Module):
 # ----------------------------------------------------------------------------------------------------
 # The adapter
 # ----------------------------------------------------------------------------------------------------
-class CogVideoXAdapter(BackboneAdapter):
+class CogVideoXAdapter(BackboneAdapter, TemporalRopeFrequencies, WindowAttention, ImageConditioning):
     """CogVideoX / CogVideoX 1.5, text-to-video and image-to-video, as a longgen denoiser.
 
     v-prediction on a VP schedule (Salimans & Ho 2022): with flow sigma ``s`` and
@@ -773,6 +774,10 @@ class CogVideoXAdapter(BackboneAdapter):
 
     rope_extension_methods: ClassVar[tuple[str, ...]] = ("pi", "ntk", "yarn", "riflex")
     """Temporal RoPE extensions :func:`longgen.extend.apply_rope_extension` can apply (models with RoPE)."""
+
+    def require_rope(self) -> None:
+        """A ValueError naming the fix for a checkpoint without RoPE (CogVideoX-2b)."""
+        self._require_rope()
 
     def _require_rope(self) -> CogVideoXRotaryEmbedding:
         if self._rope is None:

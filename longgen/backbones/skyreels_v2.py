@@ -23,10 +23,11 @@ from typing import Any, ClassVar
 
 import torch
 
+from .capabilities import CausalBlockMask
 from .wan import WanAdapter, _tiny_clip_vision, _tiny_transformer, _tiny_umt5, _tiny_wan_vae
 
 
-class SkyReelsV2Adapter(WanAdapter):
+class SkyReelsV2Adapter(WanAdapter, CausalBlockMask):
     """Backbone adapter of SkyReels-V2 (diffusion forcing T2V and V2V, plain T2V and I2V)."""
 
     family: ClassVar[str] = "skyreels_v2"

@@ -29,6 +29,7 @@ from .base import (
     grid_from_hidden_states,
     per_frame_to_tokens,
 )
+from .capabilities import ImageConditioning, MixtureOfExperts, TemporalRopeFrequencies, WindowAttention
 
 # cond keys the adapter understands; everything else is an error that names these.
 _TRANSFORMER_COND_KEYS = ("encoder_hidden_states", "encoder_hidden_states_image", "attention_kwargs")
@@ -84,7 +85,7 @@ def is_vae_per_frame(vae) -> bool:
     )
 
 
-class WanAdapter(BackboneAdapter):
+class WanAdapter(BackboneAdapter, TemporalRopeFrequencies, WindowAttention, MixtureOfExperts, ImageConditioning):
     """Backbone adapter of Wan 2.1 / 2.2 (T2V, Wan 2.1-style I2V, V2V; Wan 2.2 two-expert MoE)."""
 
     family: ClassVar[str] = "wan"

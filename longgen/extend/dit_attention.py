@@ -75,12 +75,14 @@ from diffusers.hooks import HookRegistry, ModelHook
 from torch import nn
 
 from ..backbones.base import WindowAttentionSpec
+from ..backbones.capabilities import WindowAttention, denoiser_models
+from ..windows import fuse_window_outputs
+from .hooks import remove_hooks
 
 if TYPE_CHECKING:
     from ..backbones.base import BackboneAdapter
 
 __all__ = [
-    "DIT_WINDOW_FAMILIES",
     "DiTAttentionSite",
     "DiTWindowHook",
     "TokenGrid",
@@ -91,10 +93,6 @@ __all__ = [
     "remove_hooks",
     "slice_rotary_embedding",
 ]
-
-DIT_WINDOW_FAMILIES = ("wan", "skyreels_v2", "ltx", "cogvideox", "hunyuan_video")
-"""The DiT families whose adapters declare a :class:`~longgen.backbones.base.WindowAttentionSpec` (listed in
-error messages; what an adapter supports is decided by its ``window_attention_spec()``)."""
 
 _ROPE_ARGS = ("rotary_emb", "image_rotary_emb")
 
@@ -134,18 +132,13 @@ class DiTAttentionSite:
     rope_arg: str = "image_rotary_emb"
 
 
-def denoiser_models(adapter: BackboneAdapter) -> list[nn.Module]:
-    """The adapter's denoising networks: every expert of Wan 2.2 MoE, else ``[adapter.model]``."""
-    return list(adapter.experts()) if hasattr(adapter, "experts") else [adapter.model]
-
-
 def _models(adapter: BackboneAdapter) -> list[tuple[str, nn.Module]]:
     """(name prefix, transformer) pairs, the prefix ``transformer_2.`` for Wan 2.2's second expert."""
     return [("" if i == 0 else "transformer_2.", model) for i, model in enumerate(denoiser_models(adapter))]
 
 
 def _spec(adapter: BackboneAdapter) -> WindowAttentionSpec:
-    spec = adapter.window_attention_spec() if hasattr(adapter, "window_attention_spec") else None
+    spec = adapter.window_attention_spec() if isinstance(adapter, WindowAttention) else None
     if spec is None:
         raise ValueError(
             f"the {adapter.family!r} adapter declares no window attention (window_attention_spec)"
@@ -326,8 +319,6 @@ class DiTWindowHook(ModelHook):
     def windowed(self, call: dict[str, Any], grid: tuple[int, int, int], window: int, stride: int) -> Any:
         """FreeNoise window fusion of the attention over frame windows: ``[B, f*h*w, D']``; joint attention:
         ``(video [B, f*h*w, D'], text [B, L, D'])``, the text outputs averaged uniformly over the windows."""
-        from .fusion import fuse_window_outputs  # fusion imports this module
-
         f, h, w = grid
         hw = h * w
         text: dict[str, Any] = {"sum": 0.0, "count": 0, "dtype": None}  # the windows' text outputs, summed
@@ -370,12 +361,3 @@ def register_dit_window_hooks(
         HookRegistry.check_if_exists_or_initialize(site.module).register_hook(make_hook(site), hook_name)
     for model in denoiser_models(adapter):
         HookRegistry.check_if_exists_or_initialize(model).invalidate_child_registries_cache()
-
-
-def remove_hooks(adapter: BackboneAdapter, *hook_names: str) -> None:
-    """Remove the named hooks from every denoiser model of the adapter and its submodules."""
-    for model in denoiser_models(adapter):
-        registry = HookRegistry.check_if_exists_or_initialize(model)
-        for name in hook_names:
-            registry.remove_hook(name, recurse=True)
-        registry.invalidate_child_registries_cache()

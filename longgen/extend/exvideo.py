@@ -35,11 +35,14 @@ import torch.nn.functional as F
 from diffusers.hooks import HookRegistry, ModelHook
 from torch import nn
 
+from ..backbones.capabilities import ExVideoSites
+from .hooks import WINDOW_FUSION_HOOK, has_hook
+
 if TYPE_CHECKING:
     from ..backbones.base import BackboneAdapter
 
 __all__ = [
-    "EXVIDEO_FAMILIES",
+    "ExVideoConfig",
     "ExVideoSite",
     "ExVideoState",
     "IdentityConv3d",
@@ -49,9 +52,6 @@ __all__ = [
     "reflected_position_ids",
     "remove_exvideo",
 ]
-
-EXVIDEO_FAMILIES = ("svd", "animatediff")
-"""Backbones whose adapters declare ``exvideo_sites()``: UNets with learned or fixed frame-position tables."""
 
 _TABLE_HOOK = "longgen_exvideo_table"
 _SIZE_HOOK = "longgen_exvideo_size"
@@ -160,6 +160,15 @@ class ExVideoState:
     new_parameters: list[nn.Parameter] = field(default_factory=list)
     trainable_modules: list[nn.Module] = field(default_factory=list)
     requires_grad_before: dict[str, bool] = field(default_factory=dict)
+
+    def describe(self) -> dict:
+        """JSON summary (the registry handle's ``details``)."""
+        return {
+            "num_positions": self.num_positions,
+            "num_trained": self.num_trained,
+            "sites": [s.site.name for s in self.sites],
+            "num_new_parameters": sum(p.numel() for p in self.new_parameters),
+        }
 
 
 _STATES: weakref.WeakKeyDictionary[nn.Module, ExVideoState] = weakref.WeakKeyDictionary()
@@ -280,14 +289,15 @@ class _ConvAfterPositionHook(ModelHook):
 # apply / remove
 # ------------------------------------------------------------------------------------------------
 def _sites(adapter: BackboneAdapter) -> list[ExVideoSite]:
-    finder = getattr(adapter, "exvideo_sites", None)
-    if finder is None:
+    if not isinstance(adapter, ExVideoSites):
+        from ..backbones import families_with
+
         raise ValueError(
             f"ExVideo is not available for the {adapter.family!r} backbone: it extends the temporal position "
-            f"tables of UNet video models, supported: {', '.join(EXVIDEO_FAMILIES)}. For 3D-RoPE DiTs use "
-            "apply_rope_extension (pi, ntk, yarn, riflex) instead."
+            f"tables of UNet video models, supported: {', '.join(families_with(ExVideoSites))}. For 3D-RoPE DiTs "
+            "use apply_rope_extension (pi, ntk, yarn, riflex) instead."
         )
-    sites = finder()
+    sites = adapter.exvideo_sites()
     if not sites:
         raise ValueError(
             f"the {adapter.family!r} model has no temporal position embeddings for ExVideo to extend"
@@ -298,6 +308,53 @@ def _sites(adapter: BackboneAdapter) -> list[ExVideoSite]:
 def _model_dtype(module: nn.Module) -> tuple[torch.device, torch.dtype]:
     param = next(module.parameters())
     return param.device, param.dtype
+
+
+def _install_site(
+    site_state: _SiteState,
+    state: ExVideoState,
+    ids: torch.Tensor,
+    positional_conv: bool,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> None:
+    """Give one site its trainable position table (and Conv3d layers), recording what changed in ``state``."""
+    site = site_state.site
+    position = site.position
+    if site.position_kind == "ids":
+        with torch.no_grad():
+            table = position(ids.to(device)).detach().clone()  # [N, D], the module's own sinusoid
+        table = nn.Parameter(table)
+        position.register_parameter(TABLE_ATTR, table)
+        state.new_parameters.append(table)
+        HookRegistry.check_if_exists_or_initialize(position).register_hook(
+            _TableLookupHook(table, site.name), _TABLE_HOOK
+        )
+        if positional_conv:
+            for block in site.conv_blocks:
+                channels = _block_channels(block)
+                conv = IdentityConv3d(channels, device=device, dtype=dtype)
+                block.add_module(CONV_ATTR, conv)
+                state.new_parameters.extend(conv.parameters())
+                HookRegistry.check_if_exists_or_initialize(block).register_hook(
+                    _ConvBeforeBlockHook(conv, site_state), _CONV_HOOK
+                )
+    elif site.position_kind == "additive":
+        pe = position.pe  # [1, P, D] buffer
+        site_state.original_pe = pe
+        table = nn.Parameter(pe[:, ids.to(pe.device)].detach().clone())  # [1, N, D]
+        del position._buffers["pe"]
+        position.register_parameter("pe", table)
+        state.new_parameters.append(table)
+        if positional_conv:
+            conv = IdentityConv3d(pe.shape[-1], device=device, dtype=dtype)
+            position.add_module(CONV_ATTR, conv)
+            state.new_parameters.extend(conv.parameters())
+            HookRegistry.check_if_exists_or_initialize(position).register_hook(
+                _ConvAfterPositionHook(conv, site_state), _CONV_HOOK
+            )
+    else:
+        raise ValueError(f"unknown ExVideo position kind {site.position_kind!r} at {site.name}")
 
 
 def apply_exvideo(
@@ -321,13 +378,11 @@ def apply_exvideo(
     Apply ExVideo before window fusion (:func:`longgen.extend.fusion.apply_window_fusion`), which then windows the
     extended embedding. Undo with :func:`remove_exvideo`.
     """
-    from .fusion import has_window_fusion
-
     sites = _sites(adapter)
     model = adapter.model
     if model in _STATES:
         raise RuntimeError("ExVideo is already applied to this model; call remove_exvideo(adapter) first")
-    if has_window_fusion(adapter):
+    if has_hook(adapter, WINDOW_FUSION_HOOK):
         raise RuntimeError(
             "window fusion is applied to this model: remove_window_fusion(adapter), apply ExVideo, then apply window "
             "fusion again (it windows the extended position embedding)"
@@ -353,41 +408,7 @@ def apply_exvideo(
                 )
             site_state = _SiteState(site, record)
             state.sites.append(site_state)
-            position = site.position
-            if site.position_kind == "ids":
-                with torch.no_grad():
-                    table = position(ids.to(device)).detach().clone()  # [N, D], the module's own sinusoid
-                table = nn.Parameter(table)
-                position.register_parameter(TABLE_ATTR, table)
-                state.new_parameters.append(table)
-                HookRegistry.check_if_exists_or_initialize(position).register_hook(
-                    _TableLookupHook(table, site.name), _TABLE_HOOK
-                )
-                if positional_conv:
-                    for block in site.conv_blocks:
-                        channels = _block_channels(block)
-                        conv = IdentityConv3d(channels, device=device, dtype=dtype)
-                        block.add_module(CONV_ATTR, conv)
-                        state.new_parameters.extend(conv.parameters())
-                        HookRegistry.check_if_exists_or_initialize(block).register_hook(
-                            _ConvBeforeBlockHook(conv, site_state), _CONV_HOOK
-                        )
-            elif site.position_kind == "additive":
-                pe = position.pe  # [1, P, D] buffer
-                site_state.original_pe = pe
-                table = nn.Parameter(pe[:, ids.to(pe.device)].detach().clone())  # [1, N, D]
-                del position._buffers["pe"]
-                position.register_parameter("pe", table)
-                state.new_parameters.append(table)
-                if positional_conv:
-                    conv = IdentityConv3d(pe.shape[-1], device=device, dtype=dtype)
-                    position.add_module(CONV_ATTR, conv)
-                    state.new_parameters.extend(conv.parameters())
-                    HookRegistry.check_if_exists_or_initialize(position).register_hook(
-                        _ConvAfterPositionHook(conv, site_state), _CONV_HOOK
-                    )
-            else:
-                raise ValueError(f"unknown ExVideo position kind {site.position_kind!r} at {site.name}")
+            _install_site(site_state, state, ids, positional_conv, device, dtype)
             for module in site.trainable:
                 if not any(module is m for m in state.trainable_modules):
                     state.trainable_modules.append(module)
@@ -433,12 +454,10 @@ def exvideo_trainable_parameters(adapter: BackboneAdapter) -> list[nn.Parameter]
 
 def remove_exvideo(adapter: BackboneAdapter) -> None:
     """Undo :func:`apply_exvideo`: drop the tables, convolutions and hooks and restore ``requires_grad``."""
-    from .fusion import has_window_fusion
-
     model = adapter.model
     if model not in _STATES:
         return
-    if has_window_fusion(adapter):
+    if has_hook(adapter, WINDOW_FUSION_HOOK):
         raise RuntimeError(
             "window fusion wraps ExVideo's position embeddings: call remove_window_fusion(adapter) before remove_exvideo"
         )
@@ -467,3 +486,46 @@ def remove_exvideo(adapter: BackboneAdapter) -> None:
     for name, param in model.named_parameters():
         if name in state.requires_grad_before:
             param.requires_grad_(state.requires_grad_before[name])
+
+
+@dataclass(frozen=True)
+class ExVideoConfig:
+    """ExVideo (Duan et al. 2024) options of the registry entry (see :func:`apply_exvideo`)."""
+
+    target_latent_frames: int = field(metadata={"help": "frames the extended position table covers (latent)"})
+    train_latent_frames: int | None = field(default=None, metadata={"help": "trained length (latent frames)"})
+    repeat_length: int | None = field(default=None, metadata={"help": "period of the reflected positions"})
+    positional_conv: bool = field(default=True, metadata={"help": "add the identity-initialised Conv3d"})
+    set_trainable: bool = field(default=False, metadata={"help": "freeze all but ExVideo's parameters (training)", "cli": False})
+
+
+def _apply_from_config(adapter: BackboneAdapter, config: ExVideoConfig) -> ExVideoState:
+    return apply_exvideo(
+        adapter,
+        config.target_latent_frames,
+        train_latent_frames=config.train_latent_frames,
+        repeat_length=config.repeat_length,
+        positional_conv=config.positional_conv,
+        set_trainable=config.set_trainable,
+    )
+
+
+def _register() -> None:
+    from .registry import ExtensionSpec, register_extension
+
+    register_extension(
+        ExtensionSpec(
+            name="exvideo",
+            config_cls=ExVideoConfig,
+            apply=_apply_from_config,
+            remove=remove_exvideo,
+            description="ExVideo positional extension to --target-frames (UNets: AnimateDiff, SVD)",
+            needs_target_frames=True,
+            sets_window=True,
+            trainable_parameters=exvideo_trainable_parameters,
+            training_options=(("set_trainable", True),),
+        )
+    )
+
+
+_register()

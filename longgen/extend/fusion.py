@@ -37,70 +37,50 @@ Departure: FreeNoise's temporal attention has no text tokens; the uniform mean k
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
-from torch import nn
 
+from ..backbones.capabilities import FrameAttention, WindowAttention
+from ..windows import fuse_window_outputs, fuse_windows, pyramid_weights, window_starts
 from .dit_attention import (
-    DIT_WINDOW_FAMILIES,
     DiTAttentionSite,
     DiTWindowHook,
-    denoiser_models,
     dit_self_attention_layers,
     register_dit_window_hooks,
+)
+from .hooks import (
+    SPECTRAL_BLEND_HOOK,
+    WINDOW_FUSION_HOOK,
+    check_no_hook,
+    frame_attention_layers,
+    has_hook,
     remove_hooks,
+    window_families,
 )
 
 if TYPE_CHECKING:
     from ..backbones.base import BackboneAdapter
 
 __all__ = [
-    "FRAME_ATTENTION_FAMILIES",
+    "WINDOW_FUSION_HOOK",
     "WindowFusionConfig",
+    "WindowFusionOptions",
     "apply_window_fusion",
     "fuse_window_outputs",
     "fuse_windows",
     "has_window_fusion",
     "pyramid_weights",
     "remove_window_fusion",
-    "supported_families",
+    "window_families",
     "window_starts",
 ]
 
-FRAME_ATTENTION_FAMILIES = ("animatediff", "svd")
-"""Backbones whose temporal attention layers attend over the frame axis (sequence = frames)."""
-
-WINDOW_FUSION_HOOK = "longgen_window_fusion"
 _POSITION_HOOK = "longgen_window_fusion_positions"
 _GRID_HOOK = "longgen_window_fusion_grid"
-
-
-def supported_families() -> tuple[str, ...]:
-    """Backbones window fusion and SpectralBlend support: frame-axis UNets, then the video-token DiTs."""
-    return (*FRAME_ATTENTION_FAMILIES, *DIT_WINDOW_FAMILIES)
-
-
-def check_frame_attention_backbone(adapter: BackboneAdapter, method: str) -> list[tuple[str, nn.Module]]:
-    """The adapter's frame-axis temporal attention layers (UNets), or a ValueError naming the supported backbones.
-
-    Call it only for families outside :data:`~longgen.extend.dit_attention.DIT_WINDOW_FAMILIES` (those take the
-    DiT path).
-    """
-    if adapter.family not in FRAME_ATTENTION_FAMILIES:
-        raise ValueError(
-            f"{method} is not available for the {adapter.family!r} backbone; supported: "
-            f"{', '.join(supported_families())} (temporal attention over the frame axis, or self-attention over "
-            f"video tokens with RoPE, windowed per latent frame). For long clips on {adapter.family!r} use the "
-            "sliding, fifo or df samplers, or apply_rope_extension (pi, ntk, yarn, riflex)."
-        )
-    modules = adapter.temporal_attention_modules()
-    if not modules:
-        raise ValueError(f"the {adapter.family!r} model declares no temporal attention layers for {method}")
-    return modules
 
 
 @dataclass(frozen=True)
@@ -117,61 +97,6 @@ class WindowFusionConfig:
             raise ValueError(
                 f"stride must be in [1, window={self.window}] so that the windows cover every frame, got {self.stride}"
             )
-
-
-def pyramid_weights(window: int, device=None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """FreeNoise's pyramid weights ``w(i) = min(i + 1, W - i)``: ``[1, 2, .., W/2, W/2, .., 2, 1]`` (odd W: one peak)."""
-    i = torch.arange(window, device=device)
-    return torch.minimum(i + 1, window - i).to(dtype)
-
-
-def window_starts(num_frames: int, window: int, stride: int) -> list[int]:
-    """Starts of the windows ``[s, s + W)``: ``0, S, 2S, ..`` while they fit, then a tail window ending at the last frame."""
-    if num_frames <= window:
-        return [0]
-    starts = list(range(0, num_frames - window + 1, stride))
-    if starts[-1] + window < num_frames:
-        starts.append(num_frames - window)
-    return starts
-
-
-def fuse_window_outputs(
-    run: Callable[[int], torch.Tensor], num_frames: int, window: int, stride: int
-) -> torch.Tensor:
-    """FreeNoise's pyramid-weighted mean of window outputs (Eq. 6) over ``num_frames`` frames.
-
-    ``run(start)`` returns the output ``[N, W, ...]`` (frame axis 1) of the window ``[start, start + W)``; the
-    windows are :func:`window_starts`. Returns ``[N, F, ...]``. The sums run in float32; the result has the
-    windows' dtype.
-    """
-    weights = pyramid_weights(window)  # [W]
-    total = torch.zeros(num_frames)  # [F]
-    acc = None
-    out_dtype = torch.float32
-    for start in window_starts(num_frames, window, stride):
-        out = run(start)  # [N, W, ...]
-        if acc is None:
-            acc = torch.zeros(out.shape[0], num_frames, *out.shape[2:], device=out.device)  # [N, F, ...]
-            weights = weights.to(out.device).view(1, window, *([1] * (out.ndim - 2)))
-            total = total.to(out.device)
-            out_dtype = out.dtype
-        acc[:, start : start + window] += weights * out.float()
-        total[start : start + window] += weights.flatten()
-    return (acc / total.view(1, num_frames, *([1] * (acc.ndim - 2)))).to(out_dtype)
-
-
-def fuse_windows(
-    fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, window: int, stride: int
-) -> torch.Tensor:
-    """Apply ``fn`` to frame windows of ``x`` ``[N, F, C]`` and fuse them with pyramid weights (FreeNoise Eq. 6).
-
-    ``fn`` maps ``[N, W', C]`` to ``[N, W', C']``. With one window (``F <= W``) this is ``fn(x)`` exactly. The sums
-    run in float32; the result has ``fn``'s dtype.
-    """
-    num_frames = x.shape[1]
-    if num_frames <= window:
-        return fn(x)
-    return fuse_window_outputs(lambda start: fn(x[:, start : start + window]), num_frames, window, stride)
 
 
 class _PositionBypassHook(ModelHook):
@@ -235,21 +160,9 @@ class _DiTWindowFusionHook(DiTWindowHook):
         return self.windowed(call, grid, self.config.window, self.config.stride)
 
 
-def _check_no_replacing_hook(modules: list[tuple[str, nn.Module]], hook_name: str, message: str) -> None:
-    for name, module in modules:
-        registry = getattr(module, "_diffusers_hook", None)
-        if registry is not None and registry.get_hook(hook_name) is not None:
-            raise RuntimeError(message.format(name=name))
-
-
 def has_window_fusion(adapter: BackboneAdapter) -> bool:
     """True when window fusion hooks are on the adapter's model."""
-    return any(
-        getattr(m, "_diffusers_hook", None) is not None
-        and m._diffusers_hook.get_hook(WINDOW_FUSION_HOOK) is not None
-        for model in denoiser_models(adapter)
-        for m in model.modules()
-    )
+    return has_hook(adapter, WINDOW_FUSION_HOOK)
 
 
 def apply_window_fusion(
@@ -265,17 +178,15 @@ def apply_window_fusion(
     ``stride`` to a quarter of it (FreeNoise: 4). Clips of at most ``window`` frames run the stock model exactly.
     Undo with :func:`remove_window_fusion`.
     """
-    from .spectral import SPECTRAL_BLEND_HOOK
-
-    is_dit = getattr(adapter, "window_attention_spec", lambda: None)() is not None
+    is_dit = isinstance(adapter, WindowAttention)
     modules = (
         dit_self_attention_layers(adapter, "window fusion")
         if is_dit
-        else check_frame_attention_backbone(adapter, "window fusion")
+        else frame_attention_layers(adapter, "window fusion")
     )
     if has_window_fusion(adapter):
         raise RuntimeError("window fusion is already applied; call remove_window_fusion(adapter) first")
-    _check_no_replacing_hook(
+    check_no_hook(
         modules,
         SPECTRAL_BLEND_HOOK,
         "SpectralBlend is applied to {name}: window fusion and SpectralBlend both replace temporal attention; "
@@ -292,9 +203,7 @@ def apply_window_fusion(
             lambda site: _DiTWindowFusionHook(config, site),
         )
         return config
-    positions = (
-        adapter.temporal_attention_positions() if hasattr(adapter, "temporal_attention_positions") else {}
-    )
+    positions = adapter.temporal_attention_positions()  # a FrameAttention UNet here
     bypass: dict[int, _PositionBypassHook] = {}
     for name, module in modules:
         position_hook = None
@@ -310,7 +219,7 @@ def apply_window_fusion(
             _WindowFusionHook(config, position_hook), WINDOW_FUSION_HOOK
         )
     HookRegistry.check_if_exists_or_initialize(adapter.model).invalidate_child_registries_cache()
-    if bypass and hasattr(adapter, "position_window"):
+    if bypass:
         adapter.position_window = config.window
     return config
 
@@ -318,5 +227,31 @@ def apply_window_fusion(
 def remove_window_fusion(adapter: BackboneAdapter) -> None:
     """Remove the hooks of :func:`apply_window_fusion`; the model is the stock model again."""
     remove_hooks(adapter, WINDOW_FUSION_HOOK, _POSITION_HOOK, _GRID_HOOK)
-    if hasattr(adapter, "position_window"):
+    if isinstance(adapter, FrameAttention):
         adapter.position_window = None
+
+
+@dataclass(frozen=True)
+class WindowFusionOptions:
+    """Options of the ``fusion`` registry entry (None: from the native clip, see :func:`apply_window_fusion`)."""
+
+    window: int | None = field(default=None, metadata={"help": "window in latent frames (default: native clip)"})
+    stride: int | None = field(default=None, metadata={"help": "stride in latent frames (default: window // 4)"})
+
+
+def _register() -> None:
+    from .registry import ExtensionSpec, register_extension
+
+    register_extension(
+        ExtensionSpec(
+            name="fusion",
+            config_cls=WindowFusionOptions,
+            apply=lambda adapter, options: apply_window_fusion(adapter, **dataclasses.asdict(options)),
+            remove=remove_window_fusion,
+            description="FreeNoise window fusion: temporal attention in windows of the native length, the whole "
+            "clip at once (AnimateDiff, SVD; DiTs: video self-attention windowed per latent frame)",
+        )
+    )
+
+
+_register()

@@ -18,7 +18,10 @@ frequencies ``theta_j = b^(-2j/d)`` (``d`` temporal channels per head, base ``b`
 * **RIFLEx** (Zhao et al. 2025, "RIFLEx: A Free Lunch for Length Extrapolation in Video Diffusion
   Transformers", Eq. 4-8; thu-ml/RIFLEx ``riflex_utils.py``): find the intrinsic component ``k`` (1-based)
   whose period ``N_k = round(2 pi / theta_k)`` sets where a video starts to repeat, and lower only it,
-  ``theta_k' = 0.9 * 2 pi / L'``, so the whole clip stays within 90% of one period.
+  ``theta_k' = 0.9 * 2 pi / L'``, so the whole clip stays within 90% of one period. Training-free, this
+  happens only when the target outgrows that period, ``L' > N_k`` (below it component k never wraps and
+  the stock RoPE runs), as the official scripts do (``if L_test > N_k or finetune``); ``finetune=True``
+  (a model post-tuned with RIFLEx) always lowers it.
 
 The model-specific part (where the frequencies live: Wan's precomputed tables, HunyuanVideo's RoPE
 module, CogVideoX's ``temporal_inv_freq``, LTX's fractional coordinates) is each backbone adapter's
@@ -34,8 +37,7 @@ is ``s = target_positions / train_positions``, at least 1 (a shorter clip runs t
 
 from __future__ import annotations
 
-import argparse
-import json
+import dataclasses
 import logging
 import math
 import weakref
@@ -45,20 +47,25 @@ from typing import Any
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
+from ..backbones.capabilities import TemporalRope, TemporalRopeScale
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "ROPE_METHODS",
     "YARN_BETA_FAST",
     "YARN_BETA_SLOW",
+    "RiflexConfig",
     "RopeExtension",
-    "add_inspect_rope_parser",
+    "RopeExtensionConfig",
+    "YarnConfig",
     "apply_rope_extension",
     "extension_from_args",
     "get_rope_extension",
     "ntk_base",
     "ntk_frequencies",
     "pi_frequencies",
+    "print_rope_info",
     "remove_rope_extension",
     "riflex_frequencies",
     "riflex_intrinsic_frequency",
@@ -90,7 +97,7 @@ _METHOD_OPTIONS: dict[str, tuple[str, ...]] = {
     "pi": (),
     "ntk": (),
     "yarn": ("beta_fast", "beta_slow", "attention_temperature"),
-    "riflex": ("k", "repetition_frame"),
+    "riflex": ("k", "repetition_frame", "finetune"),
 }
 
 
@@ -320,15 +327,12 @@ _APPLIED: weakref.WeakKeyDictionary[torch.nn.Module, RopeExtension] = weakref.We
 
 
 def _supported_families() -> str:
-    """``family (methods)`` of every registered backbone that declares RoPE extension methods."""
-    from ..backbones import FAMILIES, get_adapter_class
+    """``family (methods)`` of every registered backbone that declares temporal RoPE (:class:`TemporalRope`)."""
+    from ..backbones import families_with, get_adapter_class
 
     parts = []
-    for family in FAMILIES:
-        try:
-            methods = getattr(get_adapter_class(family), "rope_extension_methods", ())
-        except ImportError:  # a family whose optional dependency is missing
-            continue
+    for family in families_with(TemporalRope):
+        methods = get_adapter_class(family).rope_extension_methods
         if methods:
             parts.append(
                 family if tuple(methods) == ROPE_METHODS else f"{family} ({', '.join(methods)} only)"
@@ -338,11 +342,11 @@ def _supported_families() -> str:
 
 def _check_supported(adapter, method: str | None = None) -> tuple[str, ...]:
     """The adapter's RoPE extension methods; a ValueError naming the supported backbones if it has none."""
-    family = getattr(adapter, "family", type(adapter).__name__)
-    methods = tuple(getattr(adapter, "rope_extension_methods", ()))
+    family = adapter.family
+    methods = tuple(adapter.rope_extension_methods) if isinstance(adapter, TemporalRope) else ()
     if not methods or adapter.rope_module() is None:
         if methods:  # e.g. CogVideoX-2b: the family has RoPE, this checkpoint does not
-            getattr(adapter, "_require_rope", lambda: None)()
+            adapter.require_rope()
         raise ValueError(
             f"RoPE extension needs a video DiT with rotary position embeddings on the time axis; {family} "
             f"({type(adapter.model).__name__}) has none. Backbones that support it: {_supported_families()}. "
@@ -373,7 +377,7 @@ def _native_latent_frames(adapter) -> int:
 
 def get_rope_extension(adapter) -> RopeExtension | None:
     """The RoPE extension currently applied to the adapter's model, or None."""
-    rope = adapter.rope_module()
+    rope = adapter.rope_module() if isinstance(adapter, TemporalRope) else None
     return None if rope is None else _APPLIED.get(rope)
 
 
@@ -390,7 +394,8 @@ def apply_rope_extension(
     ``train_latent_frames`` None means the adapter's native clip. Options: YaRN ``beta_fast`` (default
     :data:`YARN_BETA_FAST`), ``beta_slow`` (:data:`YARN_BETA_SLOW`), ``attention_temperature`` (logit
     multiplier; default ``(0.1 ln s + 1)^2``); RIFLEx ``k`` (1-based component, default identified) and
-    ``repetition_frame`` (identify k as the period closest to it). Returns a handle; undo with
+    ``repetition_frame`` (identify k as the period closest to it) and ``finetune`` (change RoPE even when
+    the target fits the intrinsic period ``N_k``; training-free RIFLEx leaves it stock there). Returns a handle; undo with
     :func:`remove_rope_extension` (or ``handle.remove()``, or use the handle as a context manager).
     Apply it before ``LongVideoPipeline.generate``; it acts on every later ``denoise`` call.
     """
@@ -435,7 +440,7 @@ def apply_rope_extension(
     )
     _APPLIED[rope] = handle
     try:
-        if not hasattr(adapter, "set_temporal_rope_frequencies"):  # LTX: PI through the coordinate scale
+        if isinstance(adapter, TemporalRopeScale):  # LTX: PI through the coordinate scale
             handle._previous_position_scale = float(adapter.temporal_position_scale)
             adapter.set_temporal_position_scale(handle._previous_position_scale * scale)
         else:
@@ -465,6 +470,7 @@ def _install_frequencies(
     attention_temperature: float | None = None,
     k: int | None = None,
     repetition_frame: int | None = None,
+    finetune: bool = False,
 ) -> None:
     """Compute the method's temporal frequencies from the model's own and install them via the adapter."""
     stock = adapter.temporal_rope_frequencies()
@@ -494,13 +500,16 @@ def _install_frequencies(
                 raise ValueError(f"RIFLEx component k must be in 1..{axis['dim'] // 2} (1-based), got {k!r}")
             n_k = riflex_periods(axis["dim"], axis["base"])[k - 1]
         handle.intrinsic_component = (int(k), int(n_k))
-        # RIFLEx is an extrapolation method: at or below the native length the stock model runs.
-        new = riflex_frequencies(stock, k, handle.target_positions) if handle.scale > 1 else stock.clone()
+        handle.options["finetune"] = bool(finetune)
+        # Training-free RIFLEx changes RoPE only when the target outgrows the intrinsic period (L' > N_k);
+        # within one period the component never wraps, so the stock model runs (thu-ml/RIFLEx applies its
+        # modified RoPE only `if L_test > N_k or finetune`). A model fine-tuned with RIFLEx always uses it.
+        modify = finetune or handle.target_positions > n_k
+        new = riflex_frequencies(stock, k, handle.target_positions) if modify else stock.clone()
     handle.stock_frequencies, handle.frequencies = stock, new
     adapter.set_temporal_rope_frequencies(new)
     if handle.attention_temperature != 1.0:
-        modules_of = getattr(adapter, "rope_attention_modules", adapter.temporal_attention_modules)
-        for name, attn in modules_of():
+        for name, attn in adapter.rope_attention_modules():
             for module in _query_modules(attn, name):
                 HookRegistry.check_if_exists_or_initialize(module).register_hook(
                     _QueryScaleHook(handle.attention_temperature), YARN_TEMPERATURE_HOOK
@@ -510,7 +519,7 @@ def _install_frequencies(
 
 def remove_rope_extension(adapter) -> bool:
     """Restore the stock model bit for bit; returns False when no RoPE extension was applied."""
-    rope = adapter.rope_module()
+    rope = adapter.rope_module() if isinstance(adapter, TemporalRope) else None
     handle = None if rope is None else _APPLIED.pop(rope, None)
     if handle is None:
         return False
@@ -519,7 +528,7 @@ def remove_rope_extension(adapter) -> bool:
     handle._hooked_modules.clear()
     if handle._previous_position_scale is not None:
         adapter.set_temporal_position_scale(handle._previous_position_scale)
-    elif hasattr(adapter, "set_temporal_rope_frequencies"):
+    else:
         adapter.set_temporal_rope_frequencies(None)
     return True
 
@@ -589,7 +598,10 @@ def temporal_rope_info(adapter) -> dict[str, Any]:
     return info
 
 
-def _print_rope_info(info: dict[str, Any]) -> None:
+def print_rope_info(info: dict[str, Any]) -> None:
+    """Print :func:`temporal_rope_info` as tables (``longgen inspect-rope``)."""
+    import json
+
     methods = ", ".join(info["extension_methods"])
     print(
         f"{info['family']} ({info['rope_module']}): native clip {info['native_latent_frames']} latent frames "
@@ -615,27 +627,78 @@ def _print_rope_info(info: dict[str, Any]) -> None:
         print(f"\napplied extension: {json.dumps(info['extension'])}")
 
 
-def _cmd_inspect_rope(args: argparse.Namespace) -> int:
-    from ..backbones import load_adapter
+# ----------------------------------------------------------------------------------------------------
+# Registry entries: pi, ntk, yarn, riflex
+# ----------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RopeExtensionConfig:
+    """Temporal RoPE extension (PI, NTK): from ``train_latent_frames`` (None: the native clip) to the target."""
 
-    adapter = load_adapter(args.model)
-    info = temporal_rope_info(adapter)
-    if args.json:
-        print(json.dumps(info, indent=2))
-    else:
-        _print_rope_info(info)
-    return 0
+    target_latent_frames: int = field(metadata={"help": "length the model sees in one window (latent frames)"})
+    train_latent_frames: int | None = field(default=None, metadata={"help": "native length (latent frames)"})
 
 
-def add_inspect_rope_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Register ``longgen inspect-rope --model PATH`` on argparse subparsers (sets the ``func`` default)."""
-    p = sub.add_parser(
-        "inspect-rope",
-        help="print each RoPE axis's frequencies and periods of a model folder (and RIFLEx's k)",
-        description="Print the rotary position embedding of a 3D-RoPE video DiT: per axis (t, h, w) the "
-        "channels, base, frequencies and periods 2*pi/theta_j, and RIFLEx's intrinsic temporal component.",
-    )
-    p.add_argument("--model", required=True, help="local diffusers pipeline folder")
-    p.add_argument("--json", action="store_true", help="print the information as JSON")
-    p.set_defaults(func=_cmd_inspect_rope)
-    return p
+@dataclass(frozen=True)
+class YarnConfig(RopeExtensionConfig):
+    """YaRN (Peng et al. 2024): ramp between extrapolated and interpolated components, attention temperature."""
+
+    beta_fast: float = field(default=YARN_BETA_FAST, metadata={"help": "turns over the native clip above which "
+                             "a component keeps its frequency"})
+    beta_slow: float = field(default=YARN_BETA_SLOW, metadata={"help": "turns below which it is interpolated"})
+    attention_temperature: float | None = field(default=None, metadata={"help": "logit multiplier (default "
+                                                "(0.1 ln s + 1)^2)"})
+
+
+@dataclass(frozen=True)
+class RiflexConfig(RopeExtensionConfig):
+    """RIFLEx (Zhao et al. 2025): lower the intrinsic component's frequency to keep the target in one period."""
+
+    k: int | None = field(default=None, metadata={"help": "intrinsic component, 1-based (default: identified)"})
+    repetition_frame: int | None = field(default=None, metadata={"help": "latent frame where extrapolated videos "
+                                         "first repeat (identifies k)"})
+    finetune: bool = field(default=False, metadata={"help": "the model was fine-tuned with RIFLEx: change RoPE "
+                           "even when the target fits the intrinsic period"})
+
+
+def _rope_apply(method: str):
+    def apply(adapter, config: RopeExtensionConfig) -> RopeExtension:
+        options = {
+            f.name: getattr(config, f.name)
+            for f in dataclasses.fields(config)
+            if f.name not in ("target_latent_frames", "train_latent_frames")
+        }
+        options = {k: v for k, v in options.items() if v is not None}
+        return apply_rope_extension(
+            adapter, method, config.train_latent_frames, config.target_latent_frames, **options
+        )
+
+    return apply
+
+
+def _register_rope_extensions() -> None:
+    from .registry import ExtensionSpec, register_extension
+
+    configs = {"pi": RopeExtensionConfig, "ntk": RopeExtensionConfig, "yarn": YarnConfig, "riflex": RiflexConfig}
+    descriptions = {
+        "pi": "positional interpolation of the temporal RoPE to --target-frames (3D-RoPE DiTs; LTX: only pi)",
+        "ntk": "NTK-aware temporal RoPE base scaling to --target-frames (3D-RoPE DiTs)",
+        "yarn": "YaRN temporal RoPE extension to --target-frames (3D-RoPE DiTs)",
+        "riflex": "RIFLEx: lower the intrinsic temporal frequency, ~2x length training-free (3D-RoPE DiTs)",
+    }
+    for method in ROPE_METHODS:
+        register_extension(
+            ExtensionSpec(
+                name=method,
+                config_cls=configs[method],
+                apply=_rope_apply(method),
+                remove=remove_rope_extension,
+                description=descriptions[method],
+                needs_target_frames=True,
+                sets_window=True,
+                # a model post-tuned with RIFLEx learned the lowered frequency at every length
+                training_options=(("finetune", True),) if method == "riflex" else (),
+            )
+        )
+
+
+_register_rope_extensions()

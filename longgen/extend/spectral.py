@@ -55,29 +55,30 @@ alone: ``text = g * text_global + (1 - g) * text_local`` with ``g`` the filter's
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from torch import nn
 
+from ..backbones.capabilities import WindowAttention
 from .dit_attention import (
     DiTAttentionSite,
     DiTWindowHook,
-    denoiser_models,
     dit_self_attention_layers,
     register_dit_window_hooks,
-    remove_hooks,
 )
-from .fusion import WINDOW_FUSION_HOOK, check_frame_attention_backbone
+from .hooks import SPECTRAL_BLEND_HOOK, WINDOW_FUSION_HOOK, frame_attention_layers, has_hook, remove_hooks
 
 if TYPE_CHECKING:
     from ..backbones.base import BackboneAdapter
 
 __all__ = [
     "SpectralBlendConfig",
+    "SpectralBlendOptions",
     "apply_spectral_blend",
     "gaussian_low_pass_filter",
     "has_spectral_blend",
@@ -87,7 +88,6 @@ __all__ = [
     "spectral_blend",
 ]
 
-SPECTRAL_BLEND_HOOK = "longgen_spectral_blend"
 _SIZE_HOOK = "longgen_spectral_blend_size"
 _GRID_HOOK = "longgen_spectral_blend_grid"
 
@@ -323,11 +323,11 @@ def apply_spectral_blend(
     self-attention, local branch fused frame windows of ``local_window`` latent frames every ``local_stride``
     frames (default ``local_window // 4``).
     """
-    is_dit = getattr(adapter, "window_attention_spec", lambda: None)() is not None
+    is_dit = isinstance(adapter, WindowAttention)
     modules = (
         dit_self_attention_layers(adapter, "SpectralBlend")
         if is_dit
-        else check_frame_attention_backbone(adapter, "SpectralBlend")
+        else frame_attention_layers(adapter, "SpectralBlend")
     )
     for name, module in modules:
         registry = getattr(module, "_diffusers_hook", None)
@@ -389,9 +389,33 @@ def remove_spectral_blend(adapter: BackboneAdapter) -> None:
 
 def has_spectral_blend(adapter: BackboneAdapter) -> bool:
     """True when SpectralBlend hooks are on the adapter's model."""
-    return any(
-        getattr(m, "_diffusers_hook", None) is not None
-        and m._diffusers_hook.get_hook(SPECTRAL_BLEND_HOOK) is not None
-        for model in denoiser_models(adapter)
-        for m in model.modules()
+    return has_hook(adapter, SPECTRAL_BLEND_HOOK)
+
+
+@dataclass(frozen=True)
+class SpectralBlendOptions:
+    """Options of the ``spectral`` registry entry (see :func:`apply_spectral_blend`)."""
+
+    local_window: int | None = field(default=None, metadata={"help": "local window, latent frames (default: "
+                                     "native clip)"})
+    spatial_stop_frequency: float = field(default=0.25, metadata={"help": "Gaussian low-pass d_s"})
+    temporal_stop_frequency: float = field(default=0.25, metadata={"help": "Gaussian low-pass d_t"})
+    local_stride: int | None = field(default=None, metadata={"help": "DiTs: stride of the local windows"})
+
+
+def _register() -> None:
+    from .registry import ExtensionSpec, register_extension
+
+    register_extension(
+        ExtensionSpec(
+            name="spectral",
+            config_cls=SpectralBlendOptions,
+            apply=lambda adapter, options: apply_spectral_blend(adapter, **dataclasses.asdict(options)),
+            remove=remove_spectral_blend,
+            description="FreeLong SpectralBlend: global and windowed temporal attention blended in frequency "
+            "(AnimateDiff, SVD; DiTs: video self-attention)",
+        )
     )
+
+
+_register()

@@ -6,6 +6,8 @@ from typing import Protocol
 
 import torch
 
+from ..windows import window_starts  # noqa: F401  (one implementation, shared with longgen.extend)
+
 
 class Denoiser(Protocol):
     """``denoise(x[B,C,F,H,W], sigma[B,F], frame_offset=0) -> x0``.
@@ -16,27 +18,6 @@ class Denoiser(Protocol):
     """
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, frame_offset: int = 0) -> torch.Tensor: ...
-
-
-def window_starts(num_latent_frames: int, window: int, stride: int) -> list[int]:
-    """Start indices of windows of ``window`` frames every ``stride`` frames, plus a tail window.
-
-    The tail window ends at the last frame, so every frame is covered even when the stride does not
-    divide ``num_latent_frames - window``.
-    """
-    if window < 1 or stride < 1:
-        raise ValueError(f"window and stride must be >= 1, got window={window}, stride={stride}")
-    if window > num_latent_frames:
-        raise ValueError(
-            f"window of {window} latent frames is longer than the clip ({num_latent_frames} latent frames): "
-            f"use --window <= {num_latent_frames} or generate more frames"
-        )
-    if stride > window:
-        raise ValueError(f"stride {stride} > window {window} leaves frames uncovered: use --stride <= {window}")
-    starts = list(range(0, num_latent_frames - window + 1, stride))
-    if starts[-1] + window < num_latent_frames:
-        starts.append(num_latent_frames - window)
-    return starts
 
 
 def fusion_weights(window: int, kind: str = "pyramid") -> torch.Tensor:

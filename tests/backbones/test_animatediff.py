@@ -4,7 +4,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, UNetMotionModel
 
-from longgen.backbones import build_tiny, cat_conds, load_adapter
+from longgen.backbones import TemporalRope, build_tiny, cat_conds, load_adapter
 from longgen.backbones.animatediff import AnimateDiffAdapter
 from longgen.samplers import sample_full
 
@@ -304,7 +304,7 @@ def test_temporal_modules_for_extensions(adapter):
     assert len(pos) == 7 and all(isinstance(m, SinusoidalPositionalEmbedding) for _, m in pos)
     assert all(adapter.model.get_submodule(n) is m for n, m in attn + pos)
     assert pos[0][1].pe.shape[1] == adapter.max_num_frames() == 32
-    assert adapter.rope_module() is None and adapter.default_num_frames == 16
+    assert not isinstance(adapter, TemporalRope) and adapter.default_num_frames == 16  # no RoPE capability
     lora = adapter.motion_lora_target_modules()
     assert len(lora) == 14 * 4 and all(".motion_modules." in n for n in lora)
     assert {n.rsplit(".", 1)[-1] for n in lora} == {"to_q", "to_k", "to_v", "0"}

@@ -186,7 +186,7 @@ def test_window_fusion_on_top_of_exvideo(adapters, conds):
 def test_unsupported_backbone_is_a_clear_error():
     wan = WanAdapter.__new__(WanAdapter)
     with pytest.raises(
-        ValueError, match=r"ExVideo is not available for the 'wan' backbone.*svd, animatediff"
+        ValueError, match=r"ExVideo is not available for the 'wan' backbone.*supported: animatediff, svd\."
     ):
         apply_exvideo(wan, 64)
 

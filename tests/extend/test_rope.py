@@ -1,7 +1,6 @@
 """Temporal RoPE extension (PI, NTK, YaRN, RIFLEx): the papers' equations, identity at scale 1, bit-exact
 removal, and the extension reaching the model on every 3D-RoPE backbone."""
 
-import argparse
 import json
 import math
 
@@ -10,6 +9,7 @@ import torch
 from diffusers.models.embeddings import get_1d_rotary_pos_embed
 
 from longgen.backbones import build_tiny
+from longgen.cli import build_parser
 from longgen.extend import (
     apply_rope_extension,
     extension_from_args,
@@ -20,7 +20,6 @@ from longgen.extend import (
 )
 from longgen.extend.rope import (
     YARN_TEMPERATURE_HOOK,
-    add_inspect_rope_parser,
     ntk_base,
     ntk_frequencies,
     pi_frequencies,
@@ -159,7 +158,10 @@ def test_identity_at_scale_one_change_at_scale_two_and_exact_removal(family):
             assert torch.equal(denoise(adapter, cond, xs[native]), stock[native]), method
             assert torch.equal(denoise(adapter, cond, xs[2 * native]), stock[2 * native]), method
         assert get_rope_extension(adapter) is None
-        handle = apply_rope_extension(adapter, method, None, 2 * native)  # train defaults to the native clip
+        # RIFLEx: 2x the tiny native clip fits the intrinsic period (training-free RIFLEx would keep the stock
+        # RoPE, see test_riflex_training_free_keeps_rope_within_the_intrinsic_period); finetune changes it
+        options = {"finetune": True} if method == "riflex" else {}
+        handle = apply_rope_extension(adapter, method, None, 2 * native, **options)  # train: the native clip
         assert handle.train_latent_frames == native and handle.scale == 2.0
         extended = denoise(adapter, cond, xs[2 * native])
         assert (extended - stock[2 * native]).abs().max() > 1e-4, method
@@ -277,10 +279,30 @@ def test_bad_inputs_are_explained():
     assert extension_from_args(adapter, "none", 2 * native) is None
 
 
-def test_riflex_with_long_video_pipeline_at_twice_the_length():
+def test_riflex_training_free_keeps_rope_within_the_intrinsic_period():
+    """thu-ml/RIFLEx (hunyuanvideo.py) swaps in its RoPE only ``if L_test > N_k or finetune``: a target within the
+    intrinsic period never wraps component k, so the stock model runs; beyond it (or fine-tuned) k is lowered."""
+    adapter, cond, native, xs = tiny("wan")  # tiny Wan: native 3 latent frames, k=1, N_k=6
+    stock = denoise(adapter, cond, xs[2 * native])
+    stock_freqs = adapter.temporal_rope_frequencies()
+    with apply_rope_extension(adapter, "riflex", native, 6) as handle:  # L' = 6 <= N_k = 6
+        assert handle.intrinsic_component == (1, 6) and handle.options["finetune"] is False
+        assert torch.equal(handle.frequencies, stock_freqs)
+        assert torch.equal(denoise(adapter, cond, xs[2 * native]), stock)
+    with apply_rope_extension(adapter, "riflex", native, 7) as handle:  # L' = 7 > N_k: Eq. 8
+        assert handle.frequencies[0].item() == pytest.approx(0.9 * 2 * math.pi / 7)
+        assert (denoise(adapter, cond, xs[2 * native]) - stock).abs().max() > 1e-4
+    with apply_rope_extension(adapter, "riflex", native, 6, finetune=True) as handle:  # fine-tuned: always
+        assert handle.frequencies[0].item() == pytest.approx(0.9 * 2 * math.pi / 6)
+        assert handle.describe()["finetune"] is True
+    assert torch.equal(denoise(adapter, cond, xs[2 * native]), stock)
+
+
+def test_riflex_with_long_video_pipeline_at_three_times_the_length():
     adapter = build_tiny("wan", seed=1)
     pipe = LongVideoPipeline(adapter)
-    num_frames = adapter.num_pixel_frames(2 * adapter.num_latent_frames(adapter.native_video_size[0]))
+    # 3x: 9 latent frames, beyond the intrinsic period N_k = 6 (at 2x training-free RIFLEx is the stock model)
+    num_frames = adapter.num_pixel_frames(3 * adapter.num_latent_frames(adapter.native_video_size[0]))
     kwargs = dict(prompt="a ball", num_frames=num_frames, num_inference_steps=2, seed=3, show_progress=False)
     stock = pipe.generate(**kwargs).latents
     handle = extension_from_args(adapter, "riflex", target_latent_frames=stock.shape[2])
@@ -312,8 +334,7 @@ def test_temporal_rope_info_and_inspect_rope_cli(tmp_path, capsys):
         )
 
     build_tiny("wan").save_pretrained(tmp_path / "wan")
-    parser = argparse.ArgumentParser(prog="longgen")
-    add_inspect_rope_parser(parser.add_subparsers(dest="command"))
+    parser = build_parser()  # inspect-rope's argparse lives in the CLI
     args = parser.parse_args(["inspect-rope", "--model", str(tmp_path / "wan")])
     assert args.func(args) == 0
     out = capsys.readouterr().out
