@@ -8,8 +8,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..noise import NoiseSource, gaussian_noise, noise_frames
-from ..schedules import ddim_step
-from .base import Denoiser
+from .base import Denoiser, ddim_eta_step
 from .full import sample_full
 
 FramesHook = Callable[[int, torch.Tensor], None]
@@ -24,6 +23,7 @@ def sample_fifo(
     window: int,
     num_partitions: int = 4,
     lookahead: bool = True,
+    eta: float = 0.0,
     num_latent_frames: int | None = None,
     init_clip: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
@@ -42,7 +42,9 @@ def sample_fifo(
     noise frame enters at the tail. With ``lookahead`` ``window // 2`` clean frames are kept
     in front of the head as context and ``2 * num_partitions`` windows at stride ``window // 2`` are
     denoised, each writing back only its noisier half, so every frame is denoised with ``window // 2``
-    less noisy frames before it (twice the model calls). As in the official code, those context frames
+    less noisy frames before it (twice the model calls). ``eta`` is DDIM's stochasticity
+    (:func:`~longgen.samplers.base.ddim_eta_step`; the official code's default is 1, longgen's 0 = deterministic)
+    with noise from ``generator``. As in the official code, those context frames
     are shown to the model at the smallest nonzero level ``sigmas[S - 1]``.
 
     The queue starts from ``init_clip`` (``[B, C, window, H, W]``, clean; by default generated first with
@@ -91,7 +93,9 @@ def sample_fifo(
         )
 
     if init_clip is None:
-        init_clip = sample_full(denoise, noise_frames(noise, 0, window, generator), sigmas, disable=True)
+        init_clip = sample_full(
+            denoise, noise_frames(noise, 0, window, generator), sigmas, eta=eta, generator=generator, disable=True
+        )
     elif init_clip.shape[2] != window:
         raise ValueError(f"init_clip must have window={window} latent frames, got {init_clip.shape[2]}")
     device = init_clip.device
@@ -130,7 +134,9 @@ def sample_fifo(
             x0 = denoise(
                 queue[:, :, sl], sigmas[levels[sl]].expand(batch, window), frame_offset=offset + start
             )
-            stepped = ddim_step(queue[:, :, sl], x0, slot_sigma[:, :, sl], slot_sigma_next[:, :, sl])
+            stepped = ddim_eta_step(
+                queue[:, :, sl], x0, slot_sigma[:, :, sl], slot_sigma_next[:, :, sl], eta, generator
+            )
             updated[:, :, start + window - keep : start + window] = stepped[:, :, window - keep :]
         if callback is not None:
             callback({"i": it, "x": updated, "levels": levels, "frame_offset": offset})
