@@ -110,6 +110,11 @@ def _fifo_steps(knobs: FifoKnobs, ctx: SamplerContext) -> int:
     return needed
 
 
+def _fifo_fit_steps(num_steps: int, ctx: SamplerContext) -> dict:
+    window = _resolve_fifo(FifoKnobs(), ctx).window
+    return {"num_partitions": max(1, round(num_steps / window))}
+
+
 @dataclass(frozen=True)
 class DiffusionForcingKnobs:
     """Knobs of :func:`~longgen.samplers.diffusion_forcing.sample_diffusion_forcing`."""
@@ -222,6 +227,7 @@ register_sampler(SamplerSpec(
     streams=True,
     resolve=_resolve_fifo,
     num_steps=_fifo_steps,
+    fit_steps=_fifo_fit_steps,
 ))
 register_sampler(SamplerSpec(
     name="df",

@@ -66,6 +66,8 @@ class SamplerSpec:
       latent frames out while it runs (constant memory in clip length).
     * ``resolve(knobs, ctx) -> knobs``: fill model-derived defaults (return a new dataclass instance).
     * ``num_steps(knobs, ctx) -> int``: model steps the sampler takes (default: ``--steps`` or the model's).
+    * ``fit_steps(num_steps, ctx) -> dict``: for samplers whose step count is set by knobs (fifo), the knob
+      options that come closest to a budget of ``num_steps`` (see :func:`options_for_steps`).
     """
 
     name: str
@@ -75,6 +77,7 @@ class SamplerSpec:
     streams: bool = False
     resolve: Callable[[Any, SamplerContext], Any] = _default_resolve
     num_steps: Callable[[Any, SamplerContext], int] = _default_num_steps
+    fit_steps: Callable[[int, SamplerContext], dict[str, Any]] | None = None
 
     def __post_init__(self) -> None:
         if not self.name or not isinstance(self.name, str):
@@ -146,6 +149,31 @@ def get_sampler(name: str) -> SamplerSpec:
 def sampler_names() -> tuple[str, ...]:
     """Registered sampler names, in registration order."""
     return tuple(_REGISTRY)
+
+
+def options_for_steps(name: str, num_steps: int, ctx: SamplerContext) -> tuple[dict[str, Any], int | None]:
+    """(knob options, steps to request) that give sampler ``name`` about ``num_steps`` model steps.
+
+    Most samplers take ``num_steps`` as asked (``({}, num_steps)``); one whose step count follows from its
+    knobs gets the knobs from its ``fit_steps`` and no step request. Lets comparisons (demo, benchmarks)
+    give every sampler the same budget without naming any.
+    """
+    spec = get_sampler(name)
+    if spec.fit_steps is None:
+        return {}, num_steps
+    return dict(spec.fit_steps(num_steps, ctx)), None
+
+
+def option_flags(options: Mapping[str, Any]) -> list[str]:
+    """Knob options as ``longgen generate`` flags: ``{"num_partitions": 2}`` -> ``["--num-partitions", "2"]``."""
+    flags: list[str] = []
+    for name, value in options.items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(flag if value else "--no-" + name.replace("_", "-"))
+        else:
+            flags += [flag, str(value)]
+    return flags
 
 
 @dataclass(frozen=True)
