@@ -141,7 +141,15 @@ class DiffusionForcingKnobs:
         metadata={"help": "df: re-noise history frames to this level (0-1000, SkyReels-V2 uses 20) to reduce drift"},
     )
 
+    solver: Literal["ddim", "unipc"] = field(
+        default="ddim",
+        metadata={"help": "df: per-frame solver: ddim (Euler on flow models) or unipc (diffusers' UniPC "
+                  "multistep, as its SkyReels-V2 diffusion-forcing pipeline), over the same sigmas"},
+    )
+
     def __post_init__(self) -> None:
+        if self.solver not in ("ddim", "unipc"):
+            raise ValueError(f"--solver must be 'ddim' or 'unipc', got {self.solver!r}")
         _positive("base-num-latent-frames", self.base_num_latent_frames)
         _positive("causal-block-size", self.causal_block_size)
         _positive("overlap-history", self.overlap_history)
