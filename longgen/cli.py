@@ -78,6 +78,7 @@ def sampler_options(args: argparse.Namespace) -> dict:
 
 
 def add_generate_args(p: argparse.ArgumentParser) -> None:
+    """Every ``longgen generate`` flag: model, clip, the registry's sampler knobs, noise, extension, output."""
     from .dtypes import DTYPE_NAMES
 
     g = p.add_argument_group("model")
@@ -104,6 +105,12 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
         help="attention kernel through diffusers' dispatch: native = torch SDPA (default); flash / xformers / "
         "sage need their packages installed; any name of diffusers' AttentionBackendName",
     )
+    _add_clip_args(p)
+    add_sampler_args(p)
+    _add_noise_extension_output_args(p)
+
+
+def _add_clip_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("clip")
     g.add_argument(
         "--prompt",
@@ -142,7 +149,9 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale; 1 disables it")
     g.add_argument("--shift", type=float, default=None, help="flow timestep shift (default: the scheduler's)")
     g.add_argument("--seed", type=int, default=0, help="random seed of the initial noise")
-    add_sampler_args(p)
+
+
+def _add_noise_extension_output_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("noise")
     g.add_argument(
         "--noise",

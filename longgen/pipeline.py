@@ -49,6 +49,15 @@ def output_paths(output_path: str | os.PathLike, batch: int) -> list[str]:
     return [f"{stem}_{i}{ext or '.mp4'}" for i in range(batch)]
 
 
+def _prompt_lists(prompt, negative_prompt, multi_prompt: bool) -> tuple[list[str], list[str] | None]:
+    """Prompts as a list (a batch, or one multi-prompt video) and negatives to match (None: no negatives)."""
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    if negative_prompt is None:
+        return prompts, None
+    n = 1 if multi_prompt else len(prompts)
+    return prompts, [negative_prompt] * n if isinstance(negative_prompt, str) else list(negative_prompt)
+
+
 class _FrameSink:
     """Receives finished latent frames: keeps them, and decodes + streams every sample to its own mp4."""
 
@@ -346,12 +355,7 @@ class LongVideoPipeline:
         height = height if height is not None else native_h
         width = width if width is not None else native_w
         guidance = adapter.default_guidance_scale if guidance_scale is None else guidance_scale
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        negatives = None
-        if negative_prompt is not None:
-            n = 1 if prompt_frames is not None else len(prompts)
-            negatives = [negative_prompt] * n if isinstance(negative_prompt, str) else list(negative_prompt)
-
+        prompts, negatives = _prompt_lists(prompt, negative_prompt, multi_prompt=prompt_frames is not None)
         batch = 1 if prompt_frames is not None else len(prompts)
         shape = adapter.latent_shape(num_frames, height, width, batch_size=batch)
         spec, knob_values, steps = self.plan_sampler(sampler, shape[2], sampler_options, num_inference_steps)

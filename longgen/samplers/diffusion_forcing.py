@@ -124,39 +124,63 @@ def sample_diffusion_forcing(
             callback=callback,
         )
     else:
-        history: torch.Tensor | None = None
-        chunk_start = 0
-        while True:
-            num_ready = 0 if history is None else overlap_history
-            length = min(base, total - chunk_start)
-            new = noise_frames(noise, chunk_start + num_ready, chunk_start + length, generator)
-            sigmas = sigmas.to(new.device)
-            x = new * sigmas[0]
-            if history is not None:
-                x = torch.cat([history, x], dim=2)
-            plan = pyramid_plan(
-                length, num_steps, ar_step=ar_step, causal_block_size=causal_block_size, num_ready=num_ready
-            )
-            x = _run_plan(
-                denoise,
-                x,
-                plan,
-                [(0, length)] * plan.shape[0],
-                sigmas,
-                frame_solver,
-                frame_offset=chunk_start,
-                num_ready=num_ready,
-                add_sigma=add_sigma,
-                generator=generator,
-                emit=emit,
-                callback=callback,
-            )
-            if chunk_start + length >= total:
-                break
-            history = x[:, :, length - overlap_history :]
-            chunk_start += length - overlap_history
+        _run_chunks(denoise, noise, sigmas, frame_solver, total=total, base=base, ar_step=ar_step,
+                    causal_block_size=causal_block_size, overlap_history=overlap_history, add_sigma=add_sigma,
+                    generator=generator, emit=emit, callback=callback)
     progress.close()
     return torch.cat(pieces, dim=2) if return_latents else None
+
+
+def _run_chunks(
+    denoise: Denoiser,
+    noise: torch.Tensor | NoiseSource,
+    sigmas: torch.Tensor,
+    frame_solver: _FrameSolver,
+    *,
+    total: int,
+    base: int,
+    ar_step: int,
+    causal_block_size: int,
+    overlap_history: int,
+    add_sigma: float,
+    generator: torch.Generator | None,
+    emit: Callable[[int, torch.Tensor], None],
+    callback: Callable[[dict], None] | None,
+) -> None:
+    """SkyReels-V2's long-video mode: chunks of ``base`` frames, each starting with ``overlap_history``
+    clean frames of the clip so far (constant memory in the clip length)."""
+    num_steps = len(sigmas) - 1
+    history: torch.Tensor | None = None
+    chunk_start = 0
+    while True:
+        num_ready = 0 if history is None else overlap_history
+        length = min(base, total - chunk_start)
+        new = noise_frames(noise, chunk_start + num_ready, chunk_start + length, generator)
+        sigmas = sigmas.to(new.device)
+        x = new * sigmas[0]
+        if history is not None:
+            x = torch.cat([history, x], dim=2)
+        plan = pyramid_plan(
+            length, num_steps, ar_step=ar_step, causal_block_size=causal_block_size, num_ready=num_ready
+        )
+        x = _run_plan(
+            denoise,
+            x,
+            plan,
+            [(0, length)] * plan.shape[0],
+            sigmas,
+            frame_solver,
+            frame_offset=chunk_start,
+            num_ready=num_ready,
+            add_sigma=add_sigma,
+            generator=generator,
+            emit=emit,
+            callback=callback,
+        )
+        if chunk_start + length >= total:
+            break
+        history = x[:, :, length - overlap_history :]
+        chunk_start += length - overlap_history
 
 
 def scheduler_sigmas(scheduler, num_steps: int) -> torch.Tensor:

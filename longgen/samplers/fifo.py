@@ -15,6 +15,45 @@ FramesHook = Callable[[int, torch.Tensor], None]
 """``on_frames(start, latents[B, C, n, H, W])``: latent frames ``[start, start + n)`` are final."""
 
 
+def _check_fifo(
+    noise: torch.Tensor | NoiseSource,
+    num_steps: int,
+    window: int,
+    num_partitions: int,
+    lookahead: bool,
+    num_latent_frames: int | None,
+) -> int:
+    """Validate FIFO's arguments (clear errors naming the fix); returns the clip length in latent frames."""
+    queue_length = num_partitions * window
+    if window < 1 or num_partitions < 1:
+        raise ValueError(
+            f"window and num_partitions must be >= 1, got window={window}, num_partitions={num_partitions}"
+        )
+    if num_steps != queue_length:
+        raise ValueError(
+            f"FIFO-Diffusion takes one step per queue slot: num_partitions * window = {queue_length} steps, "
+            f"but sigmas has {num_steps} steps; pass sigmas for num_steps={queue_length} "
+            f"(e.g. adapter.sigmas({queue_length}))"
+        )
+    if lookahead and window % 2:
+        raise ValueError(
+            f"lookahead denoising uses half windows, so window must be even, got {window}: use window="
+            f"{window + 1 if window > 1 else 2} or lookahead=False"
+        )
+    if isinstance(noise, torch.Tensor):
+        if noise.ndim != 5:
+            raise ValueError(f"noise must be [B, C, F, H, W], got shape {tuple(noise.shape)}")
+        num_latent_frames = noise.shape[2] if num_latent_frames is None else num_latent_frames
+    elif num_latent_frames is None:
+        raise ValueError("with a NoiseSource, pass num_latent_frames (the length of the clip to generate)")
+    if window > num_latent_frames:
+        raise ValueError(
+            f"FIFO window of {window} latent frames is longer than the clip ({num_latent_frames} latent frames): "
+            f"use window <= {num_latent_frames} or generate more frames"
+        )
+    return num_latent_frames
+
+
 def sample_fifo(
     denoise: Denoiser,
     noise: torch.Tensor | NoiseSource,
@@ -65,32 +104,7 @@ def sample_fifo(
     sigmas = sigmas.float()
     num_steps = len(sigmas) - 1
     queue_length = num_partitions * window
-    if window < 1 or num_partitions < 1:
-        raise ValueError(
-            f"window and num_partitions must be >= 1, got window={window}, num_partitions={num_partitions}"
-        )
-    if num_steps != queue_length:
-        raise ValueError(
-            f"FIFO-Diffusion takes one step per queue slot: num_partitions * window = {queue_length} steps, "
-            f"but sigmas has {num_steps} steps; pass sigmas for num_steps={queue_length} "
-            f"(e.g. adapter.sigmas({queue_length}))"
-        )
-    if lookahead and window % 2:
-        raise ValueError(
-            f"lookahead denoising uses half windows, so window must be even, got {window}: use window="
-            f"{window + 1 if window > 1 else 2} or lookahead=False"
-        )
-    if isinstance(noise, torch.Tensor):
-        if noise.ndim != 5:
-            raise ValueError(f"noise must be [B, C, F, H, W], got shape {tuple(noise.shape)}")
-        num_latent_frames = noise.shape[2] if num_latent_frames is None else num_latent_frames
-    elif num_latent_frames is None:
-        raise ValueError("with a NoiseSource, pass num_latent_frames (the length of the clip to generate)")
-    if window > num_latent_frames:
-        raise ValueError(
-            f"FIFO window of {window} latent frames is longer than the clip ({num_latent_frames} latent frames): "
-            f"use window <= {num_latent_frames} or generate more frames"
-        )
+    num_latent_frames = _check_fifo(noise, num_steps, window, num_partitions, lookahead, num_latent_frames)
 
     if init_clip is None:
         init_clip = sample_full(
