@@ -211,3 +211,13 @@ def test_every_subcommand_help_is_reachable(capsys):
     with pytest.raises(SystemExit):
         build_parser(["--help"]).parse_args(["--help"])
     assert "precompute" in capsys.readouterr().out
+
+
+def test_non_streaming_progress_shows_steps_then_decoding(saved, tmp_path, capsys):
+    pipe = LongVideoPipeline.from_pretrained(saved("wan"))
+    capsys.readouterr()
+    pipe.generate("x", sampler="sliding", num_frames=21, num_inference_steps=2, output_path=tmp_path / "p.mp4")
+    err = capsys.readouterr().err
+    assert "denoising (sliding)" in err and "2/2" in err
+    assert err.index("denoising (sliding)") < err.index("decoding")  # no frame bar waiting at 0 while sampling
+    assert "sliding: frames" not in err
