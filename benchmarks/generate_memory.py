@@ -7,8 +7,8 @@ so ratios are immune to the machine's speed.
 
     python -m benchmarks.generate_memory --family wan --factors 1 2 8 32 --samplers full sliding fifo df
 
-fifo runs num_partitions = steps // 2 partitions of a window of 2 latent frames, i.e. the same number
-of denoising steps as the others on the tiny model.
+Every sampler gets the same step budget through the sampler registry (``options_for_steps``): fifo,
+whose step count is num_partitions * window, gets the num_partitions that comes closest to it.
 """
 
 from __future__ import annotations
@@ -24,11 +24,20 @@ import tempfile
 import time
 
 
+def step_flags(adapter, num_frames: int, sampler: str, steps: int) -> list[str]:
+    """Flags giving ``sampler`` about ``steps`` model steps (fifo's count follows from its knobs)."""
+    from longgen.samplers import SamplerContext, option_flags, options_for_steps
+
+    num_latent = adapter.num_latent_frames(num_frames)
+    native = adapter.num_latent_frames(adapter.native_video_size[0])
+    options, fixed = options_for_steps(sampler, steps, SamplerContext(min(native, num_latent), num_latent))
+    return option_flags(options) + (["--steps", str(fixed)] if fixed is not None else [])
+
+
 def run_once(model: str, num_frames: int, sampler: str, steps: int, out: str, extra: list[str]) -> tuple[float, float]:
-    # fifo takes num_partitions * window steps by construction; the others take `steps`
-    step_args = ["--num-partitions", str(max(1, steps // 2))] if sampler == "fifo" else ["--steps", str(steps)]
+    # `extra` carries the step flags (step_flags): the tiny model is loaded once, in the parent
     cmd = [sys.executable, "-m", "longgen.cli", "generate", "--model", model, "--num-frames", str(num_frames),
-           "--sampler", sampler, *step_args, "--out", out, "--quiet", *extra]
+           "--sampler", sampler, "--out", out, "--quiet", *extra]
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     start = time.perf_counter()
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
@@ -79,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
                 num_latent = native_latent * factor
                 num_frames = adapter.num_pixel_frames(num_latent)
                 extra = size + ["--decode-chunk", str(num_latent if decode == "whole" else 4)]
+                extra += step_flags(adapter, num_frames, sampler, args.steps)
                 secs, mems = [], []
                 for _ in range(args.repeats):
                     out = subprocess.run(

@@ -17,6 +17,8 @@ import json
 import os
 import time
 
+from longgen.samplers import sampler_names
+
 
 def main(argv: list[str] | None = None) -> int:
     from longgen.demo import DemoSettings, generate_and_evaluate, summary_table, train_tiny_model
@@ -27,7 +29,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="transformer training steps of the tiny model (default: the demo's)")
     p.add_argument("--num-videos", type=int, default=24, help="synthetic training videos")
     p.add_argument("--factors", type=int, nargs="+", default=[4, 8, 16], help="clip length / native length")
-    p.add_argument("--samplers", nargs="+", default=["full", "sliding", "fifo", "df"], help="samplers")
+    p.add_argument("--samplers", nargs="+", default=list(sampler_names()), choices=sampler_names(),
+                   help="samplers (default: every registered one)")
     p.add_argument("--extensions", nargs="+", default=["pi", "ntk", "yarn", "riflex", "fusion", "spectral"],
                    help="extensions applied to the naive full-clip baseline (RoPE scaling to the clip length; "
                    "fusion / spectral with native-length windows)")

@@ -27,6 +27,8 @@ import tempfile
 import time
 from typing import Any
 
+from longgen.samplers import sampler_names
+
 Row = tuple[str, str, str]  # (benchmark, setting, result)
 
 
@@ -119,7 +121,7 @@ def generate_memory(quick: bool, tmp: str) -> tuple[list[Row], str, Any]:
     if quick:
         argv += ["--factors", "1", "4", "--samplers", "full", "sliding", "--repeats", "1"]
     else:
-        argv += ["--factors", "1", "4", "16", "--samplers", "full", "sliding", "fifo", "df", "--repeats", "2"]
+        argv += ["--factors", "1", "4", "16", "--samplers", *sampler_names(), "--repeats", "2"]
     captured = tempfile.TemporaryFile(mode="w+")
     with contextlib.redirect_stdout(captured):
         gm.main(argv)

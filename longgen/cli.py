@@ -14,17 +14,74 @@ from typing import Any
 logger = logging.getLogger("longgen")
 
 
-def _attention_backends() -> list[str]:
-    try:
-        from diffusers.models.attention_dispatch import AttentionBackendName
+class HelpFormatter(argparse.HelpFormatter):
+    """``--help`` with each default shown once: appended only when the help text does not state it."""
 
-        return [b.value for b in AttentionBackendName if "hub" not in b.value]
-    except ImportError:  # pragma: no cover - older diffusers
-        return ["native"]
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if "default" in text or default in (None, False, "", argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return text + " (default: %(default)s)"
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer > 0 (0 used to mean "the default" silently)."""
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value} (omit the flag for the default)")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
+def check_attention_backend(name: str) -> None:
+    """Validate ``--attention-backend`` after parsing (listing diffusers' names needs diffusers)."""
+    if name == "native":
+        return
+    from diffusers.models.attention_dispatch import AttentionBackendName
+
+    names = [b.value for b in AttentionBackendName if "hub" not in b.value]
+    if name not in names:
+        raise ValueError(f"unknown --attention-backend {name!r}; choose one of: {', '.join(names)}")
+
+
+def add_sampler_args(p: argparse.ArgumentParser) -> None:
+    """``--sampler`` and one ``--knob-name`` flag per knob of every registered sampler (the registry's help)."""
+    from .samplers import all_knobs, get_sampler
+
+    g = p.add_argument_group("sampler")
+    names = sampler_names()
+    g.add_argument(
+        "--sampler",
+        default="full",
+        choices=names,
+        help="; ".join(f"{n}: {get_sampler(n).description}" for n in names) + " (default: full)",
+    )
+    for knob in all_knobs():
+        flag = "--" + knob.name.replace("_", "-")
+        text = f"{knob.help} (samplers: {', '.join(knob.samplers)})"
+        if knob.type is bool:
+            g.add_argument(flag, dest=knob.name, action=argparse.BooleanOptionalAction, default=None, help=text)
+        else:
+            g.add_argument(flag, dest=knob.name, type=knob.type, choices=knob.choices, default=None, help=text)
+
+
+def sampler_options(args: argparse.Namespace) -> dict:
+    """The knobs given on the command line or in ``--config`` (None = not given: the sampler's default)."""
+    from .samplers import all_knobs
+
+    return {k.name: getattr(args, k.name) for k in all_knobs() if getattr(args, k.name, None) is not None}
 
 
 def add_generate_args(p: argparse.ArgumentParser) -> None:
-    from .pipeline import DTYPES
+    """Every ``longgen generate`` flag: model, clip, the registry's sampler knobs, noise, extension, output."""
+    from .dtypes import DTYPE_NAMES
 
     g = p.add_argument_group("model")
     g.add_argument(
@@ -34,7 +91,7 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
         "ar_step: 5); flags given on the command line override it",
     )
     g.add_argument("--model", default=None, help="local diffusers pipeline folder (with model_index.json); required")
-    g.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="weights and compute dtype (bf16 on GPU)")
+    g.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32", help="weights and compute dtype (bf16 on GPU)")
     g.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1")
     g.add_argument(
         "--offload",
@@ -46,11 +103,16 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--attention-backend",
         default="native",
-        choices=_attention_backends(),
         metavar="NAME",
         help="attention kernel through diffusers' dispatch: native = torch SDPA (default); flash / xformers / "
-        "sage need their packages installed; any of: " + ", ".join(_attention_backends()),
+        "sage need their packages installed; any name of diffusers' AttentionBackendName",
     )
+    _add_clip_args(p)
+    add_sampler_args(p)
+    _add_noise_extension_output_args(p)
+
+
+def _add_clip_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("clip")
     g.add_argument(
         "--prompt",
@@ -75,74 +137,24 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--image", default=None, help="conditioning image path (image-to-video models, e.g. SVD)")
     g.add_argument(
         "--num-frames",
-        type=int,
+        type=positive_int,
         default=None,
         help="pixel frames to generate (default: the model's native length); must fit the VAE's temporal "
         "stride, e.g. 4k+1 for Wan",
     )
-    g.add_argument("--height", type=int, default=None, help="frame height in pixels (default: native)")
-    g.add_argument("--width", type=int, default=None, help="frame width in pixels (default: native)")
-    g.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
+    g.add_argument("--height", type=positive_int, default=None, help="frame height in pixels (default: native)")
+    g.add_argument("--width", type=positive_int, default=None, help="frame width in pixels (default: native)")
+    g.add_argument(
+        "--steps", type=positive_int, default=None,
+        help="denoising steps (default: the model's; the fifo sampler takes num_partitions*window)",
+    )
     g.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale; 1 disables it")
     g.add_argument("--shift", type=float, default=None, help="flow timestep shift (default: the scheduler's)")
     g.add_argument("--seed", type=int, default=0, help="random seed of the initial noise")
-    g = p.add_argument_group("sampler")
-    g.add_argument(
-        "--sampler",
-        default="full",
-        choices=["full", "sliding", "fifo", "df"],
-        help="full: the whole clip at once (naive baseline); sliding: overlapping windows of the native "
-        "length fused every step; fifo: FIFO-Diffusion queue (diagonal denoising, constant memory); df: "
-        "diffusion forcing, chunk after chunk with per-frame noise levels (constant memory with "
-        "--overlap-history)",
-    )
-    g.add_argument("--window", type=int, default=None, help="window in latent frames (default: native length)")
-    g.add_argument("--stride", type=int, default=None, help="sliding window stride in latent frames (default: window/2)")
-    g.add_argument(
-        "--num-partitions",
-        type=int,
-        default=None,
-        help="fifo: latent partitions n; the queue holds n*window frames and sampling takes n*window steps "
-        "(default 4)",
-    )
-    g.add_argument(
-        "--lookahead",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="fifo: lookahead denoising (windows at half stride, only the noisier half written back; "
-        "twice the model calls; default on, needs an even window)",
-    )
-    g.add_argument(
-        "--base-num-latent-frames",
-        type=int,
-        default=None,
-        help="df: latent frames per chunk (default: native length)",
-    )
-    g.add_argument(
-        "--ar-step",
-        type=int,
-        default=None,
-        help="df: steps block i+1 lags block i (0 = synchronous; SkyReels-V2 asynchronous uses 5)",
-    )
-    g.add_argument(
-        "--causal-block-size",
-        type=int,
-        default=None,
-        help="df: latent frames that share one noise level (SkyReels-V2 uses 5 with ar_step 5)",
-    )
-    g.add_argument(
-        "--overlap-history",
-        type=int,
-        default=None,
-        help="df: latent frames of the previous chunk kept as context for the next (chunked generation "
-        "in constant memory); unset = one rolling pyramid",
-    )
-    g.add_argument(
-        "--addnoise-condition",
-        type=float,
-        default=None,
-        help="df: re-noise history frames to this level (0-1000, SkyReels-V2 uses 20) to reduce drift",
-    )
+
+
+def _add_noise_extension_output_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("noise")
     g.add_argument(
         "--noise",
         choices=["gaussian", "freenoise"],
@@ -152,46 +164,78 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--noise-window", type=int, default=None, help="freenoise window in latent frames (default: native)")
     g.add_argument("--noise-stride", type=int, default=None, help="freenoise stride in latent frames (default: window/4)")
-    g.add_argument(
-        "--weighting",
-        choices=["pyramid", "uniform"],
-        default=None,
-        help="how overlapping windows are blended (sliding sampler; default pyramid)",
-    )
     add_extension_args(p)
     g = p.add_argument_group("output")
     g.add_argument("--out", default="outputs/longgen.mp4", help="output mp4 path")
-    g.add_argument("--fps", type=float, default=16.0, help="frames per second of the mp4")
+    g.add_argument("--fps", type=positive_float, default=16.0, help="frames per second of the mp4")
     g.add_argument(
         "--decode-chunk",
-        type=int,
+        type=positive_int,
         default=4,
         help="latent frames decoded at a time; peak decode memory depends on this, not on clip length",
     )
     g.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def load_generate_config(path: str, sub: argparse.ArgumentParser) -> dict:
+    """A ``generate`` YAML config (OmegaConf) as ``{dest: value}``, every key and value checked by name.
+
+    Keys are the flags without ``--`` (``ar-step`` or ``ar_step``); an unknown key is an error naming the
+    closest valid one; a YAML syntax error names the file and line; values go through the flag's type
+    and choices, so ``steps: 0`` is refused like ``--steps 0``.
+    """
+    import difflib
+
+    import yaml
+    from omegaconf import DictConfig, OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        cfg = OmegaConf.load(path)
+        values = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else path
+        raise ValueError(f"{where}: not valid YAML: {getattr(err, 'problem', None) or err}") from None
+    except OmegaConfBaseException as err:
+        raise ValueError(f"{path}: {err}") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: a generate config is a mapping of option: value, got {type(values).__name__}")
+    actions = {a.dest: a for a in sub._actions if a.dest not in ("help", "config")}
+    defaults = {}
+    for key, value in values.items():
+        dest = str(key).replace("-", "_")
+        if dest not in actions:
+            close = difflib.get_close_matches(dest, list(actions), n=1)
+            hint = f"did you mean {close[0].replace('_', '-')!r}? " if close else ""
+            raise ValueError(
+                f"{path}: unknown option {key!r}; {hint}valid options: "
+                + ", ".join(sorted(d.replace("_", "-") for d in actions))
+            )
+        defaults[dest] = _config_value(path, key, actions[dest], value)
+    return defaults
+
+
+def _config_value(path: str, key: str, action: argparse.Action, value):
+    """A config value through its flag's type and choices (what argparse does for the command line)."""
+    if value is None:
+        return None
+    try:
+        if action.type is not None and not isinstance(value, bool):
+            value = [action.type(str(v)) for v in value] if isinstance(value, list) else action.type(str(value))
+    except (TypeError, ValueError, argparse.ArgumentTypeError) as err:
+        raise ValueError(f"{path}: {key}: {err}") from None
+    if action.choices is not None and value not in action.choices:
+        raise ValueError(f"{path}: {key}: {value!r} is not one of {', '.join(map(str, action.choices))}")
+    return value
+
+
 def apply_generate_config(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
     """Parse ``generate`` arguments with a ``--config`` YAML's values as defaults (unknown keys rejected)."""
-    import yaml
-
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["generate"]
     args = parser.parse_args(argv)
     if args.config:
-        with open(args.config) as f:
-            values = yaml.safe_load(f) or {}
-        if not isinstance(values, dict):
-            raise ValueError(f"{args.config}: a generate config is a mapping of option: value")
-        dests = {a.dest for a in sub._actions if a.dest not in ("help", "config")}
-        defaults = {}
-        for key, value in values.items():
-            dest = str(key).replace("-", "_")
-            if dest not in dests:
-                raise ValueError(
-                    f"{args.config}: unknown option {key!r}; valid options: {', '.join(sorted(dests))}"
-                )
-            defaults[dest] = value
-        sub.set_defaults(**defaults)
+        sub.set_defaults(**load_generate_config(args.config, sub))
         args = parser.parse_args(argv)
     if args.model is None:
         raise ValueError("--model is required (a local diffusers pipeline folder), on the command line or in --config")
@@ -201,8 +245,10 @@ def apply_generate_config(parser: argparse.ArgumentParser, argv: list[str]) -> a
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
-    from .pipeline import DTYPES, LongVideoPipeline
+    from .dtypes import torch_dtype
+    from .pipeline import LongVideoPipeline
 
+    check_attention_backend(args.attention_backend)
     image = None
     if args.image:
         from PIL import Image
@@ -211,24 +257,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     pipe = LongVideoPipeline.from_pretrained(
         args.model,
-        torch_dtype=DTYPES[args.dtype],
+        torch_dtype=torch_dtype(args.dtype),
         device=args.device,
         offload=args.offload,
         attention_backend=args.attention_backend,
     )
     apply_extension_args(pipe, args)
-    options = {
-        "window": args.window,
-        "stride": args.stride,
-        "weighting": args.weighting,
-        "num_partitions": args.num_partitions,
-        "lookahead": args.lookahead,
-        "base_num_latent_frames": args.base_num_latent_frames,
-        "ar_step": args.ar_step,
-        "causal_block_size": args.causal_block_size,
-        "overlap_history": args.overlap_history,
-        "addnoise_condition": args.addnoise_condition,
-    }
     prompts = [args.prompt] if isinstance(args.prompt, str) else list(args.prompt or [""])
     if len(prompts) > 1 and args.prompt_frames is None:
         raise ValueError("several --prompt values make a multi-prompt video: also pass --prompt-frames, one each")
@@ -249,7 +283,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         shift=args.shift,
         seed=args.seed,
         sampler=args.sampler,
-        sampler_options=options,
+        sampler_options=sampler_options(args),
         output_path=args.out,
         fps=args.fps,
         decode_chunk_latent_frames=args.decode_chunk,
@@ -264,8 +298,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_make_tiny(args: argparse.Namespace) -> int:
-    from .backbones import build_tiny
+    from .backbones import FAMILIES, build_tiny
 
+    if args.family not in FAMILIES:
+        raise ValueError(f"unknown --family {args.family!r}; choose one of: {', '.join(FAMILIES)}")
     adapter = build_tiny(args.family, seed=args.seed)
     adapter.save_pretrained(args.out)
     n, h, w = adapter.native_video_size
@@ -315,6 +351,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def sampler_names() -> tuple[str, ...]:
+    from .samplers import sampler_names as names
+
+    return names()
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import DemoSettings, run_demo
 
@@ -332,13 +374,36 @@ def cmd_demo(args: argparse.Namespace) -> int:
 _EVAL_HEADLINE = ("temporal_flicker", "ssim_prev", "ssim_first", "color_hist_drift", "warping_error")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from .backbones import FAMILIES
+_TORCH_COMMANDS = {
+    # command -> (module, parser adder, one-line help): their modules import torch, so the parser only
+    # imports them when that command runs; `longgen --help` shows the help line alone.
+    "precompute": (
+        "longgen.data.cache", "add_precompute_parser",
+        "encode a video data set into a latent + text-embedding cache (safetensors shards) for training",
+    ),
+    "inspect-rope": (
+        "longgen.cli", "add_inspect_rope_parser",
+        "print each RoPE axis's frequencies and periods of a model folder (and RIFLEx's k)",
+    ),
+}
 
+
+def _command_of(argv: list[str] | None) -> str | None:
+    """The subcommand in ``argv`` (top-level options take no values), or None when argv is None."""
+    return None if argv is None else next((a for a in argv if not a.startswith("-")), "")
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The ``longgen`` parser. With ``argv`` only the command it names imports torch-dependent modules
+    (``longgen --help`` and ``longgen generate --help`` import no torch); without, every command is built."""
+    import importlib
+
+    command = _command_of(argv)
     parser = argparse.ArgumentParser(
         prog="longgen",
         description="Long videos from short-clip diffusers video models: training-free long samplers, "
         "extensions and fine-tuning.",
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -348,7 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="generate a (long) clip from a local diffusers pipeline folder and write an mp4",
         description="Generate a clip, possibly many times longer than the model's native length, and "
         "stream it to an mp4 (frames are decoded in chunks as they finish).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     add_generate_args(p)
     p.set_defaults(func=cmd_generate)
@@ -356,9 +421,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "make-tiny",
         help="write a tiny randomly initialised pipeline of a family (tests, demos; no downloads)",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
-    p.add_argument("--family", choices=FAMILIES, default="wan", help="backbone family")
+    families = None
+    if command in (None, "make-tiny"):
+        from .backbones import FAMILIES as families
+    p.add_argument("--family", choices=families, default="wan", help="backbone family")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--seed", type=int, default=0, help="weights seed")
     p.set_defaults(func=cmd_make_tiny)
@@ -369,13 +437,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="On a CPU with no downloads: write the synthetic moving-shapes data set, train a tiny model "
         "on short clips of it, generate clips several times longer with the naive baseline and longgen's "
         "long samplers, and evaluate them (metrics over time + ground-truth synthetic scores).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--out", default="outputs/demo", help="output folder")
     p.add_argument("--quick", action="store_true", help="a reduced run (about a minute): little training")
     p.add_argument("--train-steps", type=int, default=None, help="transformer training steps (default 1000; quick 20)")
     p.add_argument("--length-factor", type=int, default=None, help="clip length / native length (default 4)")
-    p.add_argument("--samplers", nargs="+", default=None, choices=["full", "sliding", "fifo", "df"],
+    p.add_argument("--samplers", nargs="+", default=None, choices=sampler_names(),
                    help="samplers to compare (default: all; full is the naive baseline)")
     p.set_defaults(func=cmd_demo)
 
@@ -384,7 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="long-video quality over time (flicker, drift, flow warping error, coherence): metrics.json + plots",
         description="Evaluate one or more videos with metrics that need no downloaded weights, per window over "
         "time, with start-vs-end contrast and drift slope; one line per video in each plot.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("videos", nargs="+", help="video files (mp4, ...)")
     p.add_argument("--out", default="outputs/eval", help="output folder for metrics.json and plots/")
@@ -394,10 +462,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-plots", action="store_true", help="write metrics.json only")
     p.set_defaults(func=cmd_eval)
 
-    from .data.cache import add_precompute_parser
-
-    add_precompute_parser(sub)
-    add_inspect_rope_parser(sub)
+    for name, (module, adder, text) in _TORCH_COMMANDS.items():
+        if command in (None, name):
+            getattr(importlib.import_module(module), adder)(sub)
+        else:
+            sub.add_parser(name, help=text)
 
     p = sub.add_parser("info", help="print what longgen knows about a model folder (adapter, shapes, layers)")
     p.add_argument("--model", required=True, help="local diffusers pipeline folder")
@@ -508,8 +577,8 @@ def add_inspect_rope_parser(sub: argparse._SubParsersAction) -> argparse.Argumen
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(name)s: %(message)s"

@@ -31,10 +31,11 @@ from typing import Any
 import torch
 
 from .backbones.wan import is_vae_per_frame, make_vae_per_frame
+from .samplers import options_for_steps, sampler_names
 
 logger = logging.getLogger(__name__)
 
-DEMO_SAMPLERS = ("full", "sliding", "fifo", "df")
+DEMO_SAMPLERS = sampler_names()
 
 
 DEMO_VAE: dict[str, Any] = {
@@ -504,7 +505,9 @@ def generate_and_evaluate(
         if extension is not None:
             handle = pipe.apply_extension(extension, num_frames)
         path = os.path.join(out_dir, f"{sampler}{'_' + extension if extension else ''}_{num_frames}f.mp4")
-        options = {"num_partitions": max(1, num_inference_steps // 2)} if sampler == "fifo" else {}
+        # the same step budget for every sampler (fifo's step count follows from its knobs)
+        ctx = pipe.sampler_context(native_latent * length_factor)
+        options, steps = options_for_steps(sampler, num_inference_steps, ctx)
         start = time.perf_counter()
         result = pipe.generate(
             caption,
@@ -512,7 +515,7 @@ def generate_and_evaluate(
             num_frames=num_frames,
             guidance_scale=1.0,
             sampler=sampler,
-            num_inference_steps=None if sampler == "fifo" else num_inference_steps,
+            num_inference_steps=steps,
             sampler_options=options,
             seed=seed,
             output_path=path,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import logging
 import os
@@ -18,22 +19,82 @@ from .backbones.base import StreamingDecoder
 from .io import VideoWriter
 from .noise import freenoise_noise
 from .prompts import cond_for_window, validate_ranges
-from .samplers import sample_full, sample_sliding
+from .samplers import SamplerContext, SamplerSpec, get_sampler, sampler_names
 
 logger = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+"""Kept for old imports; new code uses :mod:`longgen.dtypes` (``DTYPE_NAMES``, ``torch_dtype``)."""
 
 
 def sampler_registry() -> dict[str, Callable[..., torch.Tensor]]:
-    """Name -> sampler function. Every sampler has the signature ``f(denoise, noise, sigmas, **knobs)``."""
-    registry: dict[str, Callable[..., torch.Tensor]] = {"full": sample_full, "sliding": sample_sliding}
-    from . import samplers
+    """Name -> sampler function of every registered sampler (see :mod:`longgen.samplers.registry`)."""
+    return {name: get_sampler(name).function() for name in sampler_names()}
 
-    for name, attr in (("fifo", "sample_fifo"), ("df", "sample_diffusion_forcing")):
-        if hasattr(samplers, attr):
-            registry[name] = getattr(samplers, attr)
-    return registry
+
+def _check_positive(**values: float | None) -> None:
+    """Reject zero or negative sizes by name (they used to fall back to defaults silently)."""
+    for name, value in values.items():
+        if value is not None and value <= 0:
+            flag = {"num_inference_steps": "steps", "decode_chunk_latent_frames": "decode-chunk"}.get(name, name)
+            raise ValueError(f"{name} (--{flag.replace('_', '-')}) must be > 0, got {value}; omit it for the default")
+
+
+def output_paths(output_path: str | os.PathLike, batch: int) -> list[str]:
+    """One mp4 per sample: ``out.mp4`` for one sample, ``out_0.mp4``, ``out_1.mp4``, ... for a batch."""
+    path = os.fspath(output_path)
+    if batch == 1:
+        return [path]
+    stem, ext = os.path.splitext(path)
+    return [f"{stem}_{i}{ext or '.mp4'}" for i in range(batch)]
+
+
+def _prompt_lists(prompt, negative_prompt, multi_prompt: bool) -> tuple[list[str], list[str] | None]:
+    """Prompts as a list (a batch, or one multi-prompt video) and negatives to match (None: no negatives)."""
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    if negative_prompt is None:
+        return prompts, None
+    n = 1 if multi_prompt else len(prompts)
+    return prompts, [negative_prompt] * n if isinstance(negative_prompt, str) else list(negative_prompt)
+
+
+class _FrameSink:
+    """Receives finished latent frames: keeps them, and decodes + streams every sample to its own mp4."""
+
+    def __init__(self, adapter: BackboneAdapter, paths: list[str] | None, fps: float, decode_chunk: int,
+                 total: int, show_progress: bool):
+        self.kept: list[torch.Tensor] = []
+        self.writers = [VideoWriter(p, fps=fps) for p in paths] if paths else []
+        self.decoder = StreamingDecoder(adapter, decode_chunk)
+        self.total, self.show_progress = total, show_progress
+        self.bar = None
+
+    def open_bar(self, desc: str) -> None:
+        if self.bar is None:
+            disable = not self.show_progress or not self.writers
+            self.bar = tqdm(total=self.total, desc=desc, unit="frame", disable=disable)
+
+    def __call__(self, start: int, latents: torch.Tensor) -> None:
+        self.kept.append(latents.cpu())
+        if self.writers:
+            self._write(self.decoder.push(latents))
+
+    def _write(self, blocks) -> None:
+        for block in blocks:
+            for writer, frames in zip(self.writers, block):
+                writer.write(frames)
+            self.bar.update(block.shape[1])
+
+    def finish(self) -> None:
+        if self.writers:
+            self.open_bar("decoding")
+            self._write(self.decoder.flush())
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        for writer in self.writers:
+            writer.close()
 
 
 class GuidedDenoiser:
@@ -77,6 +138,8 @@ class GenerationResult:
     latents: torch.Tensor
     num_frames: int
     path: str | None = None
+    """The first sample's mp4 (see ``paths`` for a batch)."""
+    paths: list[str] = field(default_factory=list)
     stats: dict[str, Any] = field(default_factory=dict)
 
 
@@ -160,52 +223,31 @@ class LongVideoPipeline:
             return self.window_latent_frames
         return self.adapter.num_latent_frames(self.adapter.native_video_size[0])
 
+    def sampler_context(self, num_latent_frames: int, requested_steps: int | None = None) -> SamplerContext:
+        """What a sampler spec's hooks see of this pipeline (windows, steps, the model's causal blocks)."""
+        adapter = self.adapter
+        return SamplerContext(
+            default_window=min(self.default_window(), num_latent_frames),
+            num_latent_frames=num_latent_frames,
+            requested_steps=requested_steps,
+            default_steps=adapter.default_num_steps,
+            fixed_causal_blocks=isinstance(adapter, CausalBlockMask),
+            num_pixel_frames=adapter.num_pixel_frames,
+        )
+
+    def plan_sampler(
+        self, sampler: str, num_latent_frames: int, options: dict[str, Any] | None, requested_steps: int | None = None
+    ) -> tuple[SamplerSpec, Any, int]:
+        """(spec, resolved knob dataclass, model steps) of a registered sampler; bad knobs are named errors."""
+        spec = get_sampler(sampler)
+        ctx = self.sampler_context(num_latent_frames, requested_steps)
+        knobs = spec.resolve(spec.make_knobs(options), ctx)
+        return spec, knobs, spec.num_steps(knobs, ctx)
+
     def sampler_kwargs(self, sampler: str, num_latent_frames: int, knobs: dict[str, Any]) -> dict[str, Any]:
-        """Check a sampler's knobs by name and fill defaults derived from the model.
-
-        Windows default to the native length (``window``, ``base_num_latent_frames``), the sliding stride
-        to half a window; FIFO's lookahead needs an even window, so its default window is rounded down.
-        """
-        fn = sampler_registry()[sampler]
-        params = inspect.signature(fn).parameters
-        knobs = {k: v for k, v in knobs.items() if v is not None}
-        internal = {"denoise", "noise", "sigmas", "callback", "disable", "on_frames", "return_latents",
-                    "generator", "num_latent_frames", "init_clip", "solver"}
-        unknown = sorted(set(knobs) - (set(params) - internal))
-        if unknown:
-            accepted = sorted(set(params) - internal)
-            raise ValueError(f"sampler {sampler!r} takes no option(s) {unknown}; it takes {accepted}")
-        window = min(self.default_window(), num_latent_frames)
-        if sampler == "fifo" and knobs.get("lookahead", True) and "window" not in knobs:
-            window = max(2, window - window % 2)
-        defaults = {"window": window, "stride": max(1, window // 2), "base_num_latent_frames": window}
-        for key, value in defaults.items():
-            if key in params and key not in knobs:
-                knobs[key] = value
-        if (
-            sampler == "df"
-            and num_latent_frames > knobs["base_num_latent_frames"]
-            and "overlap_history" not in knobs
-            and "ar_step" not in knobs  # an explicit ar_step without history asks for one rolling pyramid
-        ):
-            # Longer than one chunk: chunked generation with ~1/5 of a chunk as history (SkyReels-V2 uses
-            # 17 of 97 pixel frames), a multiple of the causal block; constant memory in clip length.
-            block = knobs.get("causal_block_size", 1)
-            base = knobs["base_num_latent_frames"]
-            knobs["overlap_history"] = min(max(block, base // 5 // block * block), base - block)
-        return knobs
-
-    def _num_steps(self, sampler: str, knobs: dict[str, Any], requested: int | None) -> int:
-        if sampler == "fifo":
-            # FIFO-Diffusion has one denoising step per queue slot: S = num_partitions * window.
-            needed = knobs.get("num_partitions", 4) * knobs["window"]
-            if requested is not None and requested != needed:
-                raise ValueError(
-                    f"the fifo sampler takes num_partitions * window = {needed} steps (one per queue slot); got "
-                    f"--steps {requested}. Omit --steps, or change --num-partitions / --window."
-                )
-            return needed
-        return requested or self.adapter.default_num_steps
+        """A sampler's knobs by name with the model-derived defaults filled (its spec's ``resolve``)."""
+        _, resolved, _ = self.plan_sampler(sampler, num_latent_frames, knobs)
+        return dataclasses.asdict(resolved)
 
     def make_noise(
         self, shape: tuple[int, ...], seed: int, noise: str = "gaussian", window: int | None = None,
@@ -269,31 +311,29 @@ class LongVideoPipeline:
         decode_chunk_latent_frames: int = 4,
         show_progress: bool = True,
     ) -> GenerationResult:
-        """Generate one clip; with ``output_path`` frames are decoded in chunks and streamed to an mp4.
+        """Generate clips; with ``output_path`` frames are decoded in chunks and streamed to mp4s.
 
-        Samplers that finish frames while they run (``fifo``, ``df``) stream them to the mp4 during
-        sampling and keep only their working set, so memory stays flat in the clip length. With
-        ``prompt_frames`` the prompts are one multi-prompt video: prompt i starts at pixel frame
-        ``prompt_frames[i]``, blended over ``prompt_transition`` latent frames.
+        Streaming samplers (``fifo``, ``df``: ``SamplerSpec.streams``) hand frames to the mp4 during
+        sampling and keep only their working set, so memory stays flat in the clip length. A list of
+        prompts without ``prompt_frames`` is a batch: one mp4 per sample (:func:`output_paths`,
+        ``out_0.mp4``, ``out_1.mp4``, ...). With ``prompt_frames`` the prompts are one multi-prompt
+        video: prompt i starts at pixel frame ``prompt_frames[i]``, blended over ``prompt_transition``
+        latent frames.
         """
         adapter = self.adapter
-        registry = sampler_registry()
-        if sampler not in registry:
-            raise ValueError(f"unknown sampler {sampler!r}; choose one of: {', '.join(registry)}")
+        get_sampler(sampler)  # an unknown name fails before any work
+        _check_positive(num_frames=num_frames, height=height, width=width, num_inference_steps=num_inference_steps,
+                        fps=fps, decode_chunk_latent_frames=decode_chunk_latent_frames)
         native_frames, native_h, native_w = adapter.native_video_size
-        num_frames = num_frames or native_frames
-        height, width = height or native_h, width or native_w
+        num_frames = num_frames if num_frames is not None else native_frames
+        height = height if height is not None else native_h
+        width = width if width is not None else native_w
         guidance = adapter.default_guidance_scale if guidance_scale is None else guidance_scale
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        negatives = None
-        if negative_prompt is not None:
-            n = 1 if prompt_frames is not None else len(prompts)
-            negatives = [negative_prompt] * n if isinstance(negative_prompt, str) else list(negative_prompt)
-
+        prompts, negatives = _prompt_lists(prompt, negative_prompt, multi_prompt=prompt_frames is not None)
         batch = 1 if prompt_frames is not None else len(prompts)
         shape = adapter.latent_shape(num_frames, height, width, batch_size=batch)
-        knobs = self.sampler_kwargs(sampler, shape[2], dict(sampler_options or {}))
-        steps = self._num_steps(sampler, knobs, num_inference_steps)
+        spec, knob_values, steps = self.plan_sampler(sampler, shape[2], sampler_options, num_inference_steps)
+        knobs = dataclasses.asdict(knob_values)
         if "causal_block_size" in knobs and isinstance(adapter, CausalBlockMask):
             adapter.set_causal_block_size(knobs["causal_block_size"])
         cond, uncond = self._conditioning(
@@ -307,43 +347,49 @@ class LongVideoPipeline:
             "sampling %d frames (%d latent) at %dx%d: %s sampler, %d steps, %s noise, options %s",
             num_frames, shape[2], height, width, sampler, steps, noise, knobs,
         )
-        streams = "on_frames" in inspect.signature(registry[sampler]).parameters
         total = adapter.num_pixel_frames(shape[2])
-        writer = VideoWriter(output_path, fps=fps) if output_path is not None else None
-        decoder = StreamingDecoder(adapter, decode_chunk_latent_frames)
-        bar = tqdm(total=total, desc=f"{sampler}: frames", unit="frame", disable=not show_progress or writer is None)
-        kept: list[torch.Tensor] = []
-
-        def consume(start: int, latents: torch.Tensor) -> None:
-            kept.append(latents.cpu())
-            if writer is not None:
-                for block in decoder.push(latents[:1]):
-                    writer.write(block[0])
-                    bar.update(block.shape[1])
-
+        paths = output_paths(output_path, batch) if output_path is not None else None
+        sink = _FrameSink(adapter, paths, fps, decode_chunk_latent_frames, total, show_progress)
         try:
-            if streams:
-                knobs.setdefault("generator", torch.Generator("cpu").manual_seed(seed + 1))
-                registry[sampler](denoiser, x_noise, sigmas, on_frames=consume, return_latents=False,
-                                  disable=True if writer is not None else not show_progress, **knobs)
-            else:
-                consume(0, registry[sampler](denoiser, x_noise, sigmas, disable=not show_progress, **knobs))
-            if writer is not None:
-                for block in decoder.flush():
-                    writer.write(block[0])
-                    bar.update(block.shape[1])
+            self._run_sampler(spec, denoiser, x_noise, sigmas, knobs, sink, seed, show_progress)
+            sink.finish()
         finally:
-            bar.close()
-            if writer is not None:
-                writer.close()
-        latents = torch.cat(kept, dim=2)
+            sink.close()
+        latents = torch.cat(sink.kept, dim=2)
         result = GenerationResult(latents=latents, num_frames=adapter.num_pixel_frames(latents.shape[2]))
         result.stats["model_calls"] = denoiser.num_calls
-        if writer is not None:
+        for writer in sink.writers:
             if writer.num_frames != total:
                 raise RuntimeError(f"wrote {writer.num_frames} frames, expected {total}")
-            result.path = os.fspath(output_path)
+        if paths:
+            result.path, result.paths = paths[0], paths
         return result
+
+    @staticmethod
+    def _run_sampler(spec: SamplerSpec, denoiser, x_noise, sigmas, knobs: dict[str, Any], sink: _FrameSink,
+                     seed: int, show_progress: bool) -> None:
+        """Call a spec's function: streaming ones push frames to ``sink`` as they finish, others at the end.
+
+        A streaming sampler's own bar is off while the frame bar runs; a non-streaming one shows its
+        denoising steps, and the frame bar only starts when decoding does.
+        """
+        fn = spec.function()
+        params = inspect.signature(fn).parameters
+        extra: dict[str, Any] = {}
+        if "generator" in params:  # re-noising, eta > 0: seeded, independent of the initial noise
+            extra["generator"] = torch.Generator("cpu").manual_seed(seed + 1)
+        takes_disable = "disable" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+        if spec.streams:
+            sink.open_bar(f"{spec.name}: frames")
+            if takes_disable:
+                extra["disable"] = True if sink.writers else not show_progress
+            fn(denoiser, x_noise, sigmas, on_frames=sink, return_latents=False, **extra, **knobs)
+        else:
+            if takes_disable:
+                extra["disable"] = not show_progress
+            latents = fn(denoiser, x_noise, sigmas, **extra, **knobs)
+            sink.open_bar("decoding")
+            sink(0, latents)
 
     def write_video(
         self,

@@ -32,3 +32,36 @@ def fusion_weights(window: int, kind: str = "pyramid") -> torch.Tensor:
     if kind == "uniform":
         return torch.ones(window)
     raise ValueError(f"fusion weights must be 'pyramid' or 'uniform', got {kind!r}")
+
+
+def ddim_eta_step(
+    x: torch.Tensor,
+    x0: torch.Tensor,
+    sigma: torch.Tensor,
+    sigma_next: torch.Tensor,
+    eta: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """DDIM step with stochasticity ``eta`` (Song et al. 2021, Eq. 12 and 16) in flow sigmas.
+
+    With x = (1 - s) x0 + s eps, DDIM's sigma_t mapped from the variance-preserving form gives the noise
+    scale c = eta * s' * sqrt(1 - (r' / r)^2), r = s / (1 - s) (r' for s'), and
+    x' = (1 - s') x0 + sqrt(s'^2 - c^2) eps_hat + c z, z ~ N(0, I) from ``generator``. ``eta=0`` is exactly
+    :func:`~longgen.schedules.ddim_step` (the same code path, bit for bit); ``eta=1`` is DDPM's ancestral
+    step. Frames at sigma == 0 stay where they are.
+    """
+    from ..noise import gaussian_noise
+    from ..schedules import ddim_step
+
+    if eta == 0:
+        return ddim_step(x, x0, sigma, sigma_next)
+    sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
+    sigma_next = torch.as_tensor(sigma_next, dtype=x.dtype, device=x.device)
+    safe = sigma.clamp_min(1e-12)
+    eps = (x - (1.0 - sigma) * x0) / safe
+    # r' / r = s' (1 - s) / ((1 - s') s); at s = 1 (pure noise) the ratio is 0.
+    ratio = sigma_next * (1.0 - sigma) / ((1.0 - sigma_next).clamp_min(1e-12) * safe)
+    c = eta * sigma_next * (1.0 - ratio.clamp(0.0, 1.0) ** 2).sqrt()
+    z = gaussian_noise(x.shape, generator, x.device, x.dtype)
+    out = (1.0 - sigma_next) * x0 + (sigma_next**2 - c**2).clamp_min(0.0).sqrt() * eps + c * z
+    return torch.where(sigma > 0, out, x)

@@ -61,7 +61,8 @@ def sample_diffusion_forcing(
     ``noise`` is standard-normal ``[B, C, F, H, W]`` (or a :data:`~longgen.noise.NoiseSource` with
     ``num_latent_frames``); frame ``j`` starts at ``sigmas[0] * noise[:, :, j]``. ``sigmas`` is a
     descending ``[S + 1]`` schedule ending at 0. ``solver`` is ``"ddim"`` (:func:`~longgen.schedules.ddim_step`,
-    the Euler step of flow models) or a diffusers multistep scheduler whose ``sigmas`` after
+    the Euler step of flow models), ``"unipc"`` (diffusers' UniPC multistep solver, the one its SkyReels-V2
+    pipeline uses, stepping through these ``sigmas``) or a diffusers multistep scheduler whose ``sigmas`` after
     ``set_timesteps(S)`` equal ``sigmas`` (use :func:`scheduler_sigmas`): every latent frame then gets its
     own deep copy, stepped only when the frame is, exactly as diffusers' SkyReels-V2 pipeline does with
     ``UniPCMultistepScheduler``. ``generator`` draws the history re-noising (the global RNG when None,
@@ -123,39 +124,63 @@ def sample_diffusion_forcing(
             callback=callback,
         )
     else:
-        history: torch.Tensor | None = None
-        chunk_start = 0
-        while True:
-            num_ready = 0 if history is None else overlap_history
-            length = min(base, total - chunk_start)
-            new = noise_frames(noise, chunk_start + num_ready, chunk_start + length, generator)
-            sigmas = sigmas.to(new.device)
-            x = new * sigmas[0]
-            if history is not None:
-                x = torch.cat([history, x], dim=2)
-            plan = pyramid_plan(
-                length, num_steps, ar_step=ar_step, causal_block_size=causal_block_size, num_ready=num_ready
-            )
-            x = _run_plan(
-                denoise,
-                x,
-                plan,
-                [(0, length)] * plan.shape[0],
-                sigmas,
-                frame_solver,
-                frame_offset=chunk_start,
-                num_ready=num_ready,
-                add_sigma=add_sigma,
-                generator=generator,
-                emit=emit,
-                callback=callback,
-            )
-            if chunk_start + length >= total:
-                break
-            history = x[:, :, length - overlap_history :]
-            chunk_start += length - overlap_history
+        _run_chunks(denoise, noise, sigmas, frame_solver, total=total, base=base, ar_step=ar_step,
+                    causal_block_size=causal_block_size, overlap_history=overlap_history, add_sigma=add_sigma,
+                    generator=generator, emit=emit, callback=callback)
     progress.close()
     return torch.cat(pieces, dim=2) if return_latents else None
+
+
+def _run_chunks(
+    denoise: Denoiser,
+    noise: torch.Tensor | NoiseSource,
+    sigmas: torch.Tensor,
+    frame_solver: _FrameSolver,
+    *,
+    total: int,
+    base: int,
+    ar_step: int,
+    causal_block_size: int,
+    overlap_history: int,
+    add_sigma: float,
+    generator: torch.Generator | None,
+    emit: Callable[[int, torch.Tensor], None],
+    callback: Callable[[dict], None] | None,
+) -> None:
+    """SkyReels-V2's long-video mode: chunks of ``base`` frames, each starting with ``overlap_history``
+    clean frames of the clip so far (constant memory in the clip length)."""
+    num_steps = len(sigmas) - 1
+    history: torch.Tensor | None = None
+    chunk_start = 0
+    while True:
+        num_ready = 0 if history is None else overlap_history
+        length = min(base, total - chunk_start)
+        new = noise_frames(noise, chunk_start + num_ready, chunk_start + length, generator)
+        sigmas = sigmas.to(new.device)
+        x = new * sigmas[0]
+        if history is not None:
+            x = torch.cat([history, x], dim=2)
+        plan = pyramid_plan(
+            length, num_steps, ar_step=ar_step, causal_block_size=causal_block_size, num_ready=num_ready
+        )
+        x = _run_plan(
+            denoise,
+            x,
+            plan,
+            [(0, length)] * plan.shape[0],
+            sigmas,
+            frame_solver,
+            frame_offset=chunk_start,
+            num_ready=num_ready,
+            add_sigma=add_sigma,
+            generator=generator,
+            emit=emit,
+            callback=callback,
+        )
+        if chunk_start + length >= total:
+            break
+        history = x[:, :, length - overlap_history :]
+        chunk_start += length - overlap_history
 
 
 def scheduler_sigmas(scheduler, num_steps: int) -> torch.Tensor:
@@ -166,6 +191,21 @@ def scheduler_sigmas(scheduler, num_steps: int) -> torch.Tensor:
     probe = copy.deepcopy(scheduler)
     probe.set_timesteps(num_steps)
     return torch.as_tensor(probe.sigmas, dtype=torch.float32).clone()
+
+
+def _unipc_following(sigmas: torch.Tensor):
+    """diffusers' ``UniPCMultistepScheduler`` (flow prediction, its default order-2 bh2 solver) stepping
+    through exactly ``sigmas`` (the solver of diffusers' SkyReels-V2 diffusion-forcing pipeline)."""
+    from diffusers import UniPCMultistepScheduler
+
+    num_steps = len(sigmas) - 1
+    scheduler = UniPCMultistepScheduler(
+        prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000
+    )
+    scheduler.set_timesteps(num_steps)
+    scheduler.sigmas = sigmas.detach().float().cpu().clone()
+    scheduler.timesteps = scheduler.sigmas[:-1] * scheduler.config.num_train_timesteps
+    return scheduler
 
 
 def _check_knobs(
@@ -291,9 +331,12 @@ class _FrameSolver:
         self.num_steps = len(sigmas) - 1
         self.per_frame: dict[int, object] = {}
         if isinstance(solver, str):
-            if solver != "ddim":
-                raise ValueError(f"solver must be 'ddim' or a diffusers scheduler instance, got {solver!r}")
-            self.prototype = None
+            if solver not in ("ddim", "unipc"):
+                raise ValueError(
+                    f"solver must be 'ddim', 'unipc' or a diffusers scheduler instance, got {solver!r}"
+                )
+            self.prototype = _unipc_following(sigmas) if solver == "unipc" else None
+            self.prediction = "flow_prediction"
             return
         if not hasattr(solver, "step") or not hasattr(solver, "set_timesteps"):
             raise ValueError(

@@ -8,60 +8,22 @@ import torch
 from tqdm.auto import tqdm
 
 from ..noise import NoiseSource, gaussian_noise, noise_frames
-from ..schedules import ddim_step
-from .base import Denoiser
+from .base import Denoiser, ddim_eta_step
 from .full import sample_full
 
 FramesHook = Callable[[int, torch.Tensor], None]
 """``on_frames(start, latents[B, C, n, H, W])``: latent frames ``[start, start + n)`` are final."""
 
 
-def sample_fifo(
-    denoise: Denoiser,
+def _check_fifo(
     noise: torch.Tensor | NoiseSource,
-    sigmas: torch.Tensor,
-    *,
+    num_steps: int,
     window: int,
-    num_partitions: int = 4,
-    lookahead: bool = True,
-    num_latent_frames: int | None = None,
-    init_clip: torch.Tensor | None = None,
-    generator: torch.Generator | None = None,
-    on_frames: FramesHook | None = None,
-    callback: Callable[[dict], None] | None = None,
-    return_latents: bool = True,
-    disable: bool | None = None,
-) -> torch.Tensor | None:
-    """Implements FIFO-Diffusion (Kim et al. 2024): diagonal denoising, latent partitioning, lookahead denoising.
-
-    A queue of ``L = num_partitions * window`` latent frames holds one frame per step of an ``S = L``
-    step schedule (``sigmas`` has ``L + 1`` entries): queue slot ``i`` (0 = head) is at
-    ``sigmas[S - 1 - i]``. Every iteration the queue is cut into ``num_partitions`` windows of ``window``
-    frames (the model's native length), each window is denoised with its per-frame levels and every
-    frame takes one DDIM step (diagonal denoising); the now clean head frame is output and a fresh
-    noise frame enters at the tail. With ``lookahead`` ``window // 2`` clean frames are kept
-    in front of the head as context and ``2 * num_partitions`` windows at stride ``window // 2`` are
-    denoised, each writing back only its noisier half, so every frame is denoised with ``window // 2``
-    less noisy frames before it (twice the model calls). As in the official code, those context frames
-    are shown to the model at the smallest nonzero level ``sigmas[S - 1]``.
-
-    The queue starts from ``init_clip`` (``[B, C, window, H, W]``, clean; by default generated first with
-    :func:`~longgen.samplers.full.sample_full` from ``noise[:, :, :window]`` and the same ``sigmas``),
-    re-noised so slot ``i`` is at its level: the last ``window`` slots hold clip frames 0..window-1, the
-    slots before them copies of clip frame 0 (warm-up, as in the official ``prepare_latents``). The
-    ``L - window`` warm-up frames are popped first and dropped; output frame ``j`` is the clip's frame
-    ``j`` re-generated for ``j < window`` and new content after it. Windows holding warm-up frames get a
-    negative ``frame_offset`` (the absolute index of their first frame). Output frame ``j >= window``
-    starts from ``sigmas[0] * noise[:, :, j]``; re-noising and the queue's padding past the last output
-    frame use ``generator``.
-
-    Memory is constant in the clip length: the queue, one window's activations, and (unless
-    ``return_latents=False``) the returned clip ``[B, C, F, H, W]``. Frames go to
-    ``on_frames(j, latent[B, C, 1, H, W])`` as they leave the queue. The windows of one iteration read
-    the same queue state, so they are independent (the official code runs them on separate GPUs).
-    """
-    sigmas = sigmas.float()
-    num_steps = len(sigmas) - 1
+    num_partitions: int,
+    lookahead: bool,
+    num_latent_frames: int | None,
+) -> int:
+    """Validate FIFO's arguments (clear errors naming the fix); returns the clip length in latent frames."""
     queue_length = num_partitions * window
     if window < 1 or num_partitions < 1:
         raise ValueError(
@@ -89,9 +51,65 @@ def sample_fifo(
             f"FIFO window of {window} latent frames is longer than the clip ({num_latent_frames} latent frames): "
             f"use window <= {num_latent_frames} or generate more frames"
         )
+    return num_latent_frames
+
+
+def sample_fifo(
+    denoise: Denoiser,
+    noise: torch.Tensor | NoiseSource,
+    sigmas: torch.Tensor,
+    *,
+    window: int,
+    num_partitions: int = 4,
+    lookahead: bool = True,
+    eta: float = 0.0,
+    num_latent_frames: int | None = None,
+    init_clip: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    on_frames: FramesHook | None = None,
+    callback: Callable[[dict], None] | None = None,
+    return_latents: bool = True,
+    disable: bool | None = None,
+) -> torch.Tensor | None:
+    """Implements FIFO-Diffusion (Kim et al. 2024): diagonal denoising, latent partitioning, lookahead denoising.
+
+    A queue of ``L = num_partitions * window`` latent frames holds one frame per step of an ``S = L``
+    step schedule (``sigmas`` has ``L + 1`` entries): queue slot ``i`` (0 = head) is at
+    ``sigmas[S - 1 - i]``. Every iteration the queue is cut into ``num_partitions`` windows of ``window``
+    frames (the model's native length), each window is denoised with its per-frame levels and every
+    frame takes one DDIM step (diagonal denoising); the now clean head frame is output and a fresh
+    noise frame enters at the tail. With ``lookahead`` ``window // 2`` clean frames are kept
+    in front of the head as context and ``2 * num_partitions`` windows at stride ``window // 2`` are
+    denoised, each writing back only its noisier half, so every frame is denoised with ``window // 2``
+    less noisy frames before it (twice the model calls). ``eta`` is DDIM's stochasticity
+    (:func:`~longgen.samplers.base.ddim_eta_step`; the official code's default is 1, longgen's 0 = deterministic)
+    with noise from ``generator``. As in the official code, those context frames
+    are shown to the model at the smallest nonzero level ``sigmas[S - 1]``.
+
+    The queue starts from ``init_clip`` (``[B, C, window, H, W]``, clean; by default generated first with
+    :func:`~longgen.samplers.full.sample_full` from ``noise[:, :, :window]`` and the same ``sigmas``),
+    re-noised so slot ``i`` is at its level: the last ``window`` slots hold clip frames 0..window-1, the
+    slots before them copies of clip frame 0 (warm-up, as in the official ``prepare_latents``). The
+    ``L - window`` warm-up frames are popped first and dropped; output frame ``j`` is the clip's frame
+    ``j`` re-generated for ``j < window`` and new content after it. Windows holding warm-up frames get a
+    negative ``frame_offset`` (the absolute index of their first frame). Output frame ``j >= window``
+    starts from ``sigmas[0] * noise[:, :, j]``; re-noising and the queue's padding past the last output
+    frame use ``generator``.
+
+    Memory is constant in the clip length: the queue, one window's activations, and (unless
+    ``return_latents=False``) the returned clip ``[B, C, F, H, W]``. Frames go to
+    ``on_frames(j, latent[B, C, 1, H, W])`` as they leave the queue. The windows of one iteration read
+    the same queue state, so they are independent (the official code runs them on separate GPUs).
+    """
+    sigmas = sigmas.float()
+    num_steps = len(sigmas) - 1
+    queue_length = num_partitions * window
+    num_latent_frames = _check_fifo(noise, num_steps, window, num_partitions, lookahead, num_latent_frames)
 
     if init_clip is None:
-        init_clip = sample_full(denoise, noise_frames(noise, 0, window, generator), sigmas, disable=True)
+        init_clip = sample_full(
+            denoise, noise_frames(noise, 0, window, generator), sigmas, eta=eta, generator=generator, disable=True
+        )
     elif init_clip.shape[2] != window:
         raise ValueError(f"init_clip must have window={window} latent frames, got {init_clip.shape[2]}")
     device = init_clip.device
@@ -130,7 +148,9 @@ def sample_fifo(
             x0 = denoise(
                 queue[:, :, sl], sigmas[levels[sl]].expand(batch, window), frame_offset=offset + start
             )
-            stepped = ddim_step(queue[:, :, sl], x0, slot_sigma[:, :, sl], slot_sigma_next[:, :, sl])
+            stepped = ddim_eta_step(
+                queue[:, :, sl], x0, slot_sigma[:, :, sl], slot_sigma_next[:, :, sl], eta, generator
+            )
             updated[:, :, start + window - keep : start + window] = stepped[:, :, window - keep :]
         if callback is not None:
             callback({"i": it, "x": updated, "levels": levels, "frame_offset": offset})

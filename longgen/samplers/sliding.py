@@ -7,8 +7,7 @@ from collections.abc import Callable
 import torch
 from tqdm.auto import trange
 
-from ..schedules import ddim_step
-from .base import Denoiser, fusion_weights, window_starts
+from .base import Denoiser, ddim_eta_step, fusion_weights, window_starts
 
 
 def sample_sliding(
@@ -19,6 +18,8 @@ def sample_sliding(
     window: int,
     stride: int,
     weighting: str = "pyramid",
+    eta: float = 0.0,
+    generator: torch.Generator | None = None,
     callback: Callable[[dict], None] | None = None,
     disable: bool | None = None,
 ) -> torch.Tensor:
@@ -28,7 +29,8 @@ def sample_sliding(
     ending at the last frame) is denoised on its own, the windows' x0 predictions are averaged per frame
     with ``weighting`` weights, and one DDIM step is taken for the whole clip. The model only ever sees
     clips of its native length; compute grows linearly with the clip. With one window covering the
-    clip this is exactly :func:`~longgen.samplers.full.sample_full`.
+    clip this is exactly :func:`~longgen.samplers.full.sample_full`. ``eta > 0``: stochastic DDIM with noise
+    from ``generator`` (:func:`~longgen.samplers.base.ddim_eta_step`).
     """
     sigmas = sigmas.to(noise.device, torch.float32)
     batch, _, num_latent_frames = noise.shape[:3]
@@ -47,7 +49,7 @@ def sample_sliding(
                 acc[:, :, sl] += w * denoise(x[:, :, sl], sigma, frame_offset=start)
                 norm[:, :, sl] += w
             x0 = acc / norm
-        x = ddim_step(x, x0, sigmas[i], sigmas[i + 1])
+        x = ddim_eta_step(x, x0, sigmas[i], sigmas[i + 1], eta, generator)
         if callback is not None:
             callback({"i": i, "x": x, "x0": x0, "sigma": sigmas[i]})
     return x

@@ -1,0 +1,248 @@
+"""The built-in samplers' knobs and registrations (torch-free: the functions are imported on first use).
+
+Each knob dataclass is the one place a knob's name, default, help text and validation live; ``None``
+defaults are derived from the model by the spec's ``resolve`` hook (windows default to the native
+length, or an extension's target).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Literal
+
+from .registry import SamplerContext, SamplerSpec, register_sampler
+
+_ETA_HELP = (
+    "DDIM stochasticity (Song et al. 2021): 0 = deterministic DDIM, 1 = DDPM-like ancestral noise, drawn "
+    "from the seeded generator; the official FIFO-Diffusion code uses 1"
+)
+
+
+def _positive(flag: str, value: int | None) -> None:
+    if value is not None and value < 1:
+        raise ValueError(f"--{flag} must be >= 1, got {value}")
+
+
+def _check_eta(eta: float) -> None:
+    if not 0.0 <= eta <= 1.0:
+        raise ValueError(f"--eta must be in [0, 1] (0 = deterministic DDIM), got {eta}")
+
+
+@dataclass(frozen=True)
+class FullKnobs:
+    """Knobs of :func:`~longgen.samplers.full.sample_full`."""
+
+    eta: float = field(default=0.0, metadata={"help": _ETA_HELP})
+
+    def __post_init__(self) -> None:
+        _check_eta(self.eta)
+
+
+@dataclass(frozen=True)
+class SlidingKnobs:
+    """Knobs of :func:`~longgen.samplers.sliding.sample_sliding`."""
+
+    window: int | None = field(
+        default=None, metadata={"help": "window in latent frames (default: native length, or the extension's target)"}
+    )
+    stride: int | None = field(
+        default=None, metadata={"help": "sliding window stride in latent frames (default: window/2)"}
+    )
+    weighting: Literal["pyramid", "uniform"] = field(
+        default="pyramid", metadata={"help": "how overlapping windows are blended (FreeNoise pyramid or uniform)"}
+    )
+    eta: float = field(default=0.0, metadata={"help": _ETA_HELP})
+
+    def __post_init__(self) -> None:
+        _positive("window", self.window)
+        _positive("stride", self.stride)
+        if self.weighting not in ("pyramid", "uniform"):
+            raise ValueError(f"--weighting must be 'pyramid' or 'uniform', got {self.weighting!r}")
+        _check_eta(self.eta)
+
+
+def _resolve_sliding(knobs: SlidingKnobs, ctx: SamplerContext) -> SlidingKnobs:
+    window = knobs.window or ctx.default_window
+    return dataclasses.replace(knobs, window=window, stride=knobs.stride or max(1, window // 2))
+
+
+@dataclass(frozen=True)
+class FifoKnobs:
+    """Knobs of :func:`~longgen.samplers.fifo.sample_fifo`."""
+
+    window: int | None = field(default=None, metadata={"help": "window in latent frames (default: native length)"})
+    num_partitions: int = field(
+        default=4,
+        metadata={"help": "fifo: latent partitions n; the queue holds n*window frames and sampling takes "
+                  "n*window steps"},
+    )
+    lookahead: bool = field(
+        default=True,
+        metadata={"help": "fifo: lookahead denoising (windows at half stride, only the noisier half written "
+                  "back; twice the model calls; needs an even window)"},
+    )
+    eta: float = field(default=0.0, metadata={"help": _ETA_HELP})
+
+    def __post_init__(self) -> None:
+        _positive("window", self.window)
+        _positive("num-partitions", self.num_partitions)
+        _check_eta(self.eta)
+
+
+def _resolve_fifo(knobs: FifoKnobs, ctx: SamplerContext) -> FifoKnobs:
+    if knobs.window is not None:
+        return knobs
+    window = ctx.default_window
+    if knobs.lookahead:  # lookahead needs an even window: round the default down
+        window = max(2, window - window % 2)
+    return dataclasses.replace(knobs, window=window)
+
+
+def _fifo_steps(knobs: FifoKnobs, ctx: SamplerContext) -> int:
+    # FIFO-Diffusion has one denoising step per queue slot: S = num_partitions * window.
+    needed = knobs.num_partitions * knobs.window
+    if ctx.requested_steps is not None and ctx.requested_steps != needed:
+        raise ValueError(
+            f"the fifo sampler takes num_partitions * window = {needed} steps (one per queue slot); got "
+            f"--steps {ctx.requested_steps}. Omit --steps, or change --num-partitions / --window."
+        )
+    return needed
+
+
+def _fifo_fit_steps(num_steps: int, ctx: SamplerContext) -> dict:
+    window = _resolve_fifo(FifoKnobs(), ctx).window
+    return {"num_partitions": max(1, round(num_steps / window))}
+
+
+@dataclass(frozen=True)
+class DiffusionForcingKnobs:
+    """Knobs of :func:`~longgen.samplers.diffusion_forcing.sample_diffusion_forcing`."""
+
+    base_num_latent_frames: int | None = field(
+        default=None, metadata={"help": "df: latent frames per chunk (default: native length)"}
+    )
+    ar_step: int | None = field(
+        default=None,
+        metadata={"help": "df: steps block i+1 lags block i (default 0 = synchronous; SkyReels-V2 asynchronous "
+                  "uses 5)"},
+    )
+    causal_block_size: int = field(
+        default=1, metadata={"help": "df: latent frames that share one noise level (SkyReels-V2 uses 5 with ar_step 5)"}
+    )
+    overlap_history: int | None = field(
+        default=None,
+        metadata={"help": "df: latent frames of the previous chunk kept as context for the next (chunked "
+                  "generation in constant memory; default ~1/5 of a chunk for clips longer than one chunk "
+                  "unless --ar-step is given)"},
+    )
+    addnoise_condition: float = field(
+        default=0.0,
+        metadata={"help": "df: re-noise history frames to this level (0-1000, SkyReels-V2 uses 20) to reduce drift"},
+    )
+
+    solver: Literal["ddim", "unipc"] = field(
+        default="ddim",
+        metadata={"help": "df: per-frame solver: ddim (Euler on flow models) or unipc (diffusers' UniPC "
+                  "multistep, as its SkyReels-V2 diffusion-forcing pipeline), over the same sigmas"},
+    )
+
+    def __post_init__(self) -> None:
+        if self.solver not in ("ddim", "unipc"):
+            raise ValueError(f"--solver must be 'ddim' or 'unipc', got {self.solver!r}")
+        _positive("base-num-latent-frames", self.base_num_latent_frames)
+        _positive("causal-block-size", self.causal_block_size)
+        _positive("overlap-history", self.overlap_history)
+        if self.ar_step is not None and self.ar_step < 0:
+            raise ValueError(f"--ar-step must be >= 0 (0 = synchronous), got {self.ar_step}")
+        if not 0 <= self.addnoise_condition < 1000:
+            raise ValueError(f"--addnoise-condition must be in [0, 1000) (20 is typical), got {self.addnoise_condition}")
+
+
+def _resolve_df(knobs: DiffusionForcingKnobs, ctx: SamplerContext) -> DiffusionForcingKnobs:
+    total = ctx.num_latent_frames
+    base = knobs.base_num_latent_frames or ctx.default_window
+    overlap = knobs.overlap_history
+    if total > base and overlap is None and knobs.ar_step is None:
+        # Longer than one chunk: chunked generation with ~1/5 of a chunk as history (SkyReels-V2 uses 17 of
+        # 97 pixel frames), a multiple of the causal block; constant memory in clip length. (An explicit
+        # --ar-step without history asks for one rolling pyramid.)
+        block = knobs.causal_block_size
+        overlap = min(max(block, base // 5 // block * block), base - block)
+    knobs = dataclasses.replace(knobs, base_num_latent_frames=base, ar_step=knobs.ar_step or 0, overlap_history=overlap)
+    if ctx.fixed_causal_blocks and knobs.causal_block_size > 1:
+        _check_whole_blocks(knobs, ctx)
+    return knobs
+
+
+def df_model_call_lengths(total: int, base: int, overlap_history: int | None) -> list[int]:
+    """Latent frames of each chunk the diffusion-forcing sampler hands the model (mirrors its chunk loop)."""
+    base = min(base, total)
+    if overlap_history is None or total <= base or not 0 < overlap_history < base:
+        return [total] if total <= base else [base]
+    lengths, start = [], 0
+    while True:
+        length = min(base, total - start)
+        lengths.append(length)
+        if start + length >= total:
+            return lengths
+        start += length - overlap_history
+
+
+def _check_whole_blocks(knobs: DiffusionForcingKnobs, ctx: SamplerContext) -> None:
+    """Block-causal models need whole blocks in every call: refuse before any model call, naming fitting sizes."""
+    block = knobs.causal_block_size
+
+    def fits(total: int) -> bool:
+        lengths = df_model_call_lengths(total, knobs.base_num_latent_frames, knobs.overlap_history)
+        if knobs.overlap_history is None and total > knobs.base_num_latent_frames:
+            lengths = [total]  # one rolling pyramid: the window slides over the whole clip's blocks
+        return all(n % block == 0 for n in lengths)
+
+    total = ctx.num_latent_frames
+    if fits(total):
+        return
+    lower = next((n for n in range(total - 1, 0, -1) if fits(n)), None)
+    upper = next((n for n in range(total + 1, total + 4 * block * max(1, knobs.base_num_latent_frames)) if fits(n)), None)
+    options = [f"--num-frames {ctx.num_pixel_frames(n)} ({n} latent frames)" for n in (lower, upper) if n]
+    raise ValueError(
+        f"this model's block-causal attention needs whole blocks of --causal-block-size {block} in every chunk, "
+        f"but {total} latent frames with --base-num-latent-frames {knobs.base_num_latent_frames} and "
+        f"--overlap-history {knobs.overlap_history} give a chunk that is not a multiple of {block}; use "
+        + (" or ".join(options) or "another --num-frames")
+        + ", or --causal-block-size 1"
+    )
+
+
+register_sampler(SamplerSpec(
+    name="full",
+    fn="longgen.samplers.full:sample_full",
+    knobs=FullKnobs,
+    description="the whole clip at once (naive baseline)",
+))
+register_sampler(SamplerSpec(
+    name="sliding",
+    fn="longgen.samplers.sliding:sample_sliding",
+    knobs=SlidingKnobs,
+    description="overlapping windows of the native length fused every step (MultiDiffusion / FreeNoise)",
+    resolve=_resolve_sliding,
+))
+register_sampler(SamplerSpec(
+    name="fifo",
+    fn="longgen.samplers.fifo:sample_fifo",
+    knobs=FifoKnobs,
+    description="FIFO-Diffusion queue (diagonal denoising, constant memory; takes num_partitions*window steps)",
+    streams=True,
+    resolve=_resolve_fifo,
+    num_steps=_fifo_steps,
+    fit_steps=_fifo_fit_steps,
+))
+register_sampler(SamplerSpec(
+    name="df",
+    fn="longgen.samplers.diffusion_forcing:sample_diffusion_forcing",
+    knobs=DiffusionForcingKnobs,
+    description="diffusion forcing, chunk after chunk with per-frame noise levels (constant memory with "
+    "--overlap-history)",
+    streams=True,
+    resolve=_resolve_df,
+))
