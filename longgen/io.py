@@ -18,6 +18,7 @@ import logging
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -174,7 +175,8 @@ def check_video_path(path: str | os.PathLike) -> str:
     """The output path as a string, or a ``ValueError`` that names the fix (checked before any work)."""
     path = os.fspath(path)
     if os.path.isdir(path):
-        raise ValueError(f"--out {path!r} is a folder: name a file inside it, e.g. {os.path.join(path, 'clip.mp4')}")
+        example = os.path.join(path, "clip.mp4")
+        raise ValueError(f"{path!r} is a folder: name a file inside it, e.g. {example}")
     suffix = os.path.splitext(path)[1].lower()
     if suffix not in VIDEO_SUFFIXES:
         raise ValueError(
@@ -186,14 +188,14 @@ def check_video_path(path: str | os.PathLike) -> str:
     while not os.path.exists(probe):  # the first existing ancestor must be a writable folder
         probe = os.path.dirname(probe)
     if not os.path.isdir(probe):
-        raise ValueError(f"cannot write {path!r}: {probe!r} is a file, not a folder; pick another output path")
+        raise ValueError(f"cannot write {path!r}: {probe!r} is a file, not a folder; pick another path")
     if not os.access(probe, os.W_OK | os.X_OK):
-        raise ValueError(f"cannot write {path!r}: no write permission in {probe!r}; pick another output path")
+        raise ValueError(f"cannot write {path!r}: no write permission in {probe!r}; pick another path")
     return path
 
 
 def partial_path(path: str | os.PathLike, num_frames: int, total_frames: int | None = None) -> str:
-    """Where an interrupted clip is kept: ``clip.mp4`` -> ``clip.partial-45of257.mp4`` (or ``.partial-45``)."""
+    """Where an interrupted clip is kept: ``clip.mp4`` -> ``clip.partial-45of257.mp4`` (``.partial-45``)."""
     stem, suffix = os.path.splitext(os.fspath(path))
     of = f"of{total_frames}" if total_frames is not None else ""
     return f"{stem}.partial-{num_frames}{of}{suffix}"
@@ -314,8 +316,16 @@ class VideoWriter:
         return None
 
     def close(self) -> None:
-        """Finish the clip and rename it into place; :class:`VideoWriteError` if it is not complete."""
+        """Finish the clip and rename it into place; :class:`VideoWriteError` if it is not complete.
+
+        Called while an exception propagates (``try: ... finally: writer.close()``), it discards the
+        clip rather than publish a partial one under the final name, and raises nothing, so the
+        original error surfaces; call :meth:`abort` in the ``except`` clause to keep the partial clip.
+        """
         if self.closed:
+            return
+        if sys.exc_info()[0] is not None:
+            self.abort(keep_partial=False)
             return
         if self._proc is None:
             self.closed = True
@@ -324,7 +334,8 @@ class VideoWriter:
             kept = self.abort(keep_partial=True)
             where = f"; the partial clip is kept at {kept}" if kept else ""
             raise VideoWriteError(
-                f"{self.path!r} got {self.num_frames} of {self.total_frames} frames, so it was not saved{where}"
+                f"{self.path!r} got {self.num_frames} of {self.total_frames} frames, so it was not "
+                f"saved{where}"
             )
         problem = self._encode_ok()
         if problem is not None:
@@ -374,7 +385,9 @@ class VideoWriter:
                 self._cleanup()
 
 
-def write_video(path: str | os.PathLike, frames: Iterable[torch.Tensor | np.ndarray], fps: float = 16.0) -> int:
+def write_video(
+    path: str | os.PathLike, frames: Iterable[torch.Tensor | np.ndarray], fps: float = 16.0
+) -> int:
     """Write an iterable of frame blocks ``[n, H, W, 3]`` to ``path``; returns the frame count."""
     with VideoWriter(path, fps=fps) as writer:
         for block in frames:
@@ -458,7 +471,7 @@ def resolve_backend(backend: str = "auto") -> str:
     error = backend_error(name)
     if error is not None:
         loads = ", ".join(available_backends()) or "none"
-        raise ValueError(f"video backend {backend!r} is not usable: {error}; backends that load here: {loads}")
+        raise ValueError(f"video backend {backend!r} is not usable: {error}; backends that load: {loads}")
     return name
 
 

@@ -133,7 +133,8 @@ def _fake_ffmpeg(tmp_path, monkeypatch, script: str) -> None:
 
 
 def test_ffmpeg_failure_is_an_error_with_its_message(tmp_path, monkeypatch):
-    _fake_ffmpeg(tmp_path, monkeypatch, 'cat >/dev/null; echo "Conversion failed: disk on fire" >&2; exit 3\n')
+    script = 'cat >/dev/null; echo "Conversion failed: disk on fire" >&2; exit 3\n'
+    _fake_ffmpeg(tmp_path, monkeypatch, script)
     out = tmp_path / "out" / "clip.mp4"
     writer = VideoWriter(out)
     writer.write(np.zeros((2, 16, 16, 3), np.uint8))
@@ -209,6 +210,24 @@ def test_keyboard_interrupt_inside_the_block_leaves_no_clip(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+def test_close_in_a_finally_block_while_an_error_propagates_publishes_nothing(tmp_path):
+    writer = VideoWriter(tmp_path / "clip.mp4")
+    with pytest.raises(ZeroDivisionError):  # the original error, not a writer error
+        try:
+            writer.write(np.zeros((3, 16, 16, 3), np.uint8))
+            1 / 0
+        finally:
+            writer.close()
+    assert os.listdir(tmp_path) == []
+    empty = VideoWriter(tmp_path / "empty.mp4")
+    with pytest.raises(ZeroDivisionError):
+        try:
+            1 / 0
+        finally:
+            empty.close()
+    assert os.listdir(tmp_path) == []
+
+
 def test_interrupted_clip_kept_by_abort_after_ctrl_c(tmp_path):
     """The pipeline's pattern: on KeyboardInterrupt call abort(), report the partial clip."""
     writer = VideoWriter(tmp_path / "clip.mp4", total_frames=257)
@@ -263,7 +282,7 @@ def test_unknown_or_unloadable_backend_is_explained(monkeypatch):
     with pytest.raises(ValueError, match="choose one of auto, torchcodec, decord, pyav"):
         resolve_backend("opencv")
     monkeypatch.setattr(lio, "backend_error", lambda name: "no libs" if name == "torchcodec" else None)
-    with pytest.raises(ValueError, match=r"'torchcodec' is not usable: no libs; backends that load here"):
+    with pytest.raises(ValueError, match=r"'torchcodec' is not usable: no libs; backends that load"):
         resolve_backend("torchcodec")
 
 
@@ -272,7 +291,8 @@ def test_auto_prefers_torchcodec_and_falls_back_to_decord_with_one_warning(monke
     monkeypatch.setattr(lio, "backend_error", lambda name: None)
     assert resolve_backend("auto") == "torchcodec"
     lio._auto_backend.cache_clear()
-    monkeypatch.setattr(lio, "backend_error", lambda name: "torchcodec cannot load: x" if name == "torchcodec" else None)
+    broken = {"torchcodec": "torchcodec cannot load: x"}
+    monkeypatch.setattr(lio, "backend_error", broken.get)
     with caplog.at_level(logging.WARNING, logger="longgen.io"):
         assert [resolve_backend("auto") for _ in range(3)] == ["decord"] * 3
     warnings = [r for r in caplog.records if "torchcodec cannot load" in r.getMessage()]

@@ -234,3 +234,55 @@ def test_file_failing_after_probe_is_replaced_and_counted(make_dataset, tmp_path
     assert sum(str(tmp_path / "a.mp4") in r.getMessage() for r in caplog.records) == 1
     loader = torch.utils.data.DataLoader(dataset, batch_size=2, num_workers=2, collate_fn=collate_clips)
     assert next(iter(loader))["video"].shape == (2, 4, SIZE, SIZE, 3)
+
+
+def _malformed_corpus(root) -> dict[str, str]:
+    """A folder of broken files next to good ones; name -> what is wrong with it."""
+    _write_indexed(root / "good.mp4", 12, fps=16)
+    good = (root / "good.mp4").read_bytes()
+    corpus = {
+        "empty.mp4": b"",
+        "text.mp4": b"this is a caption, not a video\n" * 20,
+        "header_only.mp4": good[:64],  # ftyp box, no moov: no index, no frames
+        "truncated.mp4": good[: len(good) // 2],  # the moov box (written last) is cut off
+        "random.mkv": np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes(),
+    }
+    for name, data in corpus.items():
+        (root / name).write_bytes(data)
+    # An mp4 whose frame data is overwritten with noise: the index is intact, the pictures are not.
+    damaged = bytearray(good)
+    mdat = damaged.find(b"mdat")
+    noise = np.random.default_rng(1).integers(0, 256, 512, dtype=np.uint8).tobytes()
+    damaged[mdat + 64 : mdat + 64 + 512] = noise
+    (root / "damaged.mp4").write_bytes(bytes(damaged))
+    # A directory and a dangling link with a video name
+    (root / "folder.mp4").mkdir()
+    os.symlink(root / "nowhere.mp4", root / "dangling.mp4")
+    for name in [*corpus, "good.mp4", "damaged.mp4", "folder.mp4", "dangling.mp4"]:
+        (root / f"{os.path.splitext(name)[0]}.txt").write_text(f"caption of {name}")
+    return corpus
+
+
+def test_malformed_corpus_is_skipped_and_counted_never_fatal(make_dataset, tmp_path, caplog):
+    corpus = _malformed_corpus(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="longgen.data.video"):
+        dataset = make_dataset(str(tmp_path), num_frames=4, height=SIZE, width=SIZE, random_start=False)
+        names = set(_by_name(dataset))
+        # every file with no decodable index is left out at probe time, with its path in one warning
+        assert names.isdisjoint(corpus) and {"good.mp4"} <= names <= {"good.mp4", "damaged.mp4"}
+        assert dataset.skipped["unreadable"] == len(corpus) + 2  # + the folder and the dangling link
+        for name in [*corpus, "folder.mp4", "dangling.mp4"]:
+            assert sum(str(tmp_path / name) in r.getMessage() for r in caplog.records) == 1, name
+        # reading every clip returns a well-formed clip: a damaged file decodes or is replaced
+        for i in range(len(dataset)):
+            item = dataset[i]
+            assert item["video"].shape == (4, SIZE, SIZE, 3)
+            assert 0.0 <= float(item["video"].min()) and float(item["video"].max()) <= 1.0
+    total = len(dataset.records) + sum(dataset.skipped.values())
+    assert total == len(corpus) + 4 + dataset.skipped.get("decode_error", 0)
+    assert _indices(dataset[_by_name(dataset)["good.mp4"]]["video"]) == [0, 1, 2, 3]
+
+
+def test_unknown_video_backend_is_a_clear_error(folder):
+    with pytest.raises(ValueError, match="unknown video backend 'opencv'"):
+        VideoClipDataset(str(folder), num_frames=5, height=SIZE, width=SIZE, video_backend="opencv")
