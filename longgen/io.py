@@ -622,8 +622,10 @@ def _read_pyav(path: str, idx: list[int] | None) -> np.ndarray:
     frames: dict[int, np.ndarray] = {}
     count = 0
     with av.open(path) as container:
-        container.streams.video[0].thread_type = "AUTO"
-        # Decode in order up to the last wanted frame (no seeking: exact indices, as decord's are).
+        # One thread, as the other readers: DataLoader workers already decode in parallel.
+        container.streams.video[0].thread_count = 1
+        # Decode in order up to the last wanted frame: no seeking, so indices are exact (as decord's
+        # are) but a clip late in a long file costs decoding everything before it.
         for i, frame in enumerate(container.decode(video=0)):
             count = i + 1
             if want is None or i in want:

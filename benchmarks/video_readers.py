@@ -1,0 +1,140 @@
+"""Training-clip decode speed of each video reader (torchcodec, decord, PyAV) behind ``read_video``.
+
+The workload is what :class:`longgen.data.video.VideoClipDataset` asks of a reader: open a file, decode
+the ``--clip-frames`` frames of one clip (``--stride`` apart, from a random start) and return them as
+uint8 ``[T, H, W, 3]``. The corpus is written by this script: ``--videos`` rendered synthetic worlds
+(``longgen.data.synthetic``: moving, occluding objects, so H.264 behaves as on real footage) of
+``--frames`` frames at ``--size`` px, 16 fps, encoded by :class:`longgen.io.VideoWriter`.
+
+Each repeat reads the same ``--clips`` clips (fixed seed) with every reader, in an order that rotates
+between repeats so machine load falls on all of them alike; a warm-up pass first reads every clip once
+(the page cache then holds the files, as it does in a training epoch after the first). Reported: the
+median clips/s over ``--repeats`` repeats, and its ratio to decord's median from the same run. Readers
+that do not load here are listed with the reason. One decoding thread per reader (what each DataLoader
+worker uses).
+
+    python -m benchmarks.video_readers [--repeats 5] [--clips 24] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+from longgen.io import VIDEO_BACKENDS, backend_error, read_video
+
+READERS = [b for b in VIDEO_BACKENDS if b != "auto"]
+
+
+def write_corpus(out_dir: str, videos: int, frames: int, size: int) -> list[str]:
+    """``videos`` synthetic mp4 files; their paths."""
+    from longgen.data.synthetic import load_manifest, write_synthetic_dataset
+
+    manifest = write_synthetic_dataset(out_dir, num_videos=videos, num_frames=frames, height=size, width=size)
+    return [r["video"] for r in load_manifest(manifest)]  # absolute paths
+
+
+def clip_plan(paths: list[str], frames: int, clips: int, clip_frames: int, stride: int, seed: int = 0):
+    """``clips`` (path, indices) pairs with random starts."""
+    rng = np.random.default_rng(seed)
+    span = (clip_frames - 1) * stride + 1
+    plan = []
+    for k in range(clips):
+        start = int(rng.integers(0, frames - span + 1))
+        plan.append((paths[k % len(paths)], list(range(start, start + span, stride))))
+    return plan
+
+
+def time_reader(backend: str, plan) -> float:
+    """Clips per second reading every clip of ``plan`` once."""
+    t0 = time.perf_counter()
+    for path, indices in plan:
+        frames = read_video(path, indices, backend=backend)
+        assert frames.shape[0] == len(indices)
+    return len(plan) / (time.perf_counter() - t0)
+
+
+def run(args) -> dict:
+    usable = [b for b in READERS if backend_error(b) is None]
+    skipped = {b: backend_error(b) for b in READERS if b not in usable}
+    if "decord" not in usable:
+        sys.exit(f"decord does not load here ({skipped['decord']}); the ratios are against decord")
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        paths = write_corpus(tmp, args.videos, args.frames, args.size)
+        print(f"wrote {len(paths)} videos in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+        plan = clip_plan(paths, args.frames, args.clips, args.clip_frames, args.stride)
+        reference = {b: read_video(plan[0][0], plan[0][1], backend=b).astype(int) for b in usable}
+        agree = {b: int(np.abs(reference[b] - reference["decord"]).max()) for b in usable}
+        for b in usable:  # warm-up: page cache, libraries, codecs
+            time_reader(b, plan)
+        speeds: dict[str, list[float]] = {b: [] for b in usable}
+        for r in range(args.repeats):
+            order = usable[r % len(usable) :] + usable[: r % len(usable)]
+            for b in order:
+                speeds[b].append(time_reader(b, plan))
+                print(f"repeat {r}: {b} {speeds[b][-1]:.1f} clips/s", file=sys.stderr)
+    median = {b: statistics.median(v) for b, v in speeds.items()}
+    return {
+        "settings": vars(args),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "load_average": os.getloadavg(),
+        },
+        "median_clips_per_s": median,
+        "ratio_vs_decord": {b: median[b] / median["decord"] for b in usable},
+        "runs": speeds,
+        "max_pixel_difference_vs_decord": agree,
+        "not_loaded": skipped,
+    }
+
+
+def markdown(result: dict) -> str:
+    s = result["settings"]
+    lines = [
+        f"{s['clips']} clips of {s['clip_frames']} frames (stride {s['stride']}) from {s['videos']} videos of "
+        f"{s['frames']} frames at {s['size']}x{s['size']}; median of {s['repeats']} repeats; load average "
+        + ", ".join(f"{v:.1f}" for v in result["machine"]["load_average"]),
+        "",
+        "| reader | clips/s (median) | vs decord | runs |",
+        "|---|---|---|---|",
+    ]
+    for b, v in result["median_clips_per_s"].items():
+        runs = ", ".join(f"{x:.1f}" for x in result["runs"][b])
+        lines.append(f"| {b} | {v:.1f} | {result['ratio_vs_decord'][b]:.2f} | {runs} |")
+    for b, why in result["not_loaded"].items():
+        lines.append(f"| {b} | not loaded: {why} | | |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--videos", type=int, default=6)
+    p.add_argument("--frames", type=int, default=160, help="frames per video")
+    p.add_argument("--size", type=int, default=256, help="frame height and width")
+    p.add_argument("--clips", type=int, default=24, help="clips read per repeat")
+    p.add_argument("--clip-frames", type=int, default=17)
+    p.add_argument("--stride", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--json", help="also write the result here")
+    args = p.parse_args(argv)
+    result = run(args)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    print(markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
