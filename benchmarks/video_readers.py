@@ -102,8 +102,8 @@ def run(args) -> dict:
 def markdown(result: dict) -> str:
     s = result["settings"]
     lines = [
-        f"{s['clips']} clips of {s['clip_frames']} frames (stride {s['stride']}) from {s['videos']} videos of "
-        f"{s['frames']} frames at {s['size']}x{s['size']}; median of {s['repeats']} repeats; load average "
+        f"{s['clips']} clips of {s['clip_frames']} frames (stride {s['stride']}) from {s['videos']} videos "
+        f"of {s['frames']} frames at {s['size']}x{s['size']}; median of {s['repeats']} repeats; load average "
         + ", ".join(f"{v:.1f}" for v in result["machine"]["load_average"]),
         "",
         "| reader | clips/s (median) | vs decord | runs |",
