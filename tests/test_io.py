@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import stat
 
 import numpy as np
@@ -372,3 +373,25 @@ def test_chmod_umask_fixes_mkstemp_and_mkdtemp_modes(tmp_path):
         chmod_umask(f)
         chmod_umask(d)
     assert (mode(f), mode(d)) == (0o644, 0o755)
+
+
+# ------------------------------------------------------------------------------------------------
+# from the user's entry point
+# ------------------------------------------------------------------------------------------------
+def test_generate_refuses_outputs_it_cannot_write_and_publishes_only_complete_clips(saved, tmp_path, capsys):
+    from longgen.cli import main
+
+    model = saved("wan")
+    base = ["generate", "--model", model, "--steps", "1", "--prompt", "x", "--quiet"]
+    (tmp_path / "folder").mkdir()
+    for out, message in [("x.gif", r"use \.mp4"), ("folder", "is a folder: name a file inside it")]:
+        assert main([*base, "--out", str(tmp_path / out)]) == 2
+        err = capsys.readouterr().err
+        assert re.search(message, err), err
+        assert "wrote" not in err
+    assert sorted(os.listdir(tmp_path)) == ["folder"] and os.listdir(tmp_path / "folder") == []
+    with umask(0o022):
+        assert main([*base, "--out", str(tmp_path / "clip.mp4")]) == 0
+    assert "wrote" in capsys.readouterr().out
+    assert sorted(os.listdir(tmp_path)) == ["clip.mp4", "folder"] and mode(tmp_path / "clip.mp4") == 0o644
+    assert video_info(tmp_path / "clip.mp4")["num_frames"] > 0
