@@ -4,6 +4,7 @@ under an honest name), the readers behind one interface, and the atomic file / f
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import re
@@ -395,3 +396,19 @@ def test_generate_refuses_outputs_it_cannot_write_and_publishes_only_complete_cl
     assert "wrote" in capsys.readouterr().out
     assert sorted(os.listdir(tmp_path)) == ["clip.mp4", "folder"] and mode(tmp_path / "clip.mp4") == 0o644
     assert video_info(tmp_path / "clip.mp4")["num_frames"] > 0
+
+
+def test_reader_benchmark_runs_and_reports_every_reader(tmp_path, capsys):
+    from benchmarks.video_readers import main as bench
+
+    out = tmp_path / "r.json"
+    args = ["--videos", "2", "--frames", "24", "--size", "32", "--clips", "3", "--clip-frames", "5"]
+    assert bench([*args, "--repeats", "2", "--json", str(out)]) == 0
+
+    result = json.loads(out.read_text())
+    assert set(result["median_clips_per_s"]) | set(result["not_loaded"]) == set(BACKENDS)
+    assert {"decord", "pyav"} <= set(result["median_clips_per_s"])
+    assert result["ratio_vs_decord"]["decord"] == 1
+    assert all(len(v) == 2 and min(v) > 0 for v in result["runs"].values())
+    assert all(d <= 2 for d in result["max_pixel_difference_vs_decord"].values())  # they agree on pixels
+    assert "| decord |" in capsys.readouterr().out
