@@ -1,6 +1,7 @@
 """Video clip data sets for training: a folder of videos with captions or a CSV / JSONL manifest.
 
-Clips are decoded with decord, reading only the frames a clip needs, so clips of hundreds of frames
+Clips are decoded with :func:`longgen.io.read_video` (``video_backend``: torchcodec where it loads, else
+decord; or PyAV), reading only the frames a clip needs, so clips of hundreds of frames
 from hour-long files cost what the clip costs. Frame sampling follows a *target fps* (the stride comes
 from each file's own fps) or a fixed *frame stride*, from a random start that is reproducible from
 ``(seed, epoch, index)``. Frames are resized so that they cover ``height x width`` (the shorter side
@@ -205,16 +206,12 @@ def read_metadata(source: str | os.PathLike) -> tuple[list[dict], Counter]:
     return entries, dropped
 
 
-def probe_video(path: str) -> tuple[int, float, int, int]:
-    """(frame count, fps, height, width) with decord: the container index plus one decoded frame."""
-    import decord
+def probe_video(path: str, backend: str = "auto") -> tuple[int, float, int, int]:
+    """(frame count, fps, height, width): the container index plus one decoded frame."""
+    from ..io import probe_video as probe
 
-    reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1)
-    num_frames = len(reader)
-    if num_frames == 0:
-        raise ValueError("no frames")
-    height, width = reader[0].shape[:2]
-    return num_frames, float(reader.get_avg_fps()), int(height), int(width)
+    meta = probe(path, backend)
+    return meta.num_frames, meta.fps, meta.height, meta.width
 
 
 # ------------------------------------------------------------------------------------------------
@@ -230,6 +227,9 @@ class VideoClipDataset(torch.utils.data.Dataset):
     (seed, epoch, index) in any process; call :meth:`set_epoch` each epoch. Without it clips start at
     the span's first frame.
 
+    ``video_backend`` picks the reader (:data:`longgen.io.VIDEO_BACKENDS`: ``auto`` is torchcodec where
+    it loads, else decord with one warning; ``torchcodec``, ``decord`` or ``pyav`` to force one).
+
     ``dataset[i]`` takes an index, or ``(index, num_frames, height, width)`` from :class:`BucketSampler`.
     """
 
@@ -243,7 +243,10 @@ class VideoClipDataset(torch.utils.data.Dataset):
         target_fps: float | None = None,
         random_start: bool = True,
         seed: int = 0,
+        video_backend: str = "auto",
     ):
+        from ..io import resolve_backend
+
         if num_frames < 1 or height < 1 or width < 1:
             raise ValueError(
                 f"num_frames, height and width must be positive, got {num_frames}, {height}x{width}"
@@ -257,6 +260,8 @@ class VideoClipDataset(torch.utils.data.Dataset):
                 f"set either target_fps ({target_fps}) or frame_stride ({frame_stride}), not both: with a "
                 "target fps the stride follows each video's own fps"
             )
+        # Resolved once here, so an unknown or unloadable backend fails before any file is probed.
+        self.video_backend = resolve_backend(video_backend)
         self.source = os.fspath(source)
         self.num_frames = int(num_frames)
         self.height = int(height)
@@ -304,8 +309,8 @@ class VideoClipDataset(torch.utils.data.Dataset):
     def _probe(self, entry: dict) -> ClipRecord | None:
         path = entry["path"]
         try:
-            length, fps, height, width = probe_video(path)
-        except Exception as err:  # decord raises RuntimeError / DECORDError for unreadable files
+            length, fps, height, width = probe_video(path, self.video_backend)
+        except Exception as err:  # a ValueError naming the file, or the reader's own error types
             self._skip(path, "unreadable", str(err).splitlines()[0] if str(err) else type(err).__name__)
             return None
         start = entry["start"] or 0
@@ -385,7 +390,8 @@ class VideoClipDataset(torch.utils.data.Dataset):
 
         record = self.records[index]
         indices = self.clip_indices(index, num_frames)
-        frames = read_video(record.path, indices)  # [T, h, w, 3] uint8, only the needed frames
+        # [T, h, w, 3] uint8, only the needed frames
+        frames = read_video(record.path, indices, backend=self.video_backend)
         video = torch.from_numpy(frames).float().div_(255.0)
         video = resize_center_crop(video, height, width)
         return {"video": video, "caption": record.caption, "path": record.path}
