@@ -288,7 +288,7 @@ def _plot_overview(plt, curves: dict, path: str) -> str:
             ax.axis("off")
         handles, labels = axes.flat[0].get_legend_handles_labels()
         fig.legend(handles, labels, loc="upper center", ncol=min(len(labels), 6), fontsize=9)
-        fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / rows))
+        fig.tight_layout(rect=(0, 0, 1, 1 - 0.4 / fig.get_figheight()))  # 0.4 in for the legend
         _savefig(fig, path)
     finally:
         plt.close(fig)
