@@ -348,7 +348,6 @@ def generate_and_evaluate(
     Returns ``{"caption", "num_frames", "length_factor", "runs", "references": {label: path}, "report",
     "seconds": {"generate", "evaluate"}}``.
     """
-    from .eval.report import evaluate_videos
     from .pipeline import LongVideoPipeline
 
     caption, world = _prompted_world(data_dir)
@@ -390,17 +389,8 @@ def generate_and_evaluate(
             "%s: %d frames in %.1f s -> %s", sampler, result.num_frames, runs[sampler]["seconds"], path
         )
     reference_paths = write_reference_clips(adapter, world, num_frames, out_dir) if references else {}
-    labels = [*samplers, *reference_paths]
-    videos += list(reference_paths.values())
     eval_start = time.perf_counter()
-    report = evaluate_videos(
-        videos,
-        os.path.join(out_dir, "eval"),
-        window=eval_window,
-        labels=labels,
-        worlds=[world] * len(videos),
-        show_progress=None,
-    )
+    report = _evaluate_clips(videos, samplers, reference_paths, world, out_dir, eval_window)
     return {
         "caption": caption,
         "num_frames": num_frames,
@@ -413,6 +403,22 @@ def generate_and_evaluate(
             "evaluate": round(time.perf_counter() - eval_start, 1),
         },
     }
+
+
+def _evaluate_clips(videos, samplers, reference_paths: dict, world, out_dir: str, window: int) -> dict:
+    """:func:`longgen.eval.report.evaluate_videos` of the samplers' clips and the references into
+    ``<out_dir>/eval``, scored against the prompted ``world``."""
+    from .eval.report import evaluate_videos
+
+    paths = [*videos, *reference_paths.values()]
+    return evaluate_videos(
+        paths,
+        os.path.join(out_dir, "eval"),
+        window=window,
+        labels=[*samplers, *reference_paths],
+        worlds=[world] * len(paths),
+        show_progress=None,
+    )
 
 
 def synthetic_means(video_report: dict[str, Any]) -> dict[str, float | None]:

@@ -151,3 +151,12 @@ def test_version_1_caches_still_read(wan, manifest, tmp_path):
     open(index_path, "w").write(json.dumps(index))
     with pytest.raises(ValueError, match="rebuild it with longgen precompute"):
         LatentCacheDataset(tmp_path / "cache")
+
+
+def test_precompute_shows_a_progress_bar(wan, manifest, tmp_path, capsys):
+    dataset = VideoClipDataset(manifest, num_frames=9, height=32, width=32, random_start=False)
+    precompute_cache(wan, dataset, tmp_path / "quiet")
+    assert "precompute" not in capsys.readouterr().err  # off by default for library calls
+    precompute_cache(wan, dataset, tmp_path / "cache", show_progress=True)
+    err = capsys.readouterr().err
+    assert "precompute" in err and "3/3" in err
