@@ -7,8 +7,11 @@ the fly; both are frozen, so ``longgen precompute`` runs them once. The cache fo
   and ``"<i>/cond/<key>"`` (each tensor of ``adapter.encode_prompt``'s cond, batch dim removed);
 * ``null_cond.safetensors``: the cond of the empty prompt (for caption dropout / CFG training), when the
   model has a text encoder;
-* ``index.json``: sample -> shard, captions, source paths, clip size, model family. It is written last,
-  so a folder without it is an unfinished precompute (shards are written atomically too).
+* ``index.json``: format and ``version``, model ``family``, clip ``num_frames`` and ``clip_shape``, latent
+  ``dtype`` and shape, cond keys, sample -> shard, captions, source paths. It is written last, so a folder
+  without it is an unfinished precompute (shards are written atomically too, with the umask's mode).
+
+:class:`CacheWriter` is the one writer (``longgen precompute`` and the demo's window cache).
 
 :class:`LatentCacheDataset` reads it back, one sample at a time through safetensors' memory map.
 """
