@@ -244,8 +244,8 @@ def _title(name: str) -> tuple[str, str]:
         info = column_info(name)
     except KeyError:
         return name, ""
-    what = "synthetic score vs the prompted world: " if name.startswith("synthetic_") else ""
-    return f"{name} ({direction(name)})\n{what}{info.description}", info.unit
+    what = ", synthetic score vs the prompted world" if name.startswith("synthetic_") else ""
+    return f"{name} ({direction(name)}){what}\n{info.description}", info.unit
 
 
 OVERVIEW = (
