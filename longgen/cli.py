@@ -334,19 +334,18 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .eval.report import evaluate_videos
+    from .eval.report import evaluate_videos, headline_table
 
     report = evaluate_videos(
-        args.videos, args.out, window=args.window, stride=args.stride, labels=args.labels, plots=not args.no_plots
+        args.videos,
+        args.out,
+        window=args.window,
+        stride=args.stride,
+        labels=args.labels,
+        plots=not args.no_plots,
+        show_progress=None,
     )
-    print(f"{'video (mean / end-start)':24s} " + " ".join(f"{m:>22s}" for m in _EVAL_HEADLINE))
-    for label, video in report["videos"].items():
-        cells = []
-        for metric in _EVAL_HEADLINE:
-            s = video["metrics"].get(metric, {}).get("summary")
-            ok = s and s.get("mean") is not None and s.get("end_minus_start") is not None
-            cells.append(f"{s['mean']:11.4f} /{s['end_minus_start']:+9.4f}" if ok else f"{'-':>22s}")
-        print(f"{label[:24]:24s} " + " ".join(cells))
+    print(headline_table(report, _EVAL_HEADLINE))
     print(f"wrote {os.path.join(args.out, 'metrics.json')}" + ("" if args.no_plots else f" and plots in {args.out}/plots"))
     return 0
 

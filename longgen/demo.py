@@ -20,9 +20,7 @@ Runs on a CPU with no downloads. Steps:
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -30,8 +28,20 @@ from typing import Any
 
 import torch
 
-from .backbones.wan import is_vae_per_frame, make_vae_per_frame
+from .backbones.wan import is_vae_per_frame
 from .samplers import options_for_steps, sampler_names
+from .vae_training import train_vae
+
+__all__ = [
+    "DEMO_SAMPLERS",
+    "DemoSettings",
+    "build_latent_cache",
+    "generate_and_evaluate",
+    "run_demo",
+    "summary_table",
+    "train_tiny_model",
+    "train_vae",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +106,8 @@ class DemoSettings:
     vae_kwargs: dict[str, Any] = field(default_factory=lambda: dict(DEMO_VAE))
     transformer_kwargs: dict[str, Any] = field(default_factory=lambda: dict(DEMO_TRANSFORMER))
     extra_overrides: list[str] = field(default_factory=list)
+    smoke_test: bool = False
+    """Say plainly in the output that the run only smoke-tests (:data:`QUICK_NOTE`); set by :meth:`quick`."""
 
     @classmethod
     def quick(cls, out_dir: str) -> DemoSettings:
@@ -110,6 +122,7 @@ class DemoSettings:
             vae_batch_size=4,
             batch_size=4,
             cache_stride=8,
+            smoke_test=True,
         )
 
 
@@ -145,153 +158,20 @@ def write_demo_data(config) -> str:
     return folder
 
 
-def _clip_batch(
-    videos: list[torch.Tensor], num_frames: int, batch: int, generator: torch.Generator
-) -> torch.Tensor:
-    """``batch`` random ``num_frames``-frame windows of the videos ``[N, H, W, 3]`` (uint8) ->
-    ``[B, 3, F, H, W]`` in [-1, 1], the VAE's input."""
-    clips = []
-    for _ in range(batch):
-        video = videos[int(torch.randint(len(videos), (1,), generator=generator))]
-        start = int(torch.randint(video.shape[0] - num_frames + 1, (1,), generator=generator))
-        clips.append(video[start : start + num_frames])
-    x = torch.stack(clips).float() / 127.5 - 1.0  # (B, F, H, W, 3)
-    return x.permute(0, 4, 1, 2, 3).contiguous()  # (B, 3, F, H, W)
-
-
-def _psnr(x: torch.Tensor, y: torch.Tensor) -> float:
-    """PSNR in dB of two videos in [-1, 1] (peak-to-peak 2)."""
-    mse = float(((x - y) ** 2).mean())
-    return float("inf") if mse == 0 else 10.0 * math.log10(4.0 / mse)
-
-
-def train_vae(
-    vae,
-    data_dir: str,
-    steps: int,
-    batch_size: int = 8,
-    lr: float = 2e-3,
-    num_frames: int = 9,
-    kl_weight: float = 1e-3,
-    object_weight: float = 4.0,
-    seed: int = 0,
-    recon_loss: str = "mse",
-    chroma_weight: float = 0.0,
-    per_frame: bool = False,
-) -> dict[str, Any]:
-    """Train the Wan VAE on clips of the synthetic data set (Kingma & Welling 2014, a beta-VAE).
-
-    Loss: error of the reconstruction from a posterior sample (``recon_loss``: absolute or squared), plus
-    ``chroma_weight`` times the same error of the chroma (per-channel error minus its channel mean, so a
-    saturated shape that comes back greyish costs more), with pixels away from the background weighted
-    ``1 + object_weight`` (the shapes cover a few percent of a frame and would otherwise be learnt last),
-    plus ``kl_weight`` times the KL to N(0, 1) per input value. Adam with
-    warm-up and cosine decay. ``per_frame`` first applies :func:`make_vae_per_frame` (and keeps it through
-    training). Afterwards sets the VAE config's ``latents_mean`` / ``latents_std`` (what the
-    Wan adapter normalises latents with) to the per-channel statistics of the encoded data, so the
-    transformer sees unit-scale latents. Returns ``{"steps", "psnr_before", "psnr", "loss", "seconds"}``
-    with PSNR of the posterior mode's reconstruction on fixed clips.
-    """
-    from .data.synthetic import load_manifest
-    from .io import read_video
-
-    if num_frames < 1 or (num_frames - 1) % 4:
-        raise ValueError(
-            f"the VAE stage needs clips of 4k+1 frames (the Wan encoder drops the rest), got {num_frames}: "
-            f"use {max(1, (num_frames - 1) // 4 * 4 + 1)} or {(max(num_frames, 1) - 1) // 4 * 4 + 5}"
-        )
-    start = time.perf_counter()
-    videos = [
-        torch.from_numpy(read_video(r["video"]))
-        for r in load_manifest(os.path.join(data_dir, "manifest.jsonl"))
-    ]
-    generator = torch.Generator().manual_seed(seed)
-    probe = _clip_batch(videos, num_frames, 16, torch.Generator().manual_seed(seed + 1))
-    background = (
-        probe.flatten(2).mode(dim=2).values.mode(dim=0).values.view(1, 3, 1, 1, 1)
-    )  # the commonest colour
-
-    @torch.no_grad()
-    def evaluate() -> float:
-        vae.eval()
-        recon = vae.decode(vae.encode(probe).latent_dist.mode()).sample.clamp(-1, 1)
-        return _psnr(recon, probe)
-
-    handles = make_vae_per_frame(vae) if per_frame else []
-    psnr_before = evaluate()
-    losses: list[float] = []
-    if steps > 0:
-        vae.train()
-        vae.requires_grad_(True)
-        optimizer = torch.optim.Adam(vae.parameters(), lr=lr)
-        warmup = max(1, steps // 10)
-        schedule = torch.optim.lr_scheduler.LambdaLR(  # linear warm-up, then cosine decay to 0
-            optimizer,
-            lambda i: (
-                (i + 1) / warmup
-                if i < warmup
-                else 0.5 * (1 + math.cos(math.pi * (i - warmup) / (steps - warmup)))
-            ),
-        )
-        for _ in range(steps):
-            x = _clip_batch(videos, num_frames, batch_size, generator)
-            posterior = vae.encode(x).latent_dist
-            recon = vae.decode(posterior.sample(generator)).sample
-            weight = 1.0 + object_weight * ((x - background).abs().amax(dim=1, keepdim=True) > 0.2).float()
-            kl = posterior.kl().sum() / x.numel()
-            err = recon - x  # (B, 3, F, H, W)
-            # Chroma error: the per-channel error minus its channel mean (a hue/saturation shift, which a
-            # grey-ish blur of a small saturated shape costs little in plain RGB error).
-            chroma = err - err.mean(dim=1, keepdim=True)
-            if recon_loss == "l1":
-                per_pixel = err.abs() + chroma_weight * chroma.abs()
-            elif recon_loss == "mse":
-                per_pixel = err**2 + chroma_weight * chroma**2
-            else:
-                raise ValueError(f"recon_loss must be 'l1' or 'mse', got {recon_loss!r}")
-            loss = (weight * per_pixel).mean() + kl_weight * kl
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-            optimizer.step()
-            schedule.step()
-            losses.append(loss.item())
-        vae.requires_grad_(False)
-    for handle in handles:
-        handle.remove()
-    vae.eval()
-    psnr = evaluate()
-    with torch.no_grad():  # per-channel latent statistics of the encoded data (posterior modes)
-        stats_clips = _clip_batch(videos, num_frames, 32, torch.Generator().manual_seed(seed + 2))
-        z = vae.encode(stats_clips).latent_dist.mode()  # (B, C, f, h, w)
-        mean = z.mean(dim=(0, 2, 3, 4))
-        std = z.std(dim=(0, 2, 3, 4)).clamp_min(1e-3)
-    vae.register_to_config(latents_mean=[float(v) for v in mean], latents_std=[float(v) for v in std])
-    return {
-        "steps": steps,
-        "psnr_before": round(psnr_before, 2),
-        "psnr": round(psnr, 2),
-        "loss": [losses[0], losses[-1]] if losses else None,
-        "per_frame": per_frame,
-        "seconds": round(time.perf_counter() - start, 1),
-    }
-
-
 @torch.no_grad()
 def build_latent_cache(
     adapter, data_dir: str, out_dir: str, num_frames: int, stride: int = 1
 ) -> dict[str, Any]:
-    """Write a ``longgen-latent-cache`` (:mod:`longgen.data.cache`) of every ``stride``-th ``num_frames``-frame
-    window of each video of the data set, for the trainer's ``data.cache_dir``.
+    """Write a ``longgen-latent-cache`` (:mod:`longgen.data.cache`, the ``longgen precompute`` format and
+    writer) of every ``stride``-th ``num_frames``-frame window of each video of the data set, for the trainer's
+    ``data.cache_dir``.
 
     Needs a per-frame VAE (:func:`is_vae_per_frame`): each video is encoded once and its windows are slices of
     that encoding, which then equal the encodings of the windows themselves (``longgen precompute`` encodes
     one window per video). The caption's text embedding is stored with every window. Returns ``{"dir",
     "num_samples", "seconds"}``.
     """
-    from safetensors.torch import save_file
-
-    from .data.cache import CACHE_FORMAT, CACHE_VERSION, INDEX_NAME, encode_conds
+    from .data.cache import CacheWriter, encode_conds
     from .data.synthetic import load_manifest
     from .io import read_video
 
@@ -302,97 +182,32 @@ def build_latent_cache(
         )
     start = time.perf_counter()
     num_latent = adapter.num_latent_frames(num_frames)  # one latent frame per frame (checked above)
-    os.makedirs(out_dir, exist_ok=True)
-    stale = os.path.join(out_dir, INDEX_NAME)
-    if os.path.exists(stale):
-        os.remove(stale)  # unfinished until the new index is written
-    samples: list[dict[str, Any]] = []
-    shards: list[str] = []
-    pending: dict[str, torch.Tensor] = {}
-    cond_keys: list[str] = []
-
-    def flush() -> None:
-        nonlocal pending
-        if pending:
-            name = f"shard_{len(shards):05d}.safetensors"
-            save_file(pending, os.path.join(out_dir, name))
-            shards.append(name)
-            pending = {}
-
+    writer = CacheWriter(out_dir, family=adapter.family, shard_size=256)
+    clip_shape: list[int] = []
     for record in load_manifest(os.path.join(data_dir, "manifest.jsonl")):
         video = torch.from_numpy(read_video(record["video"])).float()[None] / 255.0  # (1, N, H, W, 3)
         latents = adapter.encode_video(video)[0]  # (C, N, h, w)
-        cond = {
-            k: v
-            for k, v in encode_conds(adapter, [record["caption"]], video[:, :1]).items()
-            if isinstance(v, torch.Tensor)
-        }
-        cond_keys = sorted(cond)
+        conds = encode_conds(adapter, [record["caption"]], video[:, :1])
+        cond = {k: v[0] for k, v in conds.items() if isinstance(v, torch.Tensor)}
         for first in range(0, latents.shape[1] - num_latent + 1, stride):
-            i = len(samples)
-            pending[f"{i}/latents"] = latents[:, first : first + num_latent].contiguous().clone()
-            for key, value in cond.items():
-                pending[f"{i}/cond/{key}"] = value[0].contiguous().clone()
-            samples.append(
-                {"shard": len(shards), "caption": record["caption"], "path": f"{record['video']}#{first}"}
-            )
-            if len(samples) % 256 == 0:
-                flush()
-    flush()
-    if not samples:
+            window = latents[:, first : first + num_latent]
+            writer.add(window, cond, record["caption"], f"{record['video']}#{first}")
+        clip_shape = [num_frames, *(int(v) for v in video.shape[2:])]
+    if not writer.samples:
         raise ValueError(f"the videos in {data_dir} are shorter than {num_frames} frames: no window to cache")
-    channels, _, height, width = (int(v) for v in latents.shape)
-    latent_shape = [channels, num_latent, height, width]
-    index = {
-        "format": CACHE_FORMAT,
-        "version": CACHE_VERSION,
-        "family": adapter.family,
-        "num_samples": len(samples),
-        "clip_shape": [num_frames, *(int(v) for v in video.shape[2:])],
-        "latent_shape": latent_shape,
-        "cond_keys": cond_keys,
-        "dropped_cond_keys": [],
-        "null_cond": None,
-        "shards": shards,
-        "samples": samples,
-        "source": data_dir,
-        "skipped": {},
+    writer.write_null_cond(adapter, set())
+    writer.finish(clip_shape, source=data_dir)
+    return {
+        "dir": out_dir,
+        "num_samples": len(writer.samples),
+        "seconds": round(time.perf_counter() - start, 1),
     }
-    with open(os.path.join(out_dir, INDEX_NAME + ".tmp"), "w") as f:
-        json.dump(index, f)
-    os.replace(os.path.join(out_dir, INDEX_NAME + ".tmp"), os.path.join(out_dir, INDEX_NAME))
-    return {"dir": out_dir, "num_samples": len(samples), "seconds": round(time.perf_counter() - start, 1)}
 
 
-def train_tiny_model(settings: DemoSettings):
-    """Train the tiny model from scratch: the VAE stage, then a full fine-tune of a random tiny Wan transformer
-    on its latents (from a latent cache when ``settings.latent_cache``). Returns (adapter, trainer result,
-    data dir, VAE report); the report's ``stage_seconds`` times the data, VAE, cache and transformer stages."""
-    import shutil
-
-    from .backbones.wan import WanAdapter
-    from .training.config import load_config
-    from .training.loop import Trainer
-
-    stage_seconds: dict[str, float] = {}
-    clock = time.perf_counter()
-
-    def lap(name: str) -> None:
-        nonlocal clock
-        now = time.perf_counter()
-        stage_seconds[name] = round(now - clock, 1)
-        clock = now
-
-    train_dir = os.path.join(settings.out_dir, "train")
-    model_dir = os.path.join(os.path.abspath(train_dir), "base_model")
-    overrides = _train_overrides(settings, train_dir)
-    data_dir = write_demo_data(load_config(None, ["model.tiny=wan", *overrides]))
-    lap("data")
-    pipe = WanAdapter.tiny_pipeline(
-        seed=settings.seed, vae_kwargs=settings.vae_kwargs, transformer_kwargs=settings.transformer_kwargs
-    )
-    adapter = WanAdapter(pipe, native_video_size=WanAdapter.tiny_video_size)
-    vae_report = train_vae(
+def _vae_stage(settings: DemoSettings, pipe, train_dir: str, data_dir: str) -> dict[str, Any]:
+    """Train the pipeline's VAE (:func:`longgen.vae_training.train_vae`, Accelerate + the project's atomic
+    checkpoints under ``<train_dir>/vae``)."""
+    return train_vae(
         pipe.vae,
         data_dir,
         settings.vae_steps,
@@ -405,16 +220,17 @@ def train_tiny_model(settings: DemoSettings):
         recon_loss=settings.vae_recon_loss,
         chroma_weight=settings.vae_chroma_weight,
         per_frame=settings.vae_per_frame,
+        output_dir=os.path.join(os.path.abspath(train_dir), "vae"),
     )
-    adapter.save_pretrained(model_dir)  # the trainer loads this folder: trained VAE + random transformer
-    lap("vae")
-    cache_dir = None
-    if settings.latent_cache and settings.vae_per_frame:
-        cache_dir = os.path.join(os.path.abspath(train_dir), "latent_cache")
-        vae_report["latent_cache"] = build_latent_cache(
-            adapter, data_dir, cache_dir, adapter.native_video_size[0], stride=settings.cache_stride
-        )
-        lap("latent_cache")
+
+
+def _train_transformer(
+    settings: DemoSettings, model_dir: str, overrides: list[str], cache_dir: str | None, pipe
+):
+    """Full fine-tune of the random transformer saved in ``model_dir`` with the project's Trainer."""
+    from .training.config import load_config
+    from .training.loop import Trainer
+
     cache = [f"data.cache_dir={cache_dir}"] if cache_dir else []
     trainer = Trainer(load_config(None, [f"model.path={model_dir}", *overrides, *cache]))
     try:
@@ -426,6 +242,45 @@ def train_tiny_model(settings: DemoSettings):
     # back the (frozen, identical) one of the pipeline the trainer was loaded from.
     if getattr(trained.pipe, "text_encoder", None) is None:
         trained.pipe.text_encoder = pipe.text_encoder
+    return trained, result
+
+
+def train_tiny_model(settings: DemoSettings):
+    """Train the tiny model from scratch: the VAE stage, then a full fine-tune of a random tiny Wan transformer
+    on its latents (from a latent cache when ``settings.latent_cache``). Returns (adapter, trainer result,
+    data dir, VAE report); the report's ``stage_seconds`` times the data, VAE, cache and transformer stages."""
+    import shutil
+
+    from .backbones.wan import WanAdapter
+    from .training.config import load_config
+
+    stage_seconds: dict[str, float] = {}
+    clock = [time.perf_counter()]
+
+    def lap(name: str) -> None:
+        now = time.perf_counter()
+        stage_seconds[name], clock[0] = round(now - clock[0], 1), now
+
+    train_dir = os.path.join(settings.out_dir, "train")
+    model_dir = os.path.join(os.path.abspath(train_dir), "base_model")
+    overrides = _train_overrides(settings, train_dir)
+    data_dir = write_demo_data(load_config(None, ["model.tiny=wan", *overrides]))
+    lap("data")
+    pipe = WanAdapter.tiny_pipeline(
+        seed=settings.seed, vae_kwargs=settings.vae_kwargs, transformer_kwargs=settings.transformer_kwargs
+    )
+    adapter = WanAdapter(pipe, native_video_size=WanAdapter.tiny_video_size)
+    vae_report = _vae_stage(settings, pipe, train_dir, data_dir)
+    adapter.save_pretrained(model_dir)  # the trainer loads this folder: trained VAE + random transformer
+    lap("vae")
+    cache_dir = None
+    if settings.latent_cache and settings.vae_per_frame:
+        cache_dir = os.path.join(os.path.abspath(train_dir), "latent_cache")
+        vae_report["latent_cache"] = build_latent_cache(
+            adapter, data_dir, cache_dir, adapter.native_video_size[0], stride=settings.cache_stride
+        )
+        lap("latent_cache")
+    trained, result = _train_transformer(settings, model_dir, overrides, cache_dir, pipe)
     if cache_dir:
         shutil.rmtree(cache_dir, ignore_errors=True)  # rebuilt in seconds; not worth keeping in the output
     lap("transformer")
@@ -466,6 +321,15 @@ def write_reference_clips(adapter, world, num_frames: int, out_dir: str) -> dict
     return paths
 
 
+def _prompted_world(data_dir: str):
+    """(caption, :class:`~longgen.data.synthetic.WorldSpec`) of the data set's first video: the demo's prompt."""
+    from .data.synthetic import WorldSpec, load_manifest
+
+    record = load_manifest(os.path.join(data_dir, "manifest.jsonl"))[0]
+    world = record["world"]
+    return record["caption"], world if isinstance(world, WorldSpec) else WorldSpec.from_dict(world)
+
+
 def generate_and_evaluate(
     adapter,
     data_dir: str,
@@ -485,15 +349,9 @@ def generate_and_evaluate(
     Returns ``{"caption", "num_frames", "length_factor", "runs", "references": {label: path}, "report",
     "seconds": {"generate", "evaluate"}}``.
     """
-    from .data.synthetic import WorldSpec, load_manifest
-    from .eval.report import evaluate_videos
     from .pipeline import LongVideoPipeline
 
-    record = load_manifest(os.path.join(data_dir, "manifest.jsonl"))[0]
-    world = (
-        record["world"] if isinstance(record["world"], WorldSpec) else WorldSpec.from_dict(record["world"])
-    )
-    caption = record["caption"]
+    caption, world = _prompted_world(data_dir)
     pipe = LongVideoPipeline(adapter)
     native_latent = adapter.num_latent_frames(adapter.native_video_size[0])
     num_frames = adapter.num_pixel_frames(native_latent * length_factor)
@@ -534,12 +392,8 @@ def generate_and_evaluate(
             "%s: %d frames in %.1f s -> %s", sampler, result.num_frames, runs[sampler]["seconds"], path
         )
     reference_paths = write_reference_clips(adapter, world, num_frames, out_dir) if references else {}
-    labels = [*samplers, *reference_paths]
-    videos += list(reference_paths.values())
     eval_start = time.perf_counter()
-    report = evaluate_videos(
-        videos, os.path.join(out_dir, "eval"), window=eval_window, labels=labels, worlds=[world] * len(videos)
-    )
+    report = _evaluate_clips(videos, samplers, reference_paths, world, out_dir, eval_window)
     return {
         "caption": caption,
         "num_frames": num_frames,
@@ -554,6 +408,22 @@ def generate_and_evaluate(
     }
 
 
+def _evaluate_clips(videos, samplers, reference_paths: dict, world, out_dir: str, window: int) -> dict:
+    """:func:`longgen.eval.report.evaluate_videos` of the samplers' clips and the references into
+    ``<out_dir>/eval``, scored against the prompted ``world``."""
+    from .eval.report import evaluate_videos
+
+    paths = [*videos, *reference_paths.values()]
+    return evaluate_videos(
+        paths,
+        os.path.join(out_dir, "eval"),
+        window=window,
+        labels=[*samplers, *reference_paths],
+        worlds=[world] * len(paths),
+        show_progress=None,
+    )
+
+
 def synthetic_means(video_report: dict[str, Any]) -> dict[str, float | None]:
     """``{"overall", "count", "color", "size", "motion", "speed_stability"}``: the mean over windows of each
     synthetic score of one evaluated video (its ``"synthetic"`` block)."""
@@ -563,31 +433,81 @@ def synthetic_means(video_report: dict[str, Any]) -> dict[str, float | None]:
 
 
 HEADLINE = (
-    ("synthetic", "overall"),
-    ("synthetic", "count"),
-    ("synthetic", "color"),
-    ("metrics", "temporal_flicker"),
-    ("metrics", "ssim_first"),
-    ("metrics", "color_hist_drift"),
+    "synthetic_overall",
+    "synthetic_count",
+    "synthetic_color",
+    "temporal_flicker",
+    "ssim_first",
+    "color_hist_drift",
 )
+"""Columns of the demo's table (:func:`longgen.eval.report.headline_table` names)."""
 
 
 def summary_table(result: dict[str, Any]) -> str:
-    """Markdown table: per sampler, each headline metric's mean and its end-minus-start change."""
-    head = "| sampler | " + " | ".join(f"{name} (mean / end-start)" for _, name in HEADLINE) + " |"
-    lines = [head, "|" + "---|" * (len(HEADLINE) + 1)]
-    for label, video in result["report"]["videos"].items():
-        cells = []
-        for group, name in HEADLINE:
-            block = video.get(group, {})
-            entry = block.get("scores", {}).get(name) if group == "synthetic" else block.get(name)
-            s = (entry or {}).get("summary") or {}
-            if s.get("mean") is None or s.get("end_minus_start") is None:
-                cells.append("-")
-            else:
-                cells.append(f"{s['mean']:.3f} / {s['end_minus_start']:+.3f}")
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    """Markdown table: per sampler, each headline metric's mean and its end-minus-start change, with its
+    direction (higher / lower is better) in the header and any caveat (a blank clip) below."""
+    from .eval.report import headline_table
+
+    return headline_table(result["report"], HEADLINE, label="sampler")
+
+
+QUICK_NOTE = (
+    "NOTE: --quick only smoke-tests the pipeline (every stage runs, on a few seconds of training each): the "
+    "model has learnt next to nothing, so near-zero synthetic scores and near-uniform frames are expected. "
+    "Run `longgen demo` without --quick for meaningful numbers."
+)
+"""Printed before and after a quick run's table, and stored in its ``demo.json`` (``"note"``)."""
+
+
+def _summary(settings: DemoSettings, train_result, vae_report: dict, result: dict, start: float) -> dict:
+    """The ``demo.json`` record (see :func:`run_demo`)."""
+    losses = list(train_result.losses.values())
+    videos = result["report"]["videos"]
+    eval_dir = os.path.join(settings.out_dir, "videos", "eval")
+    return {
+        "note": QUICK_NOTE if settings.smoke_test else None,
+        "vae": vae_report,
+        "train": {
+            "steps": train_result.step,
+            "first_loss": losses[0],
+            "last_loss": losses[-1],
+            "final_dir": train_result.final_dir,
+        },
+        "caption": result["caption"],
+        "num_frames": result["num_frames"],
+        "runs": result["runs"],
+        "reconstructed_gt": synthetic_means(videos["gt_vae"]),
+        "ground_truth": synthetic_means(videos["gt"]),
+        "synthetic": {label: synthetic_means(videos[label]) for label in result["runs"]},
+        "references": result["references"],
+        "metrics_json": os.path.join(eval_dir, "metrics.json"),
+        "plots": os.path.join(eval_dir, "plots"),
+        "stage_seconds": {**vae_report.pop("stage_seconds", {}), **result["seconds"]},
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+
+
+def _print_summary(settings: DemoSettings, summary: dict, table: str) -> None:
+    print()
+    print(table)
+    print()
+    ceiling, truth = summary["reconstructed_gt"]["overall"], summary["ground_truth"]["overall"]
+    print(
+        f"  reconstructed ground truth (the VAE's ceiling for every sampler): overall {ceiling:.3f}; "
+        f"ground truth itself {truth:.3f}"
+    )
+    for sampler, run in summary["runs"].items():
+        print(f"  {sampler:8s} {run['path']}  ({run['num_frames']} frames, {run['seconds']} s)")
+    for label, path in summary["references"].items():
+        print(f"  {label:8s} {path}")
+    print(
+        f"  metrics: {summary['metrics_json']}\n  plots:   {summary['plots']}/\n  summary: "
+        f"{os.path.join(settings.out_dir, 'summary.md')}"
+    )
+    seconds = summary["stage_seconds"]
+    print("  seconds: " + ", ".join(f"{k} {v}" for k, v in seconds.items()) + f"; total {summary['seconds']}")
+    if settings.smoke_test:
+        print("\n" + QUICK_NOTE)
 
 
 def run_demo(settings: DemoSettings) -> dict[str, Any]:
@@ -595,11 +515,16 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
 
     ``demo.json`` holds the VAE report, the training losses, the runs, ``reconstructed_gt`` /
     ``ground_truth`` (the synthetic scores of the prompted world's ground truth through the VAE, and of the
-    ground truth itself: the ceiling of every sampler and of the scorer), ``synthetic`` (per sampler) and
-    ``stage_seconds`` (wall time of data, VAE, latent cache, transformer, generation and evaluation).
+    ground truth itself: the ceiling of every sampler and of the scorer), ``synthetic`` (per sampler),
+    ``stage_seconds`` (wall time of data, VAE, latent cache, transformer, generation and evaluation) and
+    ``note`` (:data:`QUICK_NOTE` for a smoke test, else None).
     """
+    from .files import write_json_atomic, write_text_atomic
+
     start = time.perf_counter()
     torch.manual_seed(settings.seed)
+    if settings.smoke_test:
+        print(QUICK_NOTE, flush=True)
     print(
         f"[1/3] training a tiny model on synthetic long videos (VAE {settings.vae_steps} steps, transformer "
         f"{settings.train_steps} steps) ...",
@@ -629,51 +554,8 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
     )
     print("[3/3] evaluated (synthetic scorer against the prompted world + metrics over time)", flush=True)
     table = summary_table(result)
-    videos = result["report"]["videos"]
-    stage_seconds = {**vae_report.pop("stage_seconds", {}), **result["seconds"]}
-    summary = {
-        "vae": vae_report,
-        "train": {
-            "steps": train_result.step,
-            "first_loss": losses[0],
-            "last_loss": losses[-1],
-            "final_dir": train_result.final_dir,
-        },
-        "caption": result["caption"],
-        "num_frames": result["num_frames"],
-        "runs": result["runs"],
-        "reconstructed_gt": synthetic_means(videos["gt_vae"]),
-        "ground_truth": synthetic_means(videos["gt"]),
-        "synthetic": {label: synthetic_means(videos[label]) for label in result["runs"]},
-        "references": result["references"],
-        "metrics_json": os.path.join(settings.out_dir, "videos", "eval", "metrics.json"),
-        "plots": os.path.join(settings.out_dir, "videos", "eval", "plots"),
-        "stage_seconds": stage_seconds,
-        "seconds": round(time.perf_counter() - start, 1),
-    }
-    with open(os.path.join(settings.out_dir, "demo.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-    with open(os.path.join(settings.out_dir, "summary.md"), "w") as f:
-        f.write(table + "\n")
-    print()
-    print(table)
-    print()
-    ceiling, truth = summary["reconstructed_gt"]["overall"], summary["ground_truth"]["overall"]
-    print(
-        f"  reconstructed ground truth (the VAE's ceiling for every sampler): overall {ceiling:.3f}; "
-        f"ground truth itself {truth:.3f}"
-    )
-    for sampler, run in result["runs"].items():
-        print(f"  {sampler:8s} {run['path']}  ({run['num_frames']} frames, {run['seconds']} s)")
-    for label, path in result["references"].items():
-        print(f"  {label:8s} {path}")
-    print(
-        f"  metrics: {summary['metrics_json']}\n  plots:   {summary['plots']}/\n  summary: "
-        f"{os.path.join(settings.out_dir, 'summary.md')}"
-    )
-    print(
-        "  seconds: "
-        + ", ".join(f"{k} {v}" for k, v in stage_seconds.items())
-        + f"; total {summary['seconds']}"
-    )
+    summary = _summary(settings, train_result, vae_report, result, start)
+    write_json_atomic(os.path.join(settings.out_dir, "demo.json"), summary, indent=2)
+    write_text_atomic(os.path.join(settings.out_dir, "summary.md"), table + "\n")
+    _print_summary(settings, summary, table)
     return summary

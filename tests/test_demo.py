@@ -48,9 +48,17 @@ def test_quick_demo_runs_end_to_end(tmp_path, capsys):
     }
     assert (out / "videos" / "eval" / "plots" / "temporal_flicker.png").exists()
     assert not (out / "train" / "latent_cache").exists()
+    # The VAE stage ran on the training stack: a complete checkpoint of the project's format.
+    assert vae["checkpoint"].endswith("step_00000010")
+    assert (out / "train" / "vae" / "checkpoints" / "step_00000010" / "checkpoint.json").exists()
     printed = capsys.readouterr().out
-    assert "| full |" in printed and "| gt_vae |" in printed and "summary.md" in printed
+    assert "| full" in printed and "| gt_vae" in printed and "summary.md" in printed
+    assert (
+        "temporal_flicker (higher is better)" in printed and "color_hist_drift (lower is better)" in printed
+    )
     assert "reconstructed ground truth" in printed
+    # Quick trains too little to show anything: it says so plainly, in its output and in demo.json.
+    assert printed.count("only smoke-tests") == 2 and summary["note"].startswith("NOTE: --quick")
 
 
 def _tiny_vae():
@@ -117,6 +125,11 @@ def test_latent_cache_windows_equal_window_encodings(tmp_path):
     torch.testing.assert_close(item["latents"], adapter.encode_video(window)[0], atol=1e-4, rtol=1e-4)
     cond, _ = adapter.encode_prompt([item["caption"]], do_classifier_free_guidance=False)
     torch.testing.assert_close(item["cond"]["encoder_hidden_states"], cond["encoder_hidden_states"][0])
+    # One schema with `longgen precompute` (the same writer): family, frames, dtype, version, null cond.
+    assert (cache.family, cache.num_frames, cache.dtype, cache.index["version"]) == ("wan", 9, "fp32", 2)
+    assert cache.index["clip_shape"] == [9, 32, 32, 3] and cache.null_cond() is not None
+    with pytest.raises(ValueError, match="'wan' model.*'cogvideox'"):
+        LatentCacheDataset(tmp_path / "cache", family="cogvideox")
 
 
 def test_vae_stage_needs_4k_plus_1_frames(tmp_path):
@@ -124,3 +137,28 @@ def test_vae_stage_needs_4k_plus_1_frames(tmp_path):
 
     with pytest.raises(ValueError, match="4k\\+1.*use 1 or 5"):
         train_vae(_tiny_vae(), str(tmp_path), steps=1, num_frames=4)
+
+
+def test_vae_stage_resumes_exactly_from_its_checkpoint(tmp_path):
+    """The VAE stage checkpoints like the trainer: a 4-step run killed after its step-2 checkpoint and resumed
+    (``resume="latest"``) ends with the weights of an uninterrupted run."""
+    import shutil
+
+    from longgen.data.synthetic import write_synthetic_dataset
+    from longgen.demo import train_vae
+
+    write_synthetic_dataset(tmp_path / "data", num_videos=2, num_frames=6, height=32, width=32, seed=3)
+    common = dict(batch_size=2, num_frames=1, per_frame=True, lr=1e-2, recon_loss="l1", checkpoint_every=2)
+    straight = _tiny_vae()
+    train_vae(straight, str(tmp_path / "data"), 4, output_dir=str(tmp_path / "a"), **common)
+    first = train_vae(_tiny_vae(), str(tmp_path / "data"), 4, output_dir=str(tmp_path / "b"), **common)
+    assert first["checkpoint"].endswith("step_00000004")
+    shutil.rmtree(tmp_path / "b" / "checkpoints" / "step_00000004")  # "killed" before its last save
+    again = _tiny_vae()  # a fresh process starts from the random VAE and loads the step-2 checkpoint
+    report = train_vae(
+        again, str(tmp_path / "data"), 4, output_dir=str(tmp_path / "b"), resume="latest", **common
+    )
+    assert report["checkpoint"].endswith("step_00000004") and report["loss"] is not None
+    for (name, want), got in zip(straight.state_dict().items(), again.state_dict().values()):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5, msg=name)
+    assert straight.config.latents_mean == pytest.approx(again.config.latents_mean, abs=1e-5)

@@ -7,8 +7,11 @@ the fly; both are frozen, so ``longgen precompute`` runs them once. The cache fo
   and ``"<i>/cond/<key>"`` (each tensor of ``adapter.encode_prompt``'s cond, batch dim removed);
 * ``null_cond.safetensors``: the cond of the empty prompt (for caption dropout / CFG training), when the
   model has a text encoder;
-* ``index.json``: sample -> shard, captions, source paths, clip size, model family. It is written last,
-  so a folder without it is an unfinished precompute (shards are written atomically too).
+* ``index.json``: format and ``version``, model ``family``, clip ``num_frames`` and ``clip_shape``, latent
+  ``dtype`` and shape, cond keys, sample -> shard, captions, source paths. It is written last, so a folder
+  without it is an unfinished precompute (shards are written atomically too, with the umask's mode).
+
+:class:`CacheWriter` is the one writer (``longgen precompute`` and the demo's window cache).
 
 :class:`LatentCacheDataset` reads it back, one sample at a time through safetensors' memory map.
 """
@@ -29,9 +32,12 @@ logger = logging.getLogger(__name__)
 INDEX_NAME = "index.json"
 NULL_COND_NAME = "null_cond.safetensors"
 CACHE_FORMAT = "longgen-latent-cache"
-CACHE_VERSION = 1
+CACHE_VERSION = 2
+"""Version 2 adds ``num_frames`` and ``dtype`` to the index; version-1 caches read the same otherwise."""
+READABLE_VERSIONS = (1, 2)
 
 __all__ = [
+    "CacheWriter",
     "LatentCacheDataset",
     "add_precompute_parser",
     "collate_latents",
@@ -54,9 +60,17 @@ def is_latent_cache(path: str | os.PathLike) -> bool:
 def _save_atomic(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str] | None = None) -> None:
     from safetensors.torch import save_file
 
-    tmp = path + ".tmp"
-    save_file(tensors, tmp, metadata=metadata)
-    os.replace(tmp, path)
+    from ..files import atomic_path
+
+    with atomic_path(path) as tmp:  # safetensors creates 0600 files: atomic_path restores the umask's mode
+        save_file(tensors, tmp, metadata=metadata)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The :data:`longgen.dtypes.DTYPE_NAMES` name of ``dtype`` (``str(dtype)`` for any other)."""
+    from ..dtypes import DTYPE_NAMES, torch_dtype
+
+    return next((n for n in DTYPE_NAMES if torch_dtype(n) == dtype), str(dtype).replace("torch.", ""))
 
 
 def _tensor_items(cond: dict[str, Any], dropped: set[str]) -> dict[str, torch.Tensor]:
@@ -98,6 +112,122 @@ def encode_conds(adapter, captions: list[str], video: torch.Tensor) -> dict[str,
     return cat_conds(conds)
 
 
+class CacheWriter:
+    """The one writer of the ``longgen-latent-cache`` format (``longgen precompute`` and the demo).
+
+    ``add`` one sample at a time (latents ``[C, f, h, w]``, cond tensors without batch dim), optionally
+    ``write_null_cond``, then ``finish``. Shards are written atomically every ``shard_size`` samples;
+    ``index.json`` last (an old one is removed first, so the folder is unfinished until then). The index
+    records the model ``family``, the clip's pixel ``num_frames``, the latents' ``dtype`` and the format
+    ``version``, which :class:`LatentCacheDataset` checks.
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, *, family: str, shard_size: int = 64):
+        if shard_size < 1:
+            raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+        self.out_dir = os.fspath(out_dir)
+        self.family = family
+        self.shard_size = shard_size
+        os.makedirs(self.out_dir, exist_ok=True)
+        stale = os.path.join(self.out_dir, INDEX_NAME)
+        if os.path.exists(stale):
+            os.remove(stale)  # the folder is unfinished until the new index is written
+        self.samples: list[dict] = []
+        self.shards: list[str] = []
+        self.cond_keys: list[str] | None = None
+        self.latent_shape: list[int] | None = None
+        self.dtype: str | None = None
+        self.null_cond_file: str | None = None
+        self._pending: dict[str, torch.Tensor] = {}
+
+    def add(self, latents: torch.Tensor, cond: dict[str, torch.Tensor], caption: str, path: str) -> None:
+        """Queue one sample; every cond must carry the keys of the first."""
+        keys = sorted(cond)
+        if self.cond_keys is None:
+            self.cond_keys, self.latent_shape = keys, [int(v) for v in latents.shape]
+            self.dtype = dtype_name(latents.dtype)
+        elif keys != self.cond_keys:
+            raise ValueError(f"sample {path!r} has cond keys {keys}, the cache {self.cond_keys}")
+        i = len(self.samples)
+        # clone(): safetensors refuses tensors that share storage (rows of one batch, windows of one video do)
+        self._pending[f"{i}/latents"] = latents.detach().cpu().contiguous().clone()
+        for key, value in cond.items():
+            self._pending[f"{i}/cond/{key}"] = value.detach().cpu().contiguous().clone()
+        self.samples.append({"shard": len(self.shards), "caption": caption, "path": path})
+        if len(self.samples) % self.shard_size == 0:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        name = f"shard_{len(self.shards):05d}.safetensors"
+        _save_atomic(self._pending, os.path.join(self.out_dir, name))
+        self.shards.append(name)
+        logger.info("latent cache: wrote %s (%d samples so far)", name, len(self.samples))
+        self._pending = {}
+
+    def write_null_cond(self, adapter, dropped: set[str]) -> None:
+        """Store the empty prompt's cond (caption dropout / CFG training); a model without a text encoder
+        (or an image-conditioned one) gets none."""
+        if getattr(adapter, "requires_image_condition", False):
+            return
+        try:
+            null = _tensor_items(adapter.encode_prompt([""], do_classifier_free_guidance=False)[0], dropped)
+        except Exception as err:  # a model without a text encoder: no null cond, no caption dropout
+            logger.info("latent cache: no empty-prompt cond (%s)", err)
+            return
+        tensors = {k: v[0].detach().cpu().contiguous().clone() for k, v in null.items()}
+        _save_atomic(tensors, os.path.join(self.out_dir, NULL_COND_NAME))
+        self.null_cond_file = NULL_COND_NAME
+
+    def finish(
+        self,
+        clip_shape: Sequence[int],
+        *,
+        source: str | None = None,
+        skipped: dict | None = None,
+        dropped: set[str] | None = None,
+    ) -> str:
+        """Write the last shard and ``index.json`` (atomically). ``clip_shape``: ``[frames, H, W, 3]`` of
+        one pixel clip. Returns the index path."""
+        self._flush()
+        index = {
+            "format": CACHE_FORMAT,
+            "version": CACHE_VERSION,
+            "family": self.family,
+            "num_frames": int(clip_shape[0]) if clip_shape else None,
+            "dtype": self.dtype,
+            "num_samples": len(self.samples),
+            "clip_shape": [int(v) for v in clip_shape],
+            "latent_shape": self.latent_shape or [],
+            "cond_keys": self.cond_keys or [],
+            "dropped_cond_keys": sorted(dropped or ()),
+            "null_cond": self.null_cond_file,
+            "shards": self.shards,
+            "samples": self.samples,
+            "source": source,
+            "skipped": dict(skipped or {}),
+        }
+        from ..files import write_json_atomic
+
+        index_path = write_json_atomic(os.path.join(self.out_dir, INDEX_NAME), index, indent=1)
+        logger.info(
+            "latent cache: %d samples in %d shards at %s", len(self.samples), len(self.shards), self.out_dir
+        )
+        return index_path
+
+
+def _progress(total: int, desc: str, show: bool | None):
+    """A tqdm bar on stderr (off when ``show`` is False; None: only on a terminal)."""
+    import sys
+
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=total, desc=desc, unit="clip", disable=not sys.stderr.isatty() if show is None else not show
+    )
+
+
 @torch.no_grad()
 def precompute_cache(
     adapter,
@@ -105,6 +235,7 @@ def precompute_cache(
     out_dir: str | os.PathLike,
     batch_size: int = 1,
     shard_size: int = 64,
+    show_progress: bool | None = False,
 ) -> str:
     """Encode every clip of ``dataset`` (a :class:`~longgen.data.video.VideoClipDataset`) into a cache.
 
@@ -112,96 +243,42 @@ def precompute_cache(
     ``adapter.encode_prompt(captions, do_classifier_free_guidance=False)`` (plus the clip's first frame
     as the image of image-to-video models). Only tensor cond entries are stored; others are logged and
     listed in the index (``dropped_cond_keys``). One clip per video: the dataset's clip at its current
-    epoch. Returns the path of ``index.json``.
+    epoch. ``show_progress``: a progress bar (None: when stderr is a terminal). Returns the path of
+    ``index.json``.
     """
     from .video import collate_clips
 
     if batch_size < 1 or shard_size < 1:
         raise ValueError(f"batch_size and shard_size must be >= 1, got {batch_size}, {shard_size}")
-    out_dir = os.fspath(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
-    stale = os.path.join(out_dir, INDEX_NAME)
-    if os.path.exists(stale):
-        os.remove(stale)  # the folder is unfinished until the new index is written
-
-    samples: list[dict] = []
-    shards: list[str] = []
-    pending: dict[str, torch.Tensor] = {}
-    cond_keys: list[str] | None = None
+    writer = CacheWriter(out_dir, family=getattr(adapter, "family", ""), shard_size=shard_size)
     dropped: set[str] = set()
-    clip_shape: tuple[int, ...] | None = None
-    latent_shape: tuple[int, ...] | None = None
-
-    def flush() -> None:
-        nonlocal pending
-        if not pending:
-            return
-        name = f"shard_{len(shards):05d}.safetensors"
-        _save_atomic(pending, os.path.join(out_dir, name))
-        shards.append(name)
-        logger.info("latent cache: wrote %s (%d samples so far)", name, len(samples))
-        pending = {}
-
+    clip_shape: tuple[int, ...] = ()
     num_items = len(dataset)
-    for begin in range(0, num_items, batch_size):
-        batch = collate_clips([dataset[i] for i in range(begin, min(begin + batch_size, num_items))])
-        video = batch["video"]  # [B, T, H, W, 3]
-        latents = adapter.encode_video(video)  # [B, C, f, h, w]
-        cond = _tensor_items(encode_conds(adapter, batch["caption"], video), dropped)
-        if cond_keys is None:
-            cond_keys = sorted(cond)
-            clip_shape = tuple(video.shape[1:])
-            latent_shape = tuple(latents.shape[1:])
-        for j in range(latents.shape[0]):
-            i = len(samples)
-            # clone(): safetensors refuses tensors that share storage (rows of one batch do)
-            pending[f"{i}/latents"] = latents[j].detach().cpu().contiguous().clone()
-            for key, value in cond.items():
-                pending[f"{i}/cond/{key}"] = value[j].detach().cpu().contiguous().clone()
-            samples.append({"shard": len(shards), "caption": batch["caption"][j], "path": batch["path"][j]})
-            if len(samples) % shard_size == 0:
-                flush()
-    flush()
-
-    null_cond_file = None
-    if not getattr(adapter, "requires_image_condition", False):
-        try:
-            null = _tensor_items(adapter.encode_prompt([""], do_classifier_free_guidance=False)[0], dropped)
-            _save_atomic(
-                {k: v[0].detach().cpu().contiguous().clone() for k, v in null.items()},
-                os.path.join(out_dir, NULL_COND_NAME),
-            )
-            null_cond_file = NULL_COND_NAME
-        except Exception as err:  # a model without a text encoder: no null cond, no caption dropout
-            logger.info("latent cache: no empty-prompt cond (%s)", err)
-
-    index = {
-        "format": CACHE_FORMAT,
-        "version": CACHE_VERSION,
-        "family": getattr(adapter, "family", ""),
-        "num_samples": len(samples),
-        "clip_shape": list(clip_shape or ()),
-        "latent_shape": list(latent_shape or ()),
-        "cond_keys": cond_keys or [],
-        "dropped_cond_keys": sorted(dropped),
-        "null_cond": null_cond_file,
-        "shards": shards,
-        "samples": samples,
-        "source": getattr(dataset, "source", None),
-        "skipped": dict(getattr(dataset, "skipped", {})),
-    }
-    index_path = os.path.join(out_dir, INDEX_NAME)
-    with open(index_path + ".tmp", "w") as f:
-        json.dump(index, f, indent=1)
-    os.replace(index_path + ".tmp", index_path)
-    logger.info("latent cache: %d samples in %d shards at %s", len(samples), len(shards), out_dir)
-    return index_path
+    with _progress(num_items, "precompute", show_progress) as bar:
+        for begin in range(0, num_items, batch_size):
+            batch = collate_clips([dataset[i] for i in range(begin, min(begin + batch_size, num_items))])
+            video = batch["video"]  # [B, T, H, W, 3]
+            latents = adapter.encode_video(video)  # [B, C, f, h, w]
+            cond = _tensor_items(encode_conds(adapter, batch["caption"], video), dropped)
+            clip_shape = clip_shape or tuple(video.shape[1:])
+            for j in range(latents.shape[0]):
+                writer.add(
+                    latents[j], {k: v[j] for k, v in cond.items()}, batch["caption"][j], batch["path"][j]
+                )
+            bar.update(latents.shape[0])
+    writer.write_null_cond(adapter, dropped)
+    return writer.finish(
+        clip_shape,
+        source=getattr(dataset, "source", None),
+        skipped=getattr(dataset, "skipped", {}),
+        dropped=dropped,
+    )
 
 
 class LatentCacheDataset(torch.utils.data.Dataset):
     """Samples ``{"latents": [C, f, h, w], "cond": {key: tensor}, "caption": str}`` of a latent cache."""
 
-    def __init__(self, out_dir: str | os.PathLike):
+    def __init__(self, out_dir: str | os.PathLike, family: str | None = None):
         self.root = cache_root(out_dir)
         index_path = os.path.join(self.root, INDEX_NAME)
         if not os.path.isfile(index_path):
@@ -211,13 +288,29 @@ class LatentCacheDataset(torch.utils.data.Dataset):
             )
         with open(index_path) as f:
             self.index = json.load(f)
-        if self.index.get("format") != CACHE_FORMAT or self.index.get("version") != CACHE_VERSION:
+        if self.index.get("format") != CACHE_FORMAT or self.index.get("version") not in READABLE_VERSIONS:
             raise ValueError(
-                f"{index_path} is not a version-{CACHE_VERSION} {CACHE_FORMAT} index; "
+                f"{index_path} is not a {CACHE_FORMAT} index of version {READABLE_VERSIONS} "
+                f"(got format {self.index.get('format')!r}, version {self.index.get('version')!r}); "
                 "rebuild it with longgen precompute"
             )
         self.cond_keys: list[str] = list(self.index["cond_keys"])
         self.family: str = self.index.get("family", "")
+        self.num_frames: int | None = self.index.get("num_frames")
+        self.dtype: str | None = self.index.get("dtype")
+        if family is not None:
+            self.require_family(family)
+
+    def require_family(self, family: str) -> None:
+        """Raise a clear error when the cache was encoded by another model family than ``family`` (its
+        latents and text embeddings mean nothing to that model, and its cond keys differ)."""
+        if self.family and family and self.family != family:
+            raise ValueError(
+                f"the latent cache {self.root!r} was encoded with a {self.family!r} model, but the model "
+                f"being trained is {family!r} (cond keys {self.cond_keys}); rebuild the cache for this model "
+                "with `longgen precompute --model MODEL --data SOURCE --out DIR`, or point data.cache_dir at "
+                f"a {family!r} cache"
+            )
 
     def __len__(self) -> int:
         return int(self.index["num_samples"])
@@ -273,6 +366,8 @@ def collate_latents(items: Sequence[dict]) -> dict:
 # ------------------------------------------------------------------------------------------------
 def add_precompute_parser(sub) -> argparse.ArgumentParser:
     """Register ``longgen precompute`` on a subparsers object (``parser.add_subparsers()``)."""
+    from ..dtypes import DTYPE_NAMES
+
     p = sub.add_parser(
         "precompute",
         help="encode a video data set into a latent + text-embedding cache (safetensors shards) for training",
@@ -301,7 +396,8 @@ def add_precompute_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the clip starts")
     p.add_argument("--batch-size", type=int, default=1, help="clips encoded per call")
     p.add_argument("--shard-size", type=int, default=64, help="samples per safetensors shard")
-    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="encoder dtype")
+    p.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32", help="encoder dtype")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda")
     p.set_defaults(func=cmd_precompute)
     return p
@@ -309,10 +405,10 @@ def add_precompute_parser(sub) -> argparse.ArgumentParser:
 
 def cmd_precompute(args: argparse.Namespace) -> int:
     from ..backbones import load_adapter
+    from ..dtypes import torch_dtype
     from .video import VideoClipDataset
 
-    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-    adapter = load_adapter(args.model, torch_dtype=dtypes[args.dtype])
+    adapter = load_adapter(args.model, torch_dtype=torch_dtype(args.dtype))
     adapter.pipe.to(args.device)
     native_frames, native_height, native_width = adapter.native_video_size
     dataset = VideoClipDataset(
@@ -326,7 +422,12 @@ def cmd_precompute(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     index_path = precompute_cache(
-        adapter, dataset, args.out, batch_size=args.batch_size, shard_size=args.shard_size
+        adapter,
+        dataset,
+        args.out,
+        batch_size=args.batch_size,
+        shard_size=args.shard_size,
+        show_progress=None if not getattr(args, "no_progress", False) else False,
     )
     with open(index_path) as f:
         index = json.load(f)

@@ -556,10 +556,40 @@ def compute_series(
     return out
 
 
+BLANK_STD = 2.0
+"""A frame whose luma standard deviation is below this (grey levels of 255) is uniform: blank."""
+STATIC_DIFF = 0.5
+"""Consecutive frames whose mean absolute difference is below this (of 255) do not change: static."""
+TEMPORAL_BY_CONSTRUCTION = "temporal_flicker, ssim_prev, psnr_prev, warping_error and motion_smoothness"
+
+
+def clip_caveats(frames: np.ndarray) -> list[str]:
+    """Warnings for clips on which metrics score well by construction: a blank clip (uniform frames) and a
+    static one (frames that never change) score a perfect flicker, SSIM and warping error without being a good
+    video. Empty for an ordinary clip."""
+    frames = as_frames(frames)
+    caveats = []
+    stds = np.array([luma(f).std() for f in frames])
+    if (stds < BLANK_STD).all():
+        caveats.append(
+            f"blank clip: every frame is uniform (luma std < {BLANK_STD:g} of 255), so {TEMPORAL_BY_CONSTRUCTION}, "
+            "SSIM to the first frame and coherence are (near-)perfect by construction, not by quality"
+        )
+    elif frames.shape[0] > 1:
+        diffs = np.abs(np.diff(frames.astype(np.int16), axis=0)).mean(axis=(1, 2, 3))
+        if (diffs < STATIC_DIFF).all():
+            caveats.append(
+                f"static clip: no frame differs from the previous one (mean |diff| < {STATIC_DIFF:g} of 255), "
+                f"so {TEMPORAL_BY_CONSTRUCTION} are (near-)perfect by construction"
+            )
+    return caveats
+
+
 def evaluate_frames(frames: np.ndarray, *, window: int = 16, stride: int | None = None, **kwargs) -> dict:
     """Every metric of a clip per window, with its summary, as a JSON-ready dict::
 
         {"num_frames": N, "height": H, "width": W, "window": window, "stride": stride,
+         "caveats": [clip_caveats strings],
          "metrics": {name: {"higher_is_better", "unit", "description",
                             "positions": [window centres], "values": [window means],
                             "summary": {...see summarize...}}}}
@@ -587,5 +617,6 @@ def evaluate_frames(frames: np.ndarray, *, window: int = 16, stride: int | None 
         "width": int(w),
         "window": int(window),
         "stride": int(window if stride is None else stride),
+        "caveats": clip_caveats(frames),
         "metrics": metrics,
     }

@@ -13,7 +13,6 @@ local ``transformers`` folder) and :func:`fvd` (Frechet video distance with the 
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import warnings
@@ -95,6 +94,7 @@ def evaluate_videos(
     labels: Sequence[str] | None = None,
     worlds=None,
     plots: bool = True,
+    show_progress: bool | None = False,
     **metric_kwargs,
 ) -> dict:
     """Evaluate videos, write ``metrics.json`` and plots to ``out_dir`` (if given), return the report.
@@ -107,11 +107,13 @@ def evaluate_videos(
         worlds: the synthetic world (``longgen.data.synthetic.WorldSpec``) the clips show, or one per
             video (None entries skip), to add the synthetic scores under ``"synthetic"``.
         plots: write ``plots/<metric>.png`` and ``plots/overview.png``.
+        show_progress: a progress bar over the videos on stderr (None: only when stderr is a terminal).
         metric_kwargs: passed to :func:`longgen.eval.metrics.compute_series` (``gaps``, ``flow_method``,
             ``flow_max_side``, ``groups``, ...).
 
     Returns ``{"window", "stride", "videos": {label: {"path", "fps", <evaluate_frames fields>,
-    ["synthetic": <score_clip fields>]}}, "files": [written paths]}``.
+    ["synthetic": <score_clip fields>]}}, "files": [written paths]}``. Every file is written under a
+    temporary name and renamed when complete.
     """
     paths = [os.fspath(p) for p in paths]
     if not paths:
@@ -128,18 +130,13 @@ def evaluate_videos(
         )
 
     report: dict = {"window": int(window), "stride": int(window if stride is None else stride), "videos": {}}
-    for path, name, world in zip(paths, names, worlds):
-        frames = read_clip(path)
-        entry = {"path": os.path.abspath(path), "fps": _fps(path)}
-        entry.update(evaluate_frames(frames, window=window, stride=stride, **metric_kwargs))
-        if world is not None:
-            from .synthetic_score import score_clip
-
-            entry["synthetic"] = score_clip(frames, world, window=window, stride=stride)
-        report["videos"][name] = entry
+    for path, name, world in zip(_progress(paths, show_progress), names, worlds):
+        report["videos"][name] = _evaluate_one(path, world, window, stride, metric_kwargs)
 
     files: list[str] = []
     if out_dir is not None:
+        from ..files import write_json_atomic
+
         out_dir = os.fspath(out_dir)
         os.makedirs(out_dir, exist_ok=True)
         if plots:
@@ -147,11 +144,56 @@ def evaluate_videos(
         json_path = os.path.join(out_dir, REPORT_FILE)
         files.insert(0, json_path)
         report["files"] = files
-        with open(json_path, "w") as fh:
-            json.dump(report, fh, indent=1, allow_nan=False)
+        write_json_atomic(json_path, report, indent=1, allow_nan=False)
     else:
         report["files"] = files
     return report
+
+
+def _progress(paths: list[str], show: bool | None):
+    """Iterate the video paths with a tqdm bar on stderr (None: only when stderr is a terminal)."""
+    import sys
+
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        paths, desc="eval", unit="video", disable=not sys.stderr.isatty() if show is None else not show
+    )
+
+
+def _evaluate_one(path: str, world, window: int, stride: int | None, metric_kwargs: dict) -> dict:
+    frames = read_clip(path)
+    entry = {"path": os.path.abspath(path), "fps": _fps(path)}
+    entry.update(evaluate_frames(frames, window=window, stride=stride, **metric_kwargs))
+    if world is not None:
+        from .synthetic_score import score_clip
+
+        entry["synthetic"] = score_clip(frames, world, window=window, stride=stride)
+    return entry
+
+
+def headline_table(report: dict, columns: Sequence[str], *, label: str = "video") -> str:
+    """Markdown table of ``report`` (:func:`evaluate_videos`): per video, each column's mean and end-minus-start
+    change; every header says whether higher is better. Columns: metric names, or ``synthetic_<score>``.
+    Videos with caveats (:func:`~longgen.eval.metrics.clip_caveats`, e.g. a blank clip's perfect flicker) get a
+    ``*`` and the caveat below the table."""
+    head = [f"{name} ({direction(name) or '?'}): mean / end-start" for name in columns]
+    lines = [f"| {label} | " + " | ".join(head) + " |", "|" + "---|" * (len(columns) + 1)]
+    notes = []
+    for name, video in report["videos"].items():
+        cells = []
+        for column in columns:
+            if column.startswith("synthetic_"):
+                entry = video.get("synthetic", {}).get("scores", {}).get(column[len("synthetic_") :])
+            else:
+                entry = video.get("metrics", {}).get(column)
+            s = (entry or {}).get("summary") or {}
+            ok = s.get("mean") is not None and s.get("end_minus_start") is not None
+            cells.append(f"{s['mean']:.3f} / {s['end_minus_start']:+.3f}" if ok else "-")
+        caveats = video.get("caveats") or []
+        notes += [f"* {name}: {c}" for c in caveats]
+        lines.append(f"| {name}{' *' if caveats else ''} | " + " | ".join(cells) + " |")
+    return "\n".join(lines + ([""] + notes if notes else []))
 
 
 def _fps(path: str) -> float | None:
@@ -177,18 +219,86 @@ def _curves(report: dict) -> dict[str, dict[str, tuple[list, list]]]:
     return curves
 
 
+def column_info(name: str):
+    """The :class:`~longgen.eval.metrics.MetricInfo` of a metric or of a ``synthetic_<score>`` (KeyError if
+    neither)."""
+    if name.startswith("synthetic_"):
+        from .synthetic_score import score_info
+
+        return score_info(name[len("synthetic_") :])
+    return metric_info(name)
+
+
+def direction(name: str) -> str:
+    """``"higher is better"``, ``"lower is better"`` or ``"no better direction"`` for a metric or synthetic
+    score (``""`` for an unknown name)."""
+    try:
+        better = column_info(name).higher_is_better
+    except KeyError:
+        return ""
+    return {True: "higher is better", False: "lower is better", None: "no better direction"}[better]
+
+
 def _title(name: str) -> tuple[str, str]:
     try:
-        info = metric_info(name)
-        arrow = {True: " (higher is better)", False: " (lower is better)", None: ""}[info.higher_is_better]
-        return f"{name}{arrow}\n{info.description}", info.unit
+        info = column_info(name)
     except KeyError:
         return name, ""
+    what = ", synthetic score vs the prompted world" if name.startswith("synthetic_") else ""
+    return f"{name} ({direction(name)}){what}\n{info.description}", info.unit
+
+
+OVERVIEW = (
+    "synthetic_overall",
+    "temporal_flicker",
+    "ssim_first",
+    "color_hist_drift",
+    "warping_error",
+    "sharpness",
+)
+"""Panels of ``overview.png`` (those present): the headline drift measures, one readable panel each; every
+metric has its own PNG as well."""
+
+
+def _savefig(fig, path: str) -> None:
+    from ..files import atomic_path
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+
+
+def _label_axes(ax, name: str, fontsize: int) -> None:
+    title, unit = _title(name)
+    ax.set_title(title, fontsize=fontsize)
+    ax.set_xlabel("frame (window centre)", fontsize=fontsize - 1)
+    ax.set_ylabel(unit or name, fontsize=fontsize - 1)
+
+
+def _plot_overview(plt, curves: dict, path: str) -> str:
+    names = [n for n in OVERVIEW if n in curves] or list(curves)[: len(OVERVIEW)]
+    cols = 2 if len(names) > 1 else 1
+    rows = math.ceil(len(names) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(6.4 * cols, 3.9 * rows), dpi=80, squeeze=False)
+    try:
+        for ax, name in zip(axes.flat, names):
+            _draw(ax, curves[name])
+            _label_axes(ax, name, 10)
+            ax.tick_params(labelsize=8)
+        for ax in list(axes.flat)[len(names) :]:
+            ax.axis("off")
+        handles, labels = axes.flat[0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="upper center", ncol=min(len(labels), 6), fontsize=9)
+        fig.tight_layout(rect=(0, 0, 1, 1 - 0.4 / fig.get_figheight()))  # 0.4 in for the legend
+        _savefig(fig, path)
+    finally:
+        plt.close(fig)
+    return path
 
 
 def plot_report(report: dict, plot_dir: str | os.PathLike, *, overview: bool = True) -> list[str]:
-    """One PNG per metric (x: frame, y: window value, one line per video), and ``overview.png`` with all
-    of them in a grid when ``overview``."""
+    """One PNG per metric and synthetic score (x: frame, y: window value, one line per video; the title says
+    what it measures and which direction is better), and ``overview.png`` with the :data:`OVERVIEW` panels
+    when ``overview``. Every PNG is written under a temporary name and renamed when complete."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -205,37 +315,15 @@ def plot_report(report: dict, plot_dir: str | os.PathLike, *, overview: bool = T
         for name, per_video in curves.items():
             ax.clear()
             _draw(ax, per_video)
-            title, unit = _title(name)
-            ax.set_title(title, fontsize=9)
-            ax.set_xlabel("frame (window centre)", fontsize=8)
-            ax.set_ylabel(unit or name, fontsize=8)
+            _label_axes(ax, name, 9)
             ax.legend(fontsize=7)
             path = os.path.join(plot_dir, f"{name}.png")
-            fig.savefig(path)
+            _savefig(fig, path)
             written.append(path)
     finally:
         plt.close(fig)
     if overview and curves:
-        cols = 4
-        rows = math.ceil(len(curves) / cols)
-        fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.2 * rows), dpi=70, squeeze=False)
-        fig.subplots_adjust(
-            left=0.05, right=0.98, top=1 - 0.25 / rows, bottom=0.4 / rows, hspace=0.55, wspace=0.25
-        )
-        try:
-            for ax, (name, per_video) in zip(axes.flat, curves.items()):
-                _draw(ax, per_video)
-                ax.set_title(name, fontsize=8)
-                ax.tick_params(labelsize=6)
-            for ax in list(axes.flat)[len(curves) :]:
-                ax.axis("off")
-            handles, labels = axes.flat[0].get_legend_handles_labels()
-            fig.legend(handles, labels, loc="lower right", fontsize=8)
-            path = os.path.join(plot_dir, "overview.png")
-            fig.savefig(path)
-            written.append(path)
-        finally:
-            plt.close(fig)
+        written.append(_plot_overview(plt, curves, os.path.join(plot_dir, "overview.png")))
     return written
 
 

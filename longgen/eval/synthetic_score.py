@@ -33,7 +33,7 @@ import numpy as np
 
 from longgen.data.synthetic import WorldSpec
 
-from .metrics import Series, as_frames, json_number, summarize, window_means
+from .metrics import MetricInfo, Series, as_frames, json_number, summarize, window_means
 
 UNKNOWN_COLOR_DIST = 110.0
 """A pixel farther than this (RGB Euclidean) from the background and every object colour is unlabelled."""
@@ -42,6 +42,29 @@ MIN_AREA_FRACTION = 0.25
 """A component smaller than this share of an object's true area is noise, not an object."""
 CONTACT_PX = 2
 SCORE_NAMES = ("count", "color", "size", "motion", "speed_stability")
+SCORE_DESCRIPTIONS: dict[str, str] = {
+    "overall": "mean of count, color, size, motion, speed_stability",
+    "count": "objects found vs the world's (1 - |found - true| / true)",
+    "color": "objects' colour vs the true colour (1 - RGB distance / 100)",
+    "size": "objects' area vs the true area (1 - |log ratio| / log 2)",
+    "motion": "share of steps consistent with constant velocity / bounces",
+    "speed_stability": "mean object speed vs the first window's (min ratio)",
+    "speed_vs_spec": "mean object speed vs the world's true speed (min ratio)",
+    "motion_residual_px": "distance of centres from the constant-velocity prediction",
+    "speed_px": "mean object speed",
+}
+"""What each synthetic score measures, against the world the prompt describes (plot titles, tables)."""
+SCORE_UNITS: dict[str, str] = {"motion_residual_px": "px", "speed_px": "px/frame"}
+"""Units of the diagnostics; every other score is in [0, 1], 1 = the world's truth (higher is better)."""
+
+
+def score_info(name: str) -> MetricInfo:
+    """The :class:`~longgen.eval.metrics.MetricInfo` (direction, unit, what it measures) of a synthetic score."""
+    if name not in SCORE_DESCRIPTIONS:
+        raise KeyError(f"unknown synthetic score {name!r}; known: {sorted(SCORE_DESCRIPTIONS)}")
+    better = {"motion_residual_px": False, "speed_px": None}.get(name, True)
+    unit = SCORE_UNITS.get(name, "[0,1], 1 = truth")
+    return MetricInfo(better, unit, SCORE_DESCRIPTIONS[name])
 
 
 @dataclass

@@ -106,3 +106,57 @@ def test_precompute_command(wan, manifest, tmp_path):
     assert len(cache) == 3 and cache.family == "wan"
     latents = wan.encode_video(dataset[0]["video"][None])[0]
     torch.testing.assert_close(cache[0]["latents"], latents, atol=1e-5, rtol=1e-5)
+
+
+def test_index_records_the_schema_and_files_respect_the_umask(wan, manifest, tmp_path):
+    import json
+
+    from longgen.files import default_file_mode
+
+    dataset = VideoClipDataset(manifest, num_frames=9, height=32, width=32, random_start=False)
+    out = tmp_path / "cache"
+    precompute_cache(wan, dataset, out, shard_size=2)
+    index = json.loads((out / "index.json").read_text())
+    assert index["version"] == 2 and index["family"] == "wan"
+    assert index["num_frames"] == 9 and index["dtype"] == "fp32"
+    cache = LatentCacheDataset(out)
+    assert cache.num_frames == 9 and cache.dtype == "fp32"
+    names = sorted(os.listdir(out))
+    assert not [n for n in names if "tmp" in n]  # written under temporary names, renamed when complete
+    for name in names:
+        mode = os.stat(out / name).st_mode & 0o777
+        assert mode == default_file_mode() and mode != 0o600, (name, oct(mode))
+
+
+def test_cache_of_another_family_is_refused_naming_both(wan, manifest, tmp_path):
+    dataset = VideoClipDataset(manifest, num_frames=9, height=32, width=32, random_start=False)
+    precompute_cache(wan, dataset, tmp_path / "cache")
+    assert len(LatentCacheDataset(tmp_path / "cache", family="wan")) == 3
+    with pytest.raises(ValueError, match=r"'wan' model.*'ltx'.*longgen precompute"):
+        LatentCacheDataset(tmp_path / "cache", family="ltx")
+
+
+def test_version_1_caches_still_read(wan, manifest, tmp_path):
+    import json
+
+    dataset = VideoClipDataset(manifest, num_frames=9, height=32, width=32, random_start=False)
+    index_path = precompute_cache(wan, dataset, tmp_path / "cache")
+    index = json.loads(open(index_path).read())
+    index["version"] = 1
+    del index["num_frames"], index["dtype"]
+    open(index_path, "w").write(json.dumps(index))
+    cache = LatentCacheDataset(tmp_path / "cache")
+    assert cache.num_frames is None and cache[0]["latents"].shape[0] == wan.latent_channels
+    index["version"] = 7
+    open(index_path, "w").write(json.dumps(index))
+    with pytest.raises(ValueError, match="rebuild it with longgen precompute"):
+        LatentCacheDataset(tmp_path / "cache")
+
+
+def test_precompute_shows_a_progress_bar(wan, manifest, tmp_path, capsys):
+    dataset = VideoClipDataset(manifest, num_frames=9, height=32, width=32, random_start=False)
+    precompute_cache(wan, dataset, tmp_path / "quiet")
+    assert "precompute" not in capsys.readouterr().err  # off by default for library calls
+    precompute_cache(wan, dataset, tmp_path / "cache", show_progress=True)
+    err = capsys.readouterr().err
+    assert "precompute" in err and "3/3" in err
