@@ -16,16 +16,17 @@ import contextlib
 import functools
 import logging
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 
 import numpy as np
 import torch
+
+from .files import atomic_dir, atomic_path, chmod_umask, remove_path, temp_sibling  # noqa: F401  (atomic_*: re-exported)
 
 logger = logging.getLogger(__name__)
 
@@ -48,107 +49,6 @@ __all__ = [
     "video_info",
     "write_video",
 ]
-
-
-# ------------------------------------------------------------------------------------------------
-# atomic files and folders
-# ------------------------------------------------------------------------------------------------
-def _umask() -> int:
-    # os.umask can only be read by setting it; set it straight back (one call, no other thread
-    # creates files between the two in this library).
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def chmod_umask(path: str | os.PathLike) -> None:
-    """Give ``path`` the mode a plain ``open`` / ``os.mkdir`` would: 0666 / 0777 less the process umask.
-
-    ``tempfile.mkstemp`` / ``mkdtemp`` create 0600 / 0700, which a file renamed into place would
-    otherwise keep (unreadable to the group that reads the outputs).
-    """
-    base = 0o777 if os.path.isdir(path) else 0o666
-    os.chmod(path, base & ~_umask())
-
-
-def _temp_sibling(final: str, directory: bool) -> str:
-    parent = os.path.dirname(os.path.abspath(final)) or "."
-    name = os.path.basename(final.rstrip(os.sep))
-    stem, suffix = os.path.splitext(name)
-    # Hidden, in the same folder (so os.replace is a rename on one file system), and with the same
-    # suffix, so tools that pick a format from the name (FFmpeg, savers) see the right one.
-    if directory:
-        return tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=parent)
-    fd, tmp = tempfile.mkstemp(prefix=f".{stem}.", suffix=f".tmp{suffix}", dir=parent)
-    os.close(fd)
-    return tmp
-
-
-def _remove(path: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        if os.path.isdir(path) and not os.path.islink(path):
-            shutil.rmtree(path)
-        else:
-            os.remove(path)
-
-
-@contextlib.contextmanager
-def atomic_path(final_path: str | os.PathLike) -> Iterator[str]:
-    """Yield a temporary file path beside ``final_path``; rename it into place when the block succeeds.
-
-    On any exception (``KeyboardInterrupt`` too) the temporary file is removed and ``final_path`` is
-    left as it was, so a file under its final name is never partial. The file gets the umask's mode
-    (:func:`chmod_umask`). The parent folder is created. The yielded path exists (empty); writers may
-    replace it::
-
-        with atomic_path("out/metrics.json") as tmp:
-            with open(tmp, "w") as f:
-                json.dump(metrics, f)
-    """
-    final = os.fspath(final_path)
-    if os.path.isdir(final):
-        raise IsADirectoryError(f"{final!r} is a folder: name a file inside it")
-    os.makedirs(os.path.dirname(os.path.abspath(final)), exist_ok=True)
-    tmp = _temp_sibling(final, directory=False)
-    try:
-        yield tmp
-        chmod_umask(tmp)
-        os.replace(tmp, final)
-    except BaseException:
-        _remove(tmp)
-        raise
-
-
-@contextlib.contextmanager
-def atomic_dir(final_dir: str | os.PathLike, overwrite: bool = True) -> Iterator[str]:
-    """Yield a temporary folder beside ``final_dir``; move it into place when the block succeeds.
-
-    On any exception the temporary folder is removed and ``final_dir`` is untouched. An existing
-    ``final_dir`` is replaced (``overwrite=True``: moved aside, then removed after the new one is in
-    place) or is an error. The folder gets the umask's mode (files inside are the writer's business:
-    use :func:`chmod_umask` or plain ``open``, which already follows the umask).
-    """
-    final = os.fspath(final_dir).rstrip(os.sep) or os.sep
-    if os.path.exists(final) and not os.path.isdir(final):
-        raise NotADirectoryError(f"{final!r} exists and is not a folder: remove it or pick another name")
-    if os.path.isdir(final) and not overwrite:
-        raise FileExistsError(f"{final!r} already exists: remove it or pick another name")
-    os.makedirs(os.path.dirname(os.path.abspath(final)), exist_ok=True)
-    tmp = _temp_sibling(final, directory=True)
-    try:
-        yield tmp
-        chmod_umask(tmp)
-        if os.path.isdir(final):
-            # A folder cannot be os.replace'd over a non-empty one: swap through a second name.
-            old = tmp + ".old"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            _remove(old)
-        else:
-            os.replace(tmp, final)
-    except BaseException:
-        _remove(tmp)
-        raise
 
 
 def to_uint8(frames: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -239,7 +139,7 @@ class VideoWriter:
         import imageio_ffmpeg
 
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-        self._tmp = _temp_sibling(self.path, directory=False)
+        self._tmp = temp_sibling(self.path, directory=False)
         self._size = (height, width)
         # yuv420p needs even sizes: pad odd sizes by one pixel instead of failing.
         pad = ["-vf", "pad=ceil(iw/2)*2:ceil(ih/2)*2"] if (height % 2 or width % 2) else []
@@ -300,7 +200,7 @@ class VideoWriter:
             self._proc.kill()
             self._proc.wait()
         if self._tmp is not None:
-            _remove(self._tmp)
+            remove_path(self._tmp)
             self._tmp = None
         if self._stderr is not None:
             self._stderr.close()
