@@ -242,18 +242,48 @@ def apply_generate_config(parser: argparse.ArgumentParser, argv: list[str]) -> a
     return args
 
 
+def check_device(device: str) -> None:
+    """A clear error for a device this torch build or machine cannot use (instead of torch's traceback)."""
+    import torch
+
+    try:
+        kind = torch.device(device).type
+    except RuntimeError as err:
+        raise ValueError(f"--device {device!r} is not a torch device ({err}); use e.g. cpu, cuda, cuda:1") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        build = "has no CUDA support" if torch.version.cuda is None else "sees no GPU"
+        raise ValueError(
+            f"--device {device}: this torch {torch.__version__} {build}; use --device cpu, or install a CUDA "
+            "build of torch on a machine with a GPU"
+        )
+    if kind == "cuda" and ":" in device and int(device.split(":")[1]) >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: only {torch.cuda.device_count()} GPU(s) visible")
+
+
+def read_image(path: str):
+    """The conditioning image as RGB; a clear error for a missing or unreadable file."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--image {path!r} does not exist")
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (UnidentifiedImageError, OSError) as err:
+        raise ValueError(f"--image {path!r} is not a readable image ({err}); pass a PNG or JPEG file") from None
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
     from .dtypes import torch_dtype
+    from .io import check_video_path
     from .pipeline import LongVideoPipeline
 
     check_attention_backend(args.attention_backend)
-    image = None
-    if args.image:
-        from PIL import Image
-
-        image = Image.open(args.image).convert("RGB")
+    check_video_path(args.out)  # before the model loads: a bad --out fails at once
+    check_device(args.device)
+    image = read_image(args.image) if args.image else None
     start = time.perf_counter()
     pipe = LongVideoPipeline.from_pretrained(
         args.model,
@@ -586,9 +616,21 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "generate":
             args = apply_generate_config(parser, argv)
         return args.func(args)
-    except (ValueError, FileNotFoundError, NotADirectoryError) as err:
+    except KeyboardInterrupt as err:
+        # GenerationInterrupted says how far it got and where the partial clip is; no traceback
+        text = str(err) or "interrupted"
+        print(f"longgen {args.command}: {text}", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, FileExistsError) as err:
         print(f"longgen {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except RuntimeError as err:
+        from .io import VideoWriteError
+
+        if not isinstance(err, VideoWriteError):
+            raise
+        print(f"longgen {args.command}: error: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -64,7 +64,7 @@ class _FrameSink:
     def __init__(self, adapter: BackboneAdapter, paths: list[str] | None, fps: float, decode_chunk: int,
                  total: int, show_progress: bool):
         self.kept: list[torch.Tensor] = []
-        self.writers = [VideoWriter(p, fps=fps) for p in paths] if paths else []
+        self.writers = [VideoWriter(p, fps=fps, total_frames=total) for p in paths] if paths else []
         self.decoder = StreamingDecoder(adapter, decode_chunk)
         self.total, self.show_progress = total, show_progress
         self.bar = None
@@ -91,10 +91,30 @@ class _FrameSink:
             self._write(self.decoder.flush())
 
     def close(self) -> None:
+        """Publish every clip under its final name (each writer checks FFmpeg and the frame count)."""
         if self.bar is not None:
             self.bar.close()
         for writer in self.writers:
             writer.close()
+
+    def abort(self) -> list[str]:
+        """Stop on an interruption: keep what was written only as ``<name>.partial-NofM.mp4`` files."""
+        if self.bar is not None:
+            self.bar.close()
+        kept = [writer.abort(total_frames=self.total) for writer in self.writers]
+        return [path for path in kept if path]
+
+
+class GenerationInterrupted(KeyboardInterrupt):
+    """Ctrl-C during :meth:`LongVideoPipeline.generate`: how far it got and where the partial clips are.
+
+    A ``KeyboardInterrupt`` (so callers that catch that keep working); no clip is left under its final name.
+    """
+
+    def __init__(self, frames_written: int, total_frames: int, partial_paths: list[str]):
+        self.frames_written, self.total_frames, self.partial_paths = frames_written, total_frames, partial_paths
+        where = f"; partial clip kept at {', '.join(partial_paths)}" if partial_paths else "; no frames were written"
+        super().__init__(f"interrupted at frame {frames_written}/{total_frames}{where}")
 
 
 class GuidedDenoiser:
@@ -353,8 +373,13 @@ class LongVideoPipeline:
         try:
             self._run_sampler(spec, denoiser, x_noise, sigmas, knobs, sink, seed, show_progress)
             sink.finish()
-        finally:
-            sink.close()
+        except KeyboardInterrupt:
+            written = sink.writers[0].num_frames if sink.writers else 0
+            raise GenerationInterrupted(written, total, sink.abort()) from None
+        except BaseException:
+            sink.abort()  # an error: nothing under a final name, partial clips kept under names that say so
+            raise
+        sink.close()
         latents = torch.cat(sink.kept, dim=2)
         result = GenerationResult(latents=latents, num_frames=adapter.num_pixel_frames(latents.shape[2]))
         result.stats["model_calls"] = denoiser.num_calls
