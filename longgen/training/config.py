@@ -162,8 +162,10 @@ class DataConfig:
 
 @dataclass
 class ObjectiveConfig:
-    """The training objective: the backbone's native loss at per-frame noise levels drawn by ``mode``."""
+    """The training method and its objective: by default the native loss at per-frame noise levels (``mode``)."""
 
+    method: str = "denoising"
+    """Training method (``longgen.training.methods`` registry); ``denoising`` is the native denoising loss."""
     mode: ObjectiveMode = "diffusion_forcing"
     causal_block_size: int = 1
     """Latent frames that share one noise level (diffusion forcing / AR-Diffusion in causal blocks)."""
@@ -173,6 +175,9 @@ class ObjectiveConfig:
     weighting: LossWeighting = "native"
 
     def __post_init__(self) -> None:
+        from .methods import method_names
+
+        _choice("objective.method", self.method, method_names())
         _choice("objective.mode", self.mode, OBJECTIVE_MODES)
         _check(
             self.causal_block_size >= 1,
@@ -489,7 +494,7 @@ def _unknown_key(full_key: str) -> ConfigError:
     section = _unwrap_optional(section)
     valid = [f.name for f in dataclasses.fields(section)] if dataclasses.is_dataclass(section) else []
     close = difflib.get_close_matches(parts[-1], valid, n=1)
-    hint = f"; did you mean '{'.'.join([*parts[:-1], close[0]])}'?" if close else ""
+    hint = f"; did you mean '{'.'.join([*parts[:-1], close[0]])}'?" if close else ";"
     where = f"section '{'.'.join(parts[:-1])}'" if len(parts) > 1 else "the top level"
     return ConfigError(f"unknown config key '{full_key}'{hint} valid keys in {where}: {', '.join(valid)}")
 
@@ -609,7 +614,9 @@ def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> dict[s
                 node[part] = {}
                 child = node[part]
             if not OmegaConf.is_dict(child):
-                raise ConfigError(f"override {text!r}: '{'.'.join(parts[: i + 1])}' is a value, not a section")
+                raise ConfigError(
+                    f"override {text!r}: '{'.'.join(parts[: i + 1])}' is a value, not a section"
+                )
             node = child
         node[parts[-1]] = value
     return OmegaConf.to_container(tree)
