@@ -106,7 +106,7 @@ def check_launch(num_processes: int, environ: dict[str, str] | None = None) -> N
     env = os.environ if environ is None else environ
     launched = int(env.get("WORLD_SIZE", "1") or 1)
     if launched > 1 and num_processes == 1:
-        raise RuntimeError(
+        raise ValueError(
             f"the launcher started {launched} processes (WORLD_SIZE={launched}) but each one runs alone "
             "(accelerator.num_processes=1): there is no GPU for the multi-GPU config. On CPU launch with "
             "ACCELERATE_USE_CPU=true (or accelerate launch --cpu ...), or launch 1 process"

@@ -68,6 +68,7 @@ class Trainer:
                 "ema.enabled=true needs whole weights on every process; with DeepSpeed ZeRO-3 or FSDP set "
                 "ema.enabled=false, or train with configs/accelerate/ddp.yaml or zero2.yaml"
             )
+        self.cache_index = build.latent_cache_index(config)  # a wrong cache fails before the model loads
         self.resumed_from = resolve_resume(config.train.resume, self.output_dir)
         if self.resumed_from is not None:
             build.check_resume_config(self.resumed_from, config)
@@ -104,7 +105,7 @@ class Trainer:
         config, acc = self.config, self.accelerator
         self.adapter = build.build_adapter(config, acc.device)
         self.prompts = None
-        if build.latent_cache_index(config) is not None:
+        if self.cache_index is not None:
             self.prompts = build.release_text_encoders(self.adapter, config, acc.device)
         data = config.data
         self.num_latent_frames = self.adapter.latent_shape(data.num_frames, data.height, data.width)[2]
