@@ -17,7 +17,6 @@ import sys
 from longgen.training.config import load_config
 from longgen.training.loop import Trainer
 
-
 DESCRIPTION = """Post-tune a diffusers video model for long clips (LoRA or full fine-tune, Accelerate).
 
   accelerate launch [--config_file configs/accelerate/<ddp|zero2|zero3|fsdp>.yaml] train/train.py \\

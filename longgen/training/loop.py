@@ -26,7 +26,10 @@ from accelerate.utils import set_seed
 
 from . import build
 from .build import enable_context_parallel, resolve_mixed_precision
-from .callbacks import (
+from .callbacks import (  # noqa: F401  (re-exported names)
+    FINAL_DIR,
+    FINAL_EMA_DIR,
+    METRICS_FILE,
     CheckpointCallback,
     EMACallback,
     ExportCallback,
@@ -36,6 +39,7 @@ from .callbacks import (
 from .checkpoint import TrainingState, register_trainable_state_hooks, resolve_resume
 from .config import Config
 from .denoiser import DenoiserModule
+from .export import EXTENSION_INFO, EXVIDEO_WEIGHTS  # noqa: F401  (re-exported names)
 from .methods import MethodContext, get_method
 
 logger = logging.getLogger(__name__)
