@@ -188,3 +188,32 @@ def test_the_step_gets_the_prepared_denoiser_and_the_adapter_is_never_patched(tm
         assert "denoise" not in trainer.adapter.__dict__ and "encode_prompt" not in trainer.adapter.__dict__
     finally:
         trainer.close()
+
+
+@pytest.mark.slow
+def test_ddp_config_on_a_cpu_machine_stops_with_the_fix(tmp_path):
+    """``accelerate launch --config_file configs/accelerate/ddp.yaml`` with 2 processes and no GPU: each
+    process would train alone into one folder; the run stops, names ACCELERATE_USE_CPU, writes nothing."""
+    import shutil
+    import subprocess
+    import sys
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU machine forms a real process group with the DDP config")
+    accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable)) or shutil.which("accelerate")
+    if accelerate is None:
+        pytest.fail("the accelerate CLI is not installed next to this Python; pip install accelerate")
+    env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}
+    env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    out = tmp_path / "run"
+    cmd = [
+        accelerate, "launch", "--config_file", os.path.join(REPO, "configs", "accelerate", "ddp.yaml"),
+        "--num_processes", "2", "--main_process_port", "0", os.path.join(REPO, "train", "train.py"),
+        "train.steps=1", f"train.output_dir={out}",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "ACCELERATE_USE_CPU=true" in proc.stderr and "WORLD_SIZE=2" in proc.stderr, proc.stderr[-3000:]
+    assert not out.exists()
