@@ -17,11 +17,22 @@ import sys
 from longgen.training.config import load_config
 from longgen.training.loop import Trainer
 
+DESCRIPTION = """Post-tune a diffusers video model for long clips (LoRA or full fine-tune, Accelerate).
+
+  accelerate launch [--config_file configs/accelerate/<ddp|zero2|zero3|fsdp>.yaml] train/train.py \\
+      --config configs/wan2.1_1.3b_df_lora.yaml [section.key=value ...] [--resume latest]
+
+Without --config the tiny synthetic recipe runs (a tiny Wan on synthetic clips, CPU, minutes).
+Several CPU processes: ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 ..."""
+EPILOG = """Overrides are dotted keys, e.g. train.steps=1000 lora.rank=32 data.source=/data/clips.
+Outputs in train.output_dir: checkpoints/, validation/ clips, metrics.jsonl, final/ weights."""
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        epilog="Overrides are dotted keys, e.g. train.steps=1000 lora.rank=32 data.source=/data/clips",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--config", help="YAML recipe (configs/*.yaml); default: the tiny synthetic recipe")
     parser.add_argument("--resume", help="'latest' or a checkpoint folder (same as train.resume=...)")

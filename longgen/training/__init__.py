@@ -1,1 +1,2 @@
-"""Training: objectives (per-frame noise levels, native losses), config, the Accelerate loop, checkpoints."""
+"""Training: config (OmegaConf), build, methods (the step), callbacks (EMA, logging, checkpoints, validation,
+export), the Accelerate loop, objectives (per-frame noise levels, native losses), checkpoints."""

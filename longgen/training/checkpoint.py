@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .files import share_permissions
+
 logger = logging.getLogger(__name__)
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -168,6 +170,7 @@ def save_checkpoint(
             json.dump(record, fh, indent=2)
             fh.flush()
             os.fsync(fh.fileno())
+        share_permissions(tmp)  # safetensors writes 0600 files; a team shares checkpoints by the umask
         if os.path.exists(final):  # an incomplete folder of the same step from an older layout
             _remove_tree(final)
         os.replace(tmp, final)

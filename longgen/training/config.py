@@ -1,8 +1,18 @@
 """Typed training configuration: YAML recipe + dotted overrides, validated before any model loads.
 
 Follows torchtitan's ``Trainer.Config`` pattern: one dataclass per section whose ``__post_init__``
-raises a ``ValueError`` naming the fix, and nanoGPT's habit of saving the resolved config with every
-checkpoint. Unknown keys are errors, by name, listing the keys the section takes.
+raises a :class:`ConfigError` naming the fix, and nanoGPT's habit of saving the resolved config with
+every checkpoint.
+
+Parsing, type conversion and merging are OmegaConf's structured configs (``OmegaConf.structured`` on
+these dataclasses, ``OmegaConf.merge`` of the recipe, ``OmegaConf.update`` per override,
+``OmegaConf.to_object`` to build the dataclasses and run their ``__post_init__`` checks). OmegaConf
+is the project's choice over tyro because the recipes are YAML files first and command lines second:
+OmegaConf merges YAML mappings and ``section.key=value`` overrides into one typed tree (it already
+is the config layer of the Hydra / NeMo training stacks), checks ``Literal`` choices, ``Optional``
+and container types, and rejects unknown keys in struct mode; tyro builds a CLI from the dataclasses
+but has no YAML-recipe merge of its own. This module only turns OmegaConf's errors into messages that
+name the key and the fix (the closest valid key for a typo).
 
 >>> config = load_config("configs/tiny_synthetic.yaml", ["train.steps=4", "lora.rank=8"])
 """
@@ -10,21 +20,23 @@ checkpoint. Unknown keys are errors, by name, listing the keys the section takes
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import os
 import types
 import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
+from ..dtypes import DTYPE_NAMES
 from .objectives import MODES as OBJECTIVE_MODES  # clip, diffusion_forcing, ar_diffusion
 from .objectives import WEIGHTINGS as LOSS_WEIGHTINGS  # native, none, flow, eps, v, edm_v
 
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
-DTYPES = ("fp32", "bf16", "fp16")
+DTYPES = DTYPE_NAMES
 REPORT_TO = ("none", "tensorboard", "wandb")
 LR_SCHEDULES = (
     "constant",
@@ -36,6 +48,15 @@ LR_SCHEDULES = (
 )
 ROPE_METHODS = ("pi", "ntk", "yarn", "riflex")
 EXTENSION_METHODS = (*ROPE_METHODS, "exvideo")
+
+# Literal types of the choice keys (OmegaConf checks them; the tuples above stay the public lists).
+DType = Literal[DTYPES]
+MixedPrecision = Literal[MIXED_PRECISION]
+ReportTo = Literal[REPORT_TO]
+LRSchedule = Literal[LR_SCHEDULES]
+ExtensionMethod = Literal[EXTENSION_METHODS]
+ObjectiveMode = Literal[OBJECTIVE_MODES]
+LossWeighting = Literal[LOSS_WEIGHTINGS]
 
 
 class ConfigError(ValueError):
@@ -61,7 +82,7 @@ class ModelConfig:
     tiny: str | None = "wan"
     """Family of a tiny randomly initialised model (CPU tests, the tiny recipe); used when path is null."""
     tiny_seed: int = 0
-    dtype: str = "fp32"
+    dtype: DType = "fp32"
     """Weights dtype of the loaded pipeline. LoRA keeps its own weights in fp32 on a bf16 base."""
 
     def __post_init__(self) -> None:
@@ -141,17 +162,22 @@ class DataConfig:
 
 @dataclass
 class ObjectiveConfig:
-    """The training objective: the backbone's native loss at per-frame noise levels drawn by ``mode``."""
+    """The training method and its objective: by default the native loss at per-frame noise levels (``mode``)."""
 
-    mode: str = "diffusion_forcing"
+    method: str = "denoising"
+    """Training method (``longgen.training.methods`` registry); ``denoising`` is the native denoising loss."""
+    mode: ObjectiveMode = "diffusion_forcing"
     causal_block_size: int = 1
     """Latent frames that share one noise level (diffusion forcing / AR-Diffusion in causal blocks)."""
     num_timesteps: int = 1000
     shift: float = 1.0
     """Flow shift applied to the sampled levels (SD3 / Wan shift; 1 = uniform)."""
-    weighting: str = "native"
+    weighting: LossWeighting = "native"
 
     def __post_init__(self) -> None:
+        from .methods import method_names
+
+        _choice("objective.method", self.method, method_names())
         _choice("objective.mode", self.mode, OBJECTIVE_MODES)
         _check(
             self.causal_block_size >= 1,
@@ -192,7 +218,7 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
     weight_decay: float = 0.0
-    schedule: str = "constant_with_warmup"
+    schedule: LRSchedule = "constant_with_warmup"
     warmup_steps: int = 0
     grad_clip: float | None = 1.0
     """Max global gradient norm; null or 0 disables clipping."""
@@ -221,7 +247,7 @@ class TrainConfig:
     batch_size: int = 1
     """Clips per process per micro-step; the global batch is batch_size x processes x grad_accumulation."""
     grad_accumulation: int = 1
-    mixed_precision: str = "auto"
+    mixed_precision: MixedPrecision = "auto"
     """auto (bf16 on a GPU, fp32 on CPU) | no | fp16 | bf16."""
     gradient_checkpointing: bool = False
     ulysses_degree: int = 1
@@ -231,7 +257,7 @@ class TrainConfig:
     """Context parallel ring attention degree (needs a GPU attention kernel that returns the LSE)."""
     seed: int = 0
     checkpoint_every: int = 0
-    """Save a resumable checkpoint every N steps (0: only at the end)."""
+    """Save a resumable checkpoint every N steps (0: only at the end, so a finished run can be extended)."""
     keep_last: int = 2
     """Complete checkpoints to keep (0: all)."""
     output_dir: str = "outputs/tiny_synthetic"
@@ -320,7 +346,7 @@ class ValidationConfig:
     fps: float = 16.0
     use_ema: bool = True
     """Validate with the EMA weights when EMA is on."""
-    report_to: str = "none"
+    report_to: ReportTo = "none"
     """Tracker for scalars and validation clips: none | tensorboard | wandb (WANDB_MODE=offline works)."""
     project: str = "longgen"
 
@@ -342,7 +368,7 @@ class ValidationConfig:
 class ExtensionConfig:
     """Extension-aware post-tuning: a RoPE extension (train on longer clips) or ExVideo's trainable subset."""
 
-    method: str | None = None
+    method: ExtensionMethod | None = None
     """null | pi | ntk | yarn | riflex (``longgen.extend.apply_rope_extension``) | exvideo."""
     train_latent_frames: int | None = None
     """The model's native length in latent frames (null: from the adapter's native clip)."""
@@ -417,93 +443,124 @@ class Config:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None) -> Config:
-        return _build(cls, dict(data or {}), "")
+        return _build_config(_merged(dict(data or {})))
 
 
-# --- building dataclasses from plain dicts, with typed checks ---------------------------------------
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check ``value`` against annotation ``tp`` (coercing int -> float and numeric strings to numbers)."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None:
-            _check(type(None) in args, f"{key} must not be null")
+# --- OmegaConf: merge, convert, check ------------------------------------------------------------
+def _field_type(cls: type, path: list[str]) -> Any:
+    """The annotation of the dotted key ``path`` under dataclass ``cls`` (None when unknown)."""
+    tp: Any = cls
+    for part in path:
+        tp = _unwrap_optional(tp)
+        if not dataclasses.is_dataclass(tp):
             return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, key)
-            except ConfigError as err:
-                errors.append(str(err))
-        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
-    if value is None:
-        raise ConfigError(f"{key} must not be null (expected {_type_name(tp)})")
-    if origin is list:
-        (item_tp,) = typing.get_args(tp) or (Any,)
-        if isinstance(value, tuple):
-            value = list(value)
-        _check(isinstance(value, list), f"{key} must be a list, got {value!r}")
-        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is dict or tp is dict:
-        _check(isinstance(value, dict), f"{key} must be a mapping, got {value!r}")
-        return dict(value)
-    if tp is Any:
-        return value
-    if tp is bool:
-        _check(isinstance(value, bool), f"{key} must be true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)
-        _check(
-            isinstance(value, int) and not isinstance(value, bool), f"{key} must be an integer, got {value!r}"
-        )
-        return value
-    if tp is float:
-        if isinstance(value, str):
-            try:  # YAML 1.1 reads 1e-4 (no dot) as a string
-                value = float(value)
-            except ValueError:
-                pass
-        _check(
-            isinstance(value, (int, float)) and not isinstance(value, bool),
-            f"{key} must be a number, got {value!r}",
-        )
-        value = float(value)
-        _check(math.isfinite(value), f"{key} must be finite, got {value}")
-        return value
-    if tp is str:
-        _check(isinstance(value, str), f"{key} must be a string, got {value!r}")
-        return value
+        hints = typing.get_type_hints(tp)
+        if part not in hints:
+            return None
+        tp = hints[part]
+    return tp
+
+
+def _unwrap_optional(tp: Any) -> Any:
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and len(args) == 1:
+        return args[0]
+    return tp
+
+
+def _expected(tp: Any, key: str, value: Any) -> str:
+    """``<key> must be ...`` for a value OmegaConf could not convert to annotation ``tp``."""
+    optional = type(None) in typing.get_args(tp)
+    tp = _unwrap_optional(tp)
+    null = " or null" if optional else ""
+    if typing.get_origin(tp) is Literal:
+        return f"{key} must be one of {list(typing.get_args(tp))}{null}, got {value!r}"
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    if tp in names:
+        return f"{key} must be {names[tp]}{null}, got {value!r}"
+    if typing.get_origin(tp) is list:
+        return f"{key} must be a list{null}, got {value!r}"
+    if typing.get_origin(tp) is dict:
+        return f"{key} must be a mapping{null}, got {value!r}"
     if dataclasses.is_dataclass(tp):
-        _check(isinstance(value, Mapping), f"{key} is a section: give a mapping of its keys, got {value!r}")
-        return _build(tp, dict(value), f"{key}.")
-    raise ConfigError(f"{key}: unsupported annotation {tp!r}")
+        return f"{key} is a section: give a mapping of its keys, got {value!r}"
+    return f"{key}: bad value {value!r} (expected {tp})"
 
 
-def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        where = f"section '{prefix[:-1]}'" if prefix else "the top level"
-        raise ConfigError(
-            f"unknown config key{'s' if len(unknown) > 1 else ''} {', '.join(repr(prefix + k) for k in unknown)}; "
-            f"valid keys in {where}: {', '.join(fields)}"
-        )
-    hints = typing.get_type_hints(cls)
-    kwargs = {name: _coerce(value, hints[name], prefix + name) for name, value in data.items()}
+def _unknown_key(full_key: str) -> ConfigError:
+    """An unknown key, by name, with the closest valid key and the keys its section takes."""
+    parts = full_key.split(".")
+    section = _field_type(Config, parts[:-1]) if len(parts) > 1 else Config
+    section = _unwrap_optional(section)
+    valid = [f.name for f in dataclasses.fields(section)] if dataclasses.is_dataclass(section) else []
+    close = difflib.get_close_matches(parts[-1], valid, n=1)
+    hint = f"; did you mean '{'.'.join([*parts[:-1], close[0]])}'?" if close else ";"
+    where = f"section '{'.'.join(parts[:-1])}'" if len(parts) > 1 else "the top level"
+    return ConfigError(f"unknown config key '{full_key}'{hint} valid keys in {where}: {', '.join(valid)}")
+
+
+def _translate(err: Exception, value: Any = None) -> ConfigError:
+    """OmegaConf's error -> a :class:`ConfigError` that names the key and what it takes."""
+    from omegaconf.errors import ConfigKeyError
+
+    full_key = str(getattr(err, "full_key", "") or "")
+    if isinstance(err, ConfigKeyError) or "not in" in str(err).split("\n", 1)[0]:
+        return _unknown_key(full_key)
+    tp = _field_type(Config, full_key.split(".")) if full_key else None
+    if tp is None:
+        return ConfigError(f"{full_key or 'config'}: {str(err).splitlines()[0]}")
+    shown = value if value is not None else _value_in_message(err)
+    return ConfigError(_expected(tp, full_key, shown))
+
+
+def _value_in_message(err: Exception) -> Any:
+    """The offending value as OmegaConf quotes it (``Value 'two' of type ...``)."""
+    import re
+
+    match = re.search(r"(?:Value|value) '([^']*)'", str(err))
+    return match.group(1) if match else "?"
+
+
+def _check_finite(node: Any, prefix: str = "") -> None:
+    """Every float of the built config is finite (OmegaConf accepts ``inf`` and ``nan``)."""
+    for f in dataclasses.fields(node):
+        value = getattr(node, f.name)
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            _check_finite(value, f"{key}.")
+        elif isinstance(value, float):
+            _check(math.isfinite(value), f"{key} must be finite, got {value}")
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                _check(not isinstance(item, float) or math.isfinite(item), f"{key}[{i}] must be finite")
+
+
+def _merged(data: Mapping[str, Any]):
+    """The recipe merged into the structured schema of :class:`Config` (an OmegaConf DictConfig)."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    schema = OmegaConf.structured(Config)
     try:
-        return cls(**kwargs)
-    except ConfigError:
-        raise
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"{prefix[:-1] or 'config'}: {err}") from err
+        return OmegaConf.merge(schema, dict(data))
+    except OmegaConfBaseException as err:
+        raise _translate(err) from None
+
+
+def _build_config(tree) -> Config:
+    """``OmegaConf.to_object``: builds the dataclasses and runs every ``__post_init__`` check."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        config = OmegaConf.to_object(tree)
+    except OmegaConfBaseException as err:
+        cause = err.__cause__ or err.__context__
+        if isinstance(cause, ConfigError):
+            raise cause from None
+        raise _translate(err) from None
+    _check_finite(config)
+    return config
 
 
 # --- YAML + dotted overrides ----------------------------------------------------------------------
@@ -523,33 +580,64 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return parts, value
 
 
-def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
-    """Set dotted keys in a nested dict (a copy); sections are created as needed, keys checked later."""
-    import copy
+def _set_override(tree, text: str) -> None:
+    """Apply one ``section.key=value`` to an OmegaConf tree (typed, unknown keys rejected by name)."""
+    from omegaconf import DictConfig, OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
 
-    data = copy.deepcopy(data)
+    parts, value = parse_override(text)
+    node = tree
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part) if isinstance(node, DictConfig) and part in node else None
+        if child is not None and not isinstance(child, DictConfig):
+            raise ConfigError(f"override {text!r}: '{'.'.join(parts[: i + 1])}' is a value, not a section")
+        if child is None:
+            break
+        node = child
+    try:
+        OmegaConf.update(tree, ".".join(parts), value, merge=True)
+    except OmegaConfBaseException as err:
+        raise _translate(err, value) from None
+
+
+def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Set dotted keys in a nested dict (a copy); sections are created as needed, keys checked later."""
+    from omegaconf import OmegaConf
+
+    tree = OmegaConf.create(dict(data))
     for text in overrides:
         parts, value = parse_override(text)
-        node = data
+        node = tree
         for i, part in enumerate(parts[:-1]):
             child = node.get(part)
             if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
+                node[part] = {}
+                child = node[part]
+            if not OmegaConf.is_dict(child):
                 raise ConfigError(
                     f"override {text!r}: '{'.'.join(parts[: i + 1])}' is a value, not a section"
                 )
             node = child
         node[parts[-1]] = value
-    return data
+    return OmegaConf.to_container(tree)
 
 
 def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    """A recipe file as a mapping; a YAML syntax error is a :class:`ConfigError` with file and line."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"config file {path!r} does not exist (see configs/ for recipes)")
     with open(path) as fh:
-        data = yaml.safe_load(fh)
+        try:
+            data = yaml.safe_load(fh)
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise ConfigError(
+                f"{path} is not valid YAML{where}: {problem}; fix the recipe (indent keys with spaces, "
+                "one 'key: value' per line)"
+            ) from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -559,8 +647,10 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
 
 def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> Config:
     """Build a validated :class:`Config` from a YAML file (or the defaults) and dotted overrides."""
-    data = read_yaml(path) if path is not None else {}
-    return Config.from_dict(apply_overrides(data, overrides))
+    tree = _merged(read_yaml(path) if path is not None else {})
+    for text in overrides:
+        _set_override(tree, text)
+    return _build_config(tree)
 
 
 __all__ = [

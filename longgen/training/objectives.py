@@ -40,6 +40,8 @@ import torch
 
 from ..plans import sample_independent_timesteps, sample_nondecreasing_timesteps
 from ..schedules import VPSchedule, shift_sigma
+from .capabilities import prediction as native_prediction
+from .capabilities import sigma_data
 
 __all__ = ["MODES", "WEIGHTINGS", "loss_weights", "sample_training_sigmas", "training_loss"]
 
@@ -144,6 +146,7 @@ def training_loss(
     weighting: str = "native",
     min_sigma: float = 1e-3,
     max_sigma: float = 1.0 - 1e-4,
+    denoise=None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The backbone's native denoising loss at per-frame noise levels, through ``adapter.denoise``.
 
@@ -162,6 +165,10 @@ def training_loss(
     Returns ``(loss, info)``; ``info`` holds detached ``loss_per_frame`` ``[B, F]``, ``x0_mse_per_frame``
     ``[B, F]``, ``weight`` ``[B, F]`` and the clamped ``sigma``. The loss is float32 whatever the model
     dtype, and differentiable in the model's parameters.
+
+    ``denoise`` is the model call ``(x, sigma, cond) -> x0_hat``; None is ``adapter.denoise``. The trainer
+    passes its prepared :class:`~longgen.training.denoiser.DenoiserModule` (DDP / FSDP / DeepSpeed wrapped),
+    so no adapter attribute is replaced for training.
     """
     if latents.ndim != 5:
         raise ValueError(f"latents must be [B, C, F, H, W], got shape {tuple(latents.shape)}")
@@ -173,7 +180,7 @@ def training_loss(
         )
     if not 0.0 < min_sigma < max_sigma <= 1.0:
         raise ValueError(f"need 0 < min_sigma < max_sigma <= 1, got {min_sigma}, {max_sigma}")
-    prediction = getattr(adapter, "prediction", "flow") if weighting == "native" else weighting
+    prediction = native_prediction(adapter) if weighting == "native" else weighting
     if prediction not in WEIGHTINGS:
         raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
 
@@ -190,9 +197,9 @@ def training_loss(
     s5 = sigma[:, None, :, None, None]  # [B, 1, F, 1, 1]
     x = (1.0 - s5) * x0 + s5 * noise
 
-    x0_pred = adapter.denoise(x, sigma, cond).float()
+    x0_pred = (adapter.denoise if denoise is None else denoise)(x, sigma, cond).float()
     x0_mse = (x0_pred - x0).pow(2).mean(dim=(1, 3, 4))  # [B, F]
-    weight = loss_weights(prediction, sigma, float(getattr(adapter, "sigma_data", 1.0))).float()
+    weight = loss_weights(prediction, sigma, sigma_data(adapter)).float()
     per_frame = weight * x0_mse
     loss = per_frame.mean()
     info = {

@@ -64,11 +64,13 @@ def test_cache_training_matches_video_training_and_frees_the_text_encoder(tmp_pa
         assert cached.adapter.pipe.text_encoder is None  # freed: embeddings come from the cache
         prompt = cached.config.validation.prompt
         want = adapter.encode_prompt([prompt], [""], do_classifier_free_guidance=True)
-        got = cached.adapter.encode_prompt([prompt], [""], do_classifier_free_guidance=True)
+        # The validation prompt is encoded once into an explicit prompt source; the adapter is not patched.
+        assert "encode_prompt" not in cached.adapter.__dict__
+        got = cached.prompts([prompt], [""], do_classifier_free_guidance=True)
         for w, g in zip(want, got):
             torch.testing.assert_close(g["encoder_hidden_states"], w["encoder_hidden_states"])
         with pytest.raises(RuntimeError, match="data.cache_dir"):
-            cached.adapter.encode_prompt(["another prompt"], [""])
+            cached.prompts(["another prompt"], [""])
         from_cache = cached.train()
     finally:
         cached.close()
