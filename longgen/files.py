@@ -25,6 +25,8 @@ __all__ = [
     "chmod_umask",
     "default_file_mode",
     "remove_path",
+    "replace_dir",
+    "share_permissions",
     "temp_sibling",
     "write_json_atomic",
     "write_text_atomic",
@@ -116,14 +118,7 @@ def atomic_dir(final_dir: str | os.PathLike, overwrite: bool = True) -> Iterator
     try:
         yield tmp
         chmod_umask(tmp)
-        if os.path.isdir(final):
-            # A folder cannot be os.replace'd over a non-empty one: swap through a second name.
-            old = tmp + ".old"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            remove_path(old)
-        else:
-            os.replace(tmp, final)
+        replace_dir(tmp, final)  # a folder cannot be os.replace'd over a non-empty one: swap via a second name
     except BaseException:
         remove_path(tmp)
         raise
@@ -146,3 +141,31 @@ def write_json_atomic(path: str | os.PathLike, obj: Any, **dump_kwargs: Any) -> 
     with atomic_path(path) as tmp, open(tmp, "w") as fh:
         json.dump(obj, fh, **dump_kwargs)
     return os.fspath(path)
+
+
+def share_permissions(path: str | os.PathLike) -> None:
+    """:func:`chmod_umask` on ``path`` and, for a folder, everything below it (links left alone).
+
+    For folders written by other libraries before they are renamed into place: safetensors'
+    ``save_file`` (so diffusers' ``save_pretrained`` and Accelerate's checkpoints) leaves 0600 files.
+    """
+    path = os.fspath(path)
+    chmod_umask(path)
+    if os.path.isdir(path):
+        for root, dirs, files in os.walk(path):
+            for name in dirs + files:
+                full = os.path.join(root, name)
+                if not os.path.islink(full):
+                    chmod_umask(full)
+
+
+def replace_dir(tmp: str | os.PathLike, final: str | os.PathLike) -> None:
+    """Move a finished folder ``tmp`` into place at ``final``, replacing an older one (renames only)."""
+    tmp, final = os.fspath(tmp), os.fspath(final)
+    if os.path.isdir(final):
+        old = f"{final}.old-{os.getpid()}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        remove_path(old)
+    else:
+        os.replace(tmp, final)

@@ -100,7 +100,7 @@ def encode_conds(adapter, captions: list[str], video: torch.Tensor) -> dict[str,
     """Cond tensors ``[B, ...]`` for a batch: text (and the first frame for image-conditioned models)."""
     num_frames, height, width = video.shape[1:4]
     kwargs = dict(do_classifier_free_guidance=False, num_frames=num_frames, height=height, width=width)
-    if not getattr(adapter, "requires_image_condition", False):
+    if not adapter.requires_image_condition:
         return adapter.encode_prompt(captions, **kwargs)[0]
     # Image-conditioned pipelines take one conditioning image per call in general (Wan I2V): one sample each.
     conds = [
@@ -169,7 +169,7 @@ class CacheWriter:
     def write_null_cond(self, adapter, dropped: set[str]) -> None:
         """Store the empty prompt's cond (caption dropout / CFG training); a model without a text encoder
         (or an image-conditioned one) gets none."""
-        if getattr(adapter, "requires_image_condition", False):
+        if adapter.requires_image_condition:
             return
         try:
             null = _tensor_items(adapter.encode_prompt([""], do_classifier_free_guidance=False)[0], dropped)
@@ -250,7 +250,7 @@ def precompute_cache(
 
     if batch_size < 1 or shard_size < 1:
         raise ValueError(f"batch_size and shard_size must be >= 1, got {batch_size}, {shard_size}")
-    writer = CacheWriter(out_dir, family=getattr(adapter, "family", ""), shard_size=shard_size)
+    writer = CacheWriter(out_dir, family=adapter.family, shard_size=shard_size)
     dropped: set[str] = set()
     clip_shape: tuple[int, ...] = ()
     num_items = len(dataset)
@@ -394,6 +394,12 @@ def add_precompute_parser(sub) -> argparse.ArgumentParser:
         "--random-start", action="store_true", help="random clip start per video (seeded); default: start"
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the clip starts")
+    p.add_argument(
+        "--video-backend",
+        choices=["auto", "torchcodec", "decord", "pyav"],
+        default="auto",
+        help="video reader (auto: torchcodec where it loads, else decord)",
+    )
     p.add_argument("--batch-size", type=int, default=1, help="clips encoded per call")
     p.add_argument("--shard-size", type=int, default=64, help="samples per safetensors shard")
     p.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32", help="encoder dtype")
@@ -420,6 +426,7 @@ def cmd_precompute(args: argparse.Namespace) -> int:
         target_fps=args.target_fps,
         random_start=args.random_start,
         seed=args.seed,
+        video_backend=args.video_backend,
     )
     index_path = precompute_cache(
         adapter,

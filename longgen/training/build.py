@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 
+from ..backbones import MixtureOfExperts
 from ..dtypes import torch_dtype
-from .capabilities import expert_count, requires_image_condition
-from .config import ROPE_METHODS, Config, ConfigError
+from .config import Config, ConfigError
 from .denoiser import EncodedPrompts
 
 logger = logging.getLogger(__name__)
@@ -158,7 +158,7 @@ def build_adapter(config: Config, device):
         adapter = build_tiny(cfg.tiny, seed=cfg.tiny_seed)
         if cfg.dtype != "fp32":
             adapter.pipe.to(dtype=torch_dtype(cfg.dtype))
-    if expert_count(adapter) > 1:
+    if isinstance(adapter, MixtureOfExperts) and len(adapter.experts()) > 1:
         raise NotImplementedError(
             "training a two-expert model (Wan 2.2 A14B: transformer + transformer_2) is not supported: "
             "train one expert as its own single-transformer pipeline folder"
@@ -179,7 +179,7 @@ def release_text_encoders(adapter, config: Config, device) -> EncodedPrompts | N
     during training. Image-conditioned models keep their encoders (validation would need a new image).
     """
     pipe = adapter.pipe
-    if requires_image_condition(adapter):
+    if adapter.requires_image_condition:
         return None
     names = [n for n in TEXT_ENCODERS if isinstance(getattr(pipe, n, None), torch.nn.Module)]
     if not names:
@@ -217,30 +217,31 @@ class AppliedExtension:
 
 
 def apply_extension(adapter, config: Config, num_latent_frames: int) -> AppliedExtension | None:
-    """Apply ``extension.method`` before LoRA, so LoRA and the optimizer see the final model.
+    """Apply ``extension.method`` through the extension registry before LoRA, so LoRA and the optimizer see
+    the final model; applied in its training form (the spec's ``training_options``, e.g. RIFLEx ``finetune``).
 
-    The one place the trainer applies extensions (today's ``longgen.extend`` functions).
+    The one place the trainer applies extensions: what it records for inference is the registry's
+    ``handle.describe()`` (rebuilt by ``extension_from_metadata``), plus the two lengths at the top level.
     """
+    import dataclasses
+
+    from ..extend.registry import apply_extension as apply_registered
+    from ..extend.registry import get_extension
+
     ext = config.extension
     if ext.method is None:
         return None
-    from ..extend import apply_exvideo, apply_rope_extension
-
-    train_latent_frames = ext.train_latent_frames or adapter.num_latent_frames(adapter.native_video_size[0])
-    target = ext.target_latent_frames or num_latent_frames
-    info = {
-        "method": ext.method,
-        "train_latent_frames": train_latent_frames,
-        "target_latent_frames": target,
-        "options": ext.options,
-        "note": "apply this extension at inference too (longgen.extend)",
-    }
-    if ext.method in ROPE_METHODS:
-        handle = apply_rope_extension(adapter, ext.method, train_latent_frames, target, **ext.options)
-        return AppliedExtension(ext.method, handle, info)
-    options = {"train_latent_frames": train_latent_frames, **ext.options}
-    handle = apply_exvideo(adapter, target, set_trainable=True, **options)
-    return AppliedExtension(ext.method, handle, info, selects_parameters=True)
+    spec = get_extension(ext.method)
+    fields = {f.name for f in dataclasses.fields(spec.config_cls)}
+    lengths = {}
+    if "train_latent_frames" in fields:
+        native = adapter.num_latent_frames(adapter.native_video_size[0])
+        lengths["train_latent_frames"] = ext.train_latent_frames or native
+    if "target_latent_frames" in fields:
+        lengths["target_latent_frames"] = ext.target_latent_frames or num_latent_frames
+    handle = apply_registered(adapter, ext.method, {**ext.options, **lengths}, training=True)
+    info = {**handle.describe(), **lengths, "note": "longgen generate re-applies this extension (longgen.extend)"}
+    return AppliedExtension(ext.method, handle, info, selects_parameters=spec.trainable_parameters is not None)
 
 
 def _add_lora(adapter, config: Config) -> None:
@@ -391,11 +392,11 @@ def _synthetic_source(config: Config, accelerator, output_dir: str) -> str:
     return os.path.join(folder, "manifest.jsonl")
 
 
-def _cache_dataset(config: Config):
+def _cache_dataset(config: Config, family: str):
     from ..data.cache import LatentCacheDataset, collate_latents
 
     data = config.data
-    dataset = LatentCacheDataset(data.cache_dir)
+    dataset = LatentCacheDataset(data.cache_dir, family=family)  # a cache of another family: a clear error
     null_cond = None
     if data.caption_dropout > 0:
         null_cond = dataset.null_cond()
@@ -408,13 +409,13 @@ def _cache_dataset(config: Config):
     return dataset, collate_latents, null_cond
 
 
-def build_data(config: Config, accelerator, output_dir: str, dp_size: int):
+def build_data(config: Config, accelerator, output_dir: str, dp_size: int, family: str):
     """``(dataset, loader, null_cond)``: the latent cache or the videos, one DataLoader (not yet prepared)."""
     from torch.utils.data import DataLoader
 
     data = config.data
     if latent_cache_index(config) is not None:
-        dataset, collate, null_cond = _cache_dataset(config)
+        dataset, collate, null_cond = _cache_dataset(config, family)
     else:
         from ..data.video import VideoClipDataset, collate_clips
 
@@ -430,6 +431,7 @@ def build_data(config: Config, accelerator, output_dir: str, dp_size: int):
             target_fps=data.target_fps,
             random_start=data.random_start,
             seed=config.train.seed,
+            video_backend=data.video_backend,
         )
         collate, null_cond = collate_clips, None
     per_step = config.train.batch_size * dp_size

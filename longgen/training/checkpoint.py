@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .files import share_permissions
+from ..files import share_permissions
 
 logger = logging.getLogger(__name__)
 

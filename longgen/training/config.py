@@ -46,16 +46,14 @@ LR_SCHEDULES = (
     "cosine_with_restarts",
     "polynomial",
 )
-ROPE_METHODS = ("pi", "ntk", "yarn", "riflex")
-EXTENSION_METHODS = (*ROPE_METHODS, "exvideo")
 
 # Literal types of the choice keys (OmegaConf checks them; the tuples above stay the public lists).
 DType = Literal[DTYPES]
 MixedPrecision = Literal[MIXED_PRECISION]
 ReportTo = Literal[REPORT_TO]
 LRSchedule = Literal[LR_SCHEDULES]
-ExtensionMethod = Literal[EXTENSION_METHODS]
 ObjectiveMode = Literal[OBJECTIVE_MODES]
+VideoBackend = Literal["auto", "torchcodec", "decord", "pyav"]  # longgen.io.VIDEO_BACKENDS
 LossWeighting = Literal[LOSS_WEIGHTINGS]
 
 
@@ -135,6 +133,8 @@ class DataConfig:
     shuffle: bool = True
     caption_dropout: float = 0.0
     """Probability of training a clip with the empty caption (enables classifier-free guidance)."""
+    video_backend: VideoBackend = "auto"
+    """Video reader: auto (torchcodec where it loads, else decord), torchcodec, decord or pyav."""
     synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
 
     def __post_init__(self) -> None:
@@ -364,12 +364,26 @@ class ValidationConfig:
         _choice("validation.sampler", self.sampler, tuple(sampler_registry()))
 
 
+def training_extensions() -> list[str]:
+    """Registered extensions post-tuning can train with: those that extend positions to a target length."""
+    from ..extend.registry import extension_names, get_extension
+
+    return [name for name in extension_names() if get_extension(name).needs_target_frames]
+
+
+def _selects_parameters(method: str) -> bool:
+    from ..extend.registry import get_extension
+
+    return get_extension(method).trainable_parameters is not None
+
+
 @dataclass
 class ExtensionConfig:
     """Extension-aware post-tuning: a RoPE extension (train on longer clips) or ExVideo's trainable subset."""
 
-    method: ExtensionMethod | None = None
-    """null | pi | ntk | yarn | riflex (``longgen.extend.apply_rope_extension``) | exvideo."""
+    method: str | None = None
+    """null, or a registered extension that post-tuning trains with (``longgen.extend.registry``: those that
+    extend positions to a target length: pi, ntk, yarn, riflex, exvideo)."""
     train_latent_frames: int | None = None
     """The model's native length in latent frames (null: from the adapter's native clip)."""
     target_latent_frames: int | None = None
@@ -379,7 +393,7 @@ class ExtensionConfig:
 
     def __post_init__(self) -> None:
         if self.method is not None:
-            _choice("extension.method", self.method, EXTENSION_METHODS)
+            _choice("extension.method", self.method, training_extensions())
         for key in ("train_latent_frames", "target_latent_frames"):
             value = getattr(self, key)
             _check(value is None or value >= 1, f"extension.{key} must be >= 1 or null, got {value}")
@@ -411,10 +425,10 @@ class Config:
                 "train.trainable_patterns selects parameters for a full fine-tune; with LoRA the targets are "
                 "lora.target_modules. Set lora.enabled=false or drop train.trainable_patterns."
             )
-        if self.extension.method == "exvideo" and self.lora.enabled:
+        if self.extension.method is not None and self.lora.enabled and _selects_parameters(self.extension.method):
             raise ConfigError(
-                "ExVideo trains its new position tables, convolutions and the temporal blocks directly; set "
-                "lora.enabled=false"
+                f"extension {self.extension.method} trains its own parameters (ExVideo: new position tables, "
+                "convolutions and the temporal blocks) directly; set lora.enabled=false"
             )
         if self.ema.enabled and self.ema.update_after_step >= self.train.steps:
             raise ConfigError(

@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
+from ..files import replace_dir, share_permissions
 from .build import AppliedExtension, sharded
-from .files import replace_dir, share_permissions
 
 logger = logging.getLogger(__name__)
 

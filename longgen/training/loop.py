@@ -81,7 +81,7 @@ class Trainer:
             os.makedirs(self.output_dir, exist_ok=True)
             config.save(os.path.join(self.output_dir, "config.yaml"))
         self._build_model()
-        self.dataset, loader, null_cond = build.build_data(config, acc, self.output_dir, self.dp_size)
+        self.dataset, loader, null_cond = build.build_data(config, acc, self.output_dir, self.dp_size, self.adapter.family)
         self.method = get_method(
             config.objective.method, MethodContext(config, self.adapter, acc, self.dp_rank, null_cond)
         )

@@ -23,7 +23,6 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from .capabilities import vp_schedule
 from .denoiser import DenoiserModule
 from .objectives import sample_training_sigmas, training_loss
 
@@ -162,7 +161,7 @@ class DenoisingMethod:
             shift=obj.shift,
             generator=generator,
             device=ctx.accelerator.device,
-            schedule=vp_schedule(ctx.adapter),
+            schedule=ctx.adapter.schedule,  # VP models' discrete schedule (eps/v), None for flow models
         )
         loss, _ = training_loss(
             ctx.adapter,

@@ -40,8 +40,6 @@ import torch
 
 from ..plans import sample_independent_timesteps, sample_nondecreasing_timesteps
 from ..schedules import VPSchedule, shift_sigma
-from .capabilities import prediction as native_prediction
-from .capabilities import sigma_data
 
 __all__ = ["MODES", "WEIGHTINGS", "loss_weights", "sample_training_sigmas", "training_loss"]
 
@@ -180,7 +178,7 @@ def training_loss(
         )
     if not 0.0 < min_sigma < max_sigma <= 1.0:
         raise ValueError(f"need 0 < min_sigma < max_sigma <= 1, got {min_sigma}, {max_sigma}")
-    prediction = native_prediction(adapter) if weighting == "native" else weighting
+    prediction = adapter.prediction if weighting == "native" else weighting
     if prediction not in WEIGHTINGS:
         raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
 
@@ -199,7 +197,7 @@ def training_loss(
 
     x0_pred = (adapter.denoise if denoise is None else denoise)(x, sigma, cond).float()
     x0_mse = (x0_pred - x0).pow(2).mean(dim=(1, 3, 4))  # [B, F]
-    weight = loss_weights(prediction, sigma, sigma_data(adapter)).float()
+    weight = loss_weights(prediction, sigma, float(adapter.sigma_data)).float()
     per_frame = weight * x0_mse
     loss = per_frame.mean()
     info = {
