@@ -4,10 +4,12 @@ The pipeline (``LongVideoPipeline.apply_extension``), the CLI (``--extension`` a
 (which extension, its trainable parameters) and checkpoint metadata (``longgen_extension.json``) read this
 registry, so a new extension is one module with a config dataclass and one :func:`register_extension` call.
 
-Adding an extension: write ``longgen/extend/<name>.py`` with ``apply_<name>(adapter, ...)``, ``remove_<name>``,
-a frozen config dataclass (field ``metadata={"help": ...}``; a ``target_latent_frames`` field if it extends
-positions) and one ``register_extension(ExtensionSpec(...))`` at its end; add its import to
-``longgen/extend/__init__.py`` (one line) and its tests. The pipeline, the CLI flags (``--<name>-<field>``),
+Adding a built-in extension: write ``longgen/extend/<name>.py`` with ``apply_<name>(adapter, ...)``,
+``remove_<name>``; put its frozen config dataclass (field ``metadata={"help": ...}``; a ``target_latent_frames``
+field if it extends positions) in the torch-free :mod:`longgen.extend.configs`, and one
+``register_extension(ExtensionSpec(...))`` with ``"longgen.extend.<name>:function"`` strings in
+:mod:`longgen.extend.builtin` (so the CLI parser imports no torch); add its tests. Third-party code registers
+an ``ExtensionSpec`` with real callables. The pipeline, the CLI flags (``--<name>-<field>``),
 the metadata round trip and the training config read the registry. If it needs something of the model, read
 it through a capability type of :mod:`longgen.backbones.capabilities` (``isinstance``), never a family name.
 """
