@@ -36,6 +36,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 from torch import nn
 
 from ..backbones.capabilities import ExVideoSites
+from .configs import ExVideoConfig
 from .hooks import WINDOW_FUSION_HOOK, has_hook
 
 if TYPE_CHECKING:
@@ -488,17 +489,6 @@ def remove_exvideo(adapter: BackboneAdapter) -> None:
             param.requires_grad_(state.requires_grad_before[name])
 
 
-@dataclass(frozen=True)
-class ExVideoConfig:
-    """ExVideo (Duan et al. 2024) options of the registry entry (see :func:`apply_exvideo`)."""
-
-    target_latent_frames: int = field(metadata={"help": "frames the extended position table covers (latent)"})
-    train_latent_frames: int | None = field(default=None, metadata={"help": "trained length (latent frames)"})
-    repeat_length: int | None = field(default=None, metadata={"help": "period of the reflected positions"})
-    positional_conv: bool = field(default=True, metadata={"help": "add the identity-initialised Conv3d"})
-    set_trainable: bool = field(default=False, metadata={"help": "freeze all but ExVideo's parameters (training)", "cli": False})
-
-
 def _apply_from_config(adapter: BackboneAdapter, config: ExVideoConfig) -> ExVideoState:
     return apply_exvideo(
         adapter,
@@ -508,24 +498,3 @@ def _apply_from_config(adapter: BackboneAdapter, config: ExVideoConfig) -> ExVid
         positional_conv=config.positional_conv,
         set_trainable=config.set_trainable,
     )
-
-
-def _register() -> None:
-    from .registry import ExtensionSpec, register_extension
-
-    register_extension(
-        ExtensionSpec(
-            name="exvideo",
-            config_cls=ExVideoConfig,
-            apply=_apply_from_config,
-            remove=remove_exvideo,
-            description="ExVideo positional extension to --target-frames (UNets: AnimateDiff, SVD)",
-            needs_target_frames=True,
-            sets_window=True,
-            trainable_parameters=exvideo_trainable_parameters,
-            training_options=(("set_trainable", True),),
-        )
-    )
-
-
-_register()

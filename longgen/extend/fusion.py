@@ -38,7 +38,7 @@ Departure: FreeNoise's temporal attention has no text tokens; the uniform mean k
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -46,6 +46,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 
 from ..backbones.capabilities import FrameAttention, WindowAttention
 from ..windows import fuse_window_outputs, fuse_windows, pyramid_weights, window_starts
+from .configs import WindowFusionOptions
 from .dit_attention import (
     DiTAttentionSite,
     DiTWindowHook,
@@ -231,27 +232,6 @@ def remove_window_fusion(adapter: BackboneAdapter) -> None:
         adapter.position_window = None
 
 
-@dataclass(frozen=True)
-class WindowFusionOptions:
-    """Options of the ``fusion`` registry entry (None: from the native clip, see :func:`apply_window_fusion`)."""
-
-    window: int | None = field(default=None, metadata={"help": "window in latent frames (default: native clip)"})
-    stride: int | None = field(default=None, metadata={"help": "stride in latent frames (default: window // 4)"})
-
-
-def _register() -> None:
-    from .registry import ExtensionSpec, register_extension
-
-    register_extension(
-        ExtensionSpec(
-            name="fusion",
-            config_cls=WindowFusionOptions,
-            apply=lambda adapter, options: apply_window_fusion(adapter, **dataclasses.asdict(options)),
-            remove=remove_window_fusion,
-            description="FreeNoise window fusion: temporal attention in windows of the native length, the whole "
-            "clip at once (AnimateDiff, SVD; DiTs: video self-attention windowed per latent frame)",
-        )
-    )
-
-
-_register()
+def _apply_from_options(adapter: BackboneAdapter, options: WindowFusionOptions) -> WindowFusionConfig:
+    """The ``apply`` of the registry entry (:mod:`longgen.extend.builtin`)."""
+    return apply_window_fusion(adapter, **dataclasses.asdict(options))

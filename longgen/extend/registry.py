@@ -4,10 +4,12 @@ The pipeline (``LongVideoPipeline.apply_extension``), the CLI (``--extension`` a
 (which extension, its trainable parameters) and checkpoint metadata (``longgen_extension.json``) read this
 registry, so a new extension is one module with a config dataclass and one :func:`register_extension` call.
 
-Adding an extension: write ``longgen/extend/<name>.py`` with ``apply_<name>(adapter, ...)``, ``remove_<name>``,
-a frozen config dataclass (field ``metadata={"help": ...}``; a ``target_latent_frames`` field if it extends
-positions) and one ``register_extension(ExtensionSpec(...))`` at its end; add its import to
-``longgen/extend/__init__.py`` (one line) and its tests. The pipeline, the CLI flags (``--<name>-<field>``),
+Adding a built-in extension: write ``longgen/extend/<name>.py`` with ``apply_<name>(adapter, ...)``,
+``remove_<name>``; put its frozen config dataclass (field ``metadata={"help": ...}``; a ``target_latent_frames``
+field if it extends positions) in the torch-free :mod:`longgen.extend.configs`, and one
+``register_extension(ExtensionSpec(...))`` with ``"longgen.extend.<name>:function"`` strings in
+:mod:`longgen.extend.builtin` (so the CLI parser imports no torch); add its tests. Third-party code registers
+an ``ExtensionSpec`` with real callables. The pipeline, the CLI flags (``--<name>-<field>``),
 the metadata round trip and the training config read the registry. If it needs something of the model, read
 it through a capability type of :mod:`longgen.backbones.capabilities` (``isinstance``), never a family name.
 """
@@ -24,6 +26,7 @@ from typing import Any
 __all__ = [
     "ExtensionHandle",
     "ExtensionSpec",
+    "LazyFunction",
     "apply_extension",
     "extension_from_metadata",
     "extension_names",
@@ -48,17 +51,59 @@ class ExtensionSpec:
     * ``trainable_parameters(adapter)``: the parameters post-tuning trains (ExVideo), None for "the model's";
     * ``training_options``: config values training applies it with (ExVideo ``set_trainable``, RIFLEx
       ``finetune``); they are stored in the checkpoint metadata, so inference reapplies the trained form.
+
+    ``apply``, ``remove`` and ``trainable_parameters`` may also be ``"module:function"`` strings, imported on
+    first call (the built-ins do this, :mod:`longgen.extend.builtin`, so the CLI parser needs no torch); the
+    spec holds them as callables either way.
     """
 
     name: str
     config_cls: type
-    apply: Callable[[Any, Any], Any]
-    remove: Callable[[Any], Any]
+    apply: Callable[[Any, Any], Any] | str
+    remove: Callable[[Any], Any] | str
     description: str
     needs_target_frames: bool = False
     sets_window: bool = False
-    trainable_parameters: Callable[[Any], list] | None = None
+    trainable_parameters: Callable[[Any], list] | str | None = None
     training_options: tuple[tuple[str, Any], ...] = ()
+
+    def __post_init__(self) -> None:
+        for name in ("apply", "remove", "trainable_parameters"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                object.__setattr__(self, name, LazyFunction(value))
+            elif value is not None and not callable(value):
+                raise TypeError(f"extension {self.name!r}: {name} must be callable or 'module:function', got {value!r}")
+
+
+class LazyFunction:
+    """A ``"module:function"`` reference that imports the function on its first call (torch-free until then)."""
+
+    def __init__(self, target: str):
+        module, sep, attr = target.partition(":")
+        if not (module and sep and attr):
+            raise ValueError(f"a lazy function is named 'module:function', got {target!r}")
+        self.target = target
+        self._fn: Callable[..., Any] | None = None
+
+    def resolve(self) -> Callable[..., Any]:
+        """The function itself (imported now if not yet)."""
+        if self._fn is None:
+            module, _, attr = self.target.partition(":")
+            self._fn = getattr(importlib.import_module(module), attr)
+        return self._fn
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.resolve()(*args, **kwargs)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, LazyFunction) and other.target == self.target
+
+    def __hash__(self) -> int:
+        return hash(self.target)
+
+    def __repr__(self) -> str:
+        return f"LazyFunction({self.target!r})"
 
 
 _REGISTRY: dict[str, ExtensionSpec] = {}
@@ -75,7 +120,7 @@ def register_extension(spec: ExtensionSpec) -> ExtensionSpec:
 
 
 def _load_builtins() -> None:
-    importlib.import_module("longgen.extend")  # its modules register the built-in extensions
+    importlib.import_module("longgen.extend.builtin")  # registers the built-in extensions (torch-free)
 
 
 def extension_names() -> list[str]:

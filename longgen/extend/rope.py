@@ -48,6 +48,14 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
 from ..backbones.capabilities import TemporalRope, TemporalRopeScale
+from .configs import (
+    ROPE_METHODS,
+    YARN_BETA_FAST,
+    YARN_BETA_SLOW,
+    RiflexConfig,
+    RopeExtensionConfig,
+    YarnConfig,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -76,19 +84,6 @@ __all__ = [
     "yarn_frequencies",
     "yarn_ramp",
 ]
-
-ROPE_METHODS = ("pi", "ntk", "yarn", "riflex")
-
-YARN_BETA_FAST = 2.0
-"""YaRN's beta (``beta_fast``) for video: components that turn at least twice over the native clip keep
-their frequency (pure extrapolation). The paper's text defaults (beta=32, alpha=1) assume thousands of
-positions; with 13-33 latent frames even the fastest temporal component turns only ``L / 2 pi`` = 2-5
-times (CogVideoX 13 -> 2.1, Wan 21 -> 3.3, HunyuanVideo 33 -> 5.3), so beta=32 would make YaRN plain PI.
-With beta=2 the fastest one or two components (frame-to-frame order) are kept, the ramp covers the
-components that turn once or twice, and slower ones are interpolated."""
-YARN_BETA_SLOW = 1.0
-"""YaRN's alpha (``beta_slow``): components that complete less than one turn over the native clip never
-saw their angle wrap and are fully interpolated (the paper's value)."""
 
 YARN_TEMPERATURE_HOOK = "longgen_rope_yarn_temperature"
 """Name of the hooks that scale attention queries by YaRN's temperature."""
@@ -630,36 +625,6 @@ def print_rope_info(info: dict[str, Any]) -> None:
 # ----------------------------------------------------------------------------------------------------
 # Registry entries: pi, ntk, yarn, riflex
 # ----------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class RopeExtensionConfig:
-    """Temporal RoPE extension (PI, NTK): from ``train_latent_frames`` (None: the native clip) to the target."""
-
-    target_latent_frames: int = field(metadata={"help": "length the model sees in one window (latent frames)"})
-    train_latent_frames: int | None = field(default=None, metadata={"help": "native length (latent frames)"})
-
-
-@dataclass(frozen=True)
-class YarnConfig(RopeExtensionConfig):
-    """YaRN (Peng et al. 2024): ramp between extrapolated and interpolated components, attention temperature."""
-
-    beta_fast: float = field(default=YARN_BETA_FAST, metadata={"help": "turns over the native clip above which "
-                             "a component keeps its frequency"})
-    beta_slow: float = field(default=YARN_BETA_SLOW, metadata={"help": "turns below which it is interpolated"})
-    attention_temperature: float | None = field(default=None, metadata={"help": "logit multiplier (default "
-                                                "(0.1 ln s + 1)^2)"})
-
-
-@dataclass(frozen=True)
-class RiflexConfig(RopeExtensionConfig):
-    """RIFLEx (Zhao et al. 2025): lower the intrinsic component's frequency to keep the target in one period."""
-
-    k: int | None = field(default=None, metadata={"help": "intrinsic component, 1-based (default: identified)"})
-    repetition_frame: int | None = field(default=None, metadata={"help": "latent frame where extrapolated videos "
-                                         "first repeat (identifies k)"})
-    finetune: bool = field(default=False, metadata={"help": "the model was fine-tuned with RIFLEx: change RoPE "
-                           "even when the target fits the intrinsic period"})
-
-
 def _rope_apply(method: str):
     def apply(adapter, config: RopeExtensionConfig) -> RopeExtension:
         options = {
@@ -675,30 +640,8 @@ def _rope_apply(method: str):
     return apply
 
 
-def _register_rope_extensions() -> None:
-    from .registry import ExtensionSpec, register_extension
-
-    configs = {"pi": RopeExtensionConfig, "ntk": RopeExtensionConfig, "yarn": YarnConfig, "riflex": RiflexConfig}
-    descriptions = {
-        "pi": "positional interpolation of the temporal RoPE to --target-frames (3D-RoPE DiTs; LTX: only pi)",
-        "ntk": "NTK-aware temporal RoPE base scaling to --target-frames (3D-RoPE DiTs)",
-        "yarn": "YaRN temporal RoPE extension to --target-frames (3D-RoPE DiTs)",
-        "riflex": "RIFLEx: lower the intrinsic temporal frequency, ~2x length training-free (3D-RoPE DiTs)",
-    }
-    for method in ROPE_METHODS:
-        register_extension(
-            ExtensionSpec(
-                name=method,
-                config_cls=configs[method],
-                apply=_rope_apply(method),
-                remove=remove_rope_extension,
-                description=descriptions[method],
-                needs_target_frames=True,
-                sets_window=True,
-                # a model post-tuned with RIFLEx learned the lowered frequency at every length
-                training_options=(("finetune", True),) if method == "riflex" else (),
-            )
-        )
-
-
-_register_rope_extensions()
+# the registry entries (longgen.extend.builtin) name these by "module:function", imported on first use
+_apply_pi = _rope_apply("pi")
+_apply_ntk = _rope_apply("ntk")
+_apply_yarn = _rope_apply("yarn")
+_apply_riflex = _rope_apply("riflex")

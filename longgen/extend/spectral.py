@@ -57,7 +57,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -65,6 +65,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 from torch import nn
 
 from ..backbones.capabilities import WindowAttention
+from .configs import SpectralBlendOptions
 from .dit_attention import (
     DiTAttentionSite,
     DiTWindowHook,
@@ -392,30 +393,6 @@ def has_spectral_blend(adapter: BackboneAdapter) -> bool:
     return has_hook(adapter, SPECTRAL_BLEND_HOOK)
 
 
-@dataclass(frozen=True)
-class SpectralBlendOptions:
-    """Options of the ``spectral`` registry entry (see :func:`apply_spectral_blend`)."""
-
-    local_window: int | None = field(default=None, metadata={"help": "local window, latent frames (default: "
-                                     "native clip)"})
-    spatial_stop_frequency: float = field(default=0.25, metadata={"help": "Gaussian low-pass d_s"})
-    temporal_stop_frequency: float = field(default=0.25, metadata={"help": "Gaussian low-pass d_t"})
-    local_stride: int | None = field(default=None, metadata={"help": "DiTs: stride of the local windows"})
-
-
-def _register() -> None:
-    from .registry import ExtensionSpec, register_extension
-
-    register_extension(
-        ExtensionSpec(
-            name="spectral",
-            config_cls=SpectralBlendOptions,
-            apply=lambda adapter, options: apply_spectral_blend(adapter, **dataclasses.asdict(options)),
-            remove=remove_spectral_blend,
-            description="FreeLong SpectralBlend: global and windowed temporal attention blended in frequency "
-            "(AnimateDiff, SVD; DiTs: video self-attention)",
-        )
-    )
-
-
-_register()
+def _apply_from_options(adapter: BackboneAdapter, options: SpectralBlendOptions) -> SpectralBlendConfig:
+    """The ``apply`` of the registry entry (:mod:`longgen.extend.builtin`)."""
+    return apply_spectral_blend(adapter, **dataclasses.asdict(options))

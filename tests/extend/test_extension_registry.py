@@ -5,6 +5,8 @@ import dataclasses
 import json
 import pathlib
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -31,6 +33,22 @@ def _denoise(adapter, cond, frames):
     x = torch.randn(1, adapter.latent_channels, frames, h, w, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         return adapter.denoise(x, torch.linspace(0.9, 0.4, frames)[None], cond)
+
+
+def test_the_registry_imports_no_torch_until_an_extension_is_applied():
+    code = (
+        "import sys\nfrom longgen.extend.registry import extension_names, extension_option_fields\n"
+        "assert extension_names()[0] == 'pi' and extension_option_fields('exvideo')\n"
+        "bad = [m for m in ('torch', 'diffusers', 'peft') if m in sys.modules]\nassert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+    from longgen.extend.exvideo import exvideo_trainable_parameters
+    from longgen.extend.rope import remove_rope_extension
+
+    assert get_extension("exvideo").trainable_parameters.resolve() is exvideo_trainable_parameters
+    assert get_extension("riflex").remove.resolve() is remove_rope_extension
+    with pytest.raises(ValueError, match="'module:function'"):
+        ExtensionSpec("bad", get_extension("pi").config_cls, "no_colon", "m:f", "bad")
 
 
 def test_names_specs_and_unknown_names():

@@ -1,0 +1,100 @@
+"""The option dataclasses of the built-in extensions (torch-free: the CLI builds its flags from them).
+
+Each dataclass is the one place an extension option's name, default and help live; the extension modules
+(:mod:`longgen.extend.rope`, :mod:`~longgen.extend.fusion`, :mod:`~longgen.extend.spectral`,
+:mod:`~longgen.extend.exvideo`) re-export them, and :mod:`longgen.extend.builtin` registers them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+__all__ = [
+    "ROPE_METHODS",
+    "YARN_BETA_FAST",
+    "YARN_BETA_SLOW",
+    "ExVideoConfig",
+    "RiflexConfig",
+    "RopeExtensionConfig",
+    "SpectralBlendOptions",
+    "WindowFusionOptions",
+    "YarnConfig",
+]
+
+ROPE_METHODS = ("pi", "ntk", "yarn", "riflex")
+
+YARN_BETA_FAST = 2.0
+"""YaRN's beta (``beta_fast``) for video: components that turn at least twice over the native clip keep
+their frequency (pure extrapolation). The paper's text defaults (beta=32, alpha=1) assume thousands of
+positions; with 13-33 latent frames even the fastest temporal component turns only ``L / 2 pi`` = 2-5
+times (CogVideoX 13 -> 2.1, Wan 21 -> 3.3, HunyuanVideo 33 -> 5.3), so beta=32 would make YaRN plain PI.
+With beta=2 the fastest one or two components (frame-to-frame order) are kept, the ramp covers the
+components that turn once or twice, and slower ones are interpolated."""
+YARN_BETA_SLOW = 1.0
+"""YaRN's alpha (``beta_slow``): components that complete less than one turn over the native clip never
+saw their angle wrap and are fully interpolated (the paper's value)."""
+
+
+# --- RoPE: pi, ntk, yarn, riflex (longgen.extend.rope) --------------------------------------------
+@dataclass(frozen=True)
+class RopeExtensionConfig:
+    """Temporal RoPE extension (PI, NTK): from ``train_latent_frames`` (None: the native clip) to the target."""
+
+    target_latent_frames: int = field(metadata={"help": "length the model sees in one window (latent frames)"})
+    train_latent_frames: int | None = field(default=None, metadata={"help": "native length (latent frames)"})
+
+
+@dataclass(frozen=True)
+class YarnConfig(RopeExtensionConfig):
+    """YaRN (Peng et al. 2024): ramp between extrapolated and interpolated components, attention temperature."""
+
+    beta_fast: float = field(default=YARN_BETA_FAST, metadata={"help": "turns over the native clip above which "
+                             "a component keeps its frequency"})
+    beta_slow: float = field(default=YARN_BETA_SLOW, metadata={"help": "turns below which it is interpolated"})
+    attention_temperature: float | None = field(default=None, metadata={"help": "logit multiplier (default "
+                                                "(0.1 ln s + 1)^2)"})
+
+
+@dataclass(frozen=True)
+class RiflexConfig(RopeExtensionConfig):
+    """RIFLEx (Zhao et al. 2025): lower the intrinsic component's frequency to keep the target in one period."""
+
+    k: int | None = field(default=None, metadata={"help": "intrinsic component, 1-based (default: identified)"})
+    repetition_frame: int | None = field(default=None, metadata={"help": "latent frame where extrapolated videos "
+                                         "first repeat (identifies k)"})
+    finetune: bool = field(default=False, metadata={"help": "the model was fine-tuned with RIFLEx: change RoPE "
+                           "even when the target fits the intrinsic period"})
+
+
+# --- FreeNoise window fusion (longgen.extend.fusion) -----------------------------------------------
+@dataclass(frozen=True)
+class WindowFusionOptions:
+    """Options of the ``fusion`` registry entry (None: from the native clip, see
+    :func:`~longgen.extend.fusion.apply_window_fusion`)."""
+
+    window: int | None = field(default=None, metadata={"help": "window in latent frames (default: native clip)"})
+    stride: int | None = field(default=None, metadata={"help": "stride in latent frames (default: window // 4)"})
+
+
+# --- FreeLong SpectralBlend (longgen.extend.spectral) ----------------------------------------------
+@dataclass(frozen=True)
+class SpectralBlendOptions:
+    """Options of the ``spectral`` registry entry (see :func:`~longgen.extend.spectral.apply_spectral_blend`)."""
+
+    local_window: int | None = field(default=None, metadata={"help": "local window, latent frames (default: "
+                                     "native clip)"})
+    spatial_stop_frequency: float = field(default=0.25, metadata={"help": "Gaussian low-pass d_s"})
+    temporal_stop_frequency: float = field(default=0.25, metadata={"help": "Gaussian low-pass d_t"})
+    local_stride: int | None = field(default=None, metadata={"help": "DiTs: stride of the local windows"})
+
+
+# --- ExVideo (longgen.extend.exvideo) -------------------------------------------------------------
+@dataclass(frozen=True)
+class ExVideoConfig:
+    """ExVideo (Duan et al. 2024) options of the registry entry (see :func:`~longgen.extend.exvideo.apply_exvideo`)."""
+
+    target_latent_frames: int = field(metadata={"help": "frames the extended position table covers (latent)"})
+    train_latent_frames: int | None = field(default=None, metadata={"help": "trained length (latent frames)"})
+    repeat_length: int | None = field(default=None, metadata={"help": "period of the reflected positions"})
+    positional_conv: bool = field(default=True, metadata={"help": "add the identity-initialised Conv3d"})
+    set_trainable: bool = field(default=False, metadata={"help": "freeze all but ExVideo's parameters (training)", "cli": False})
