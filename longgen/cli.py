@@ -497,6 +497,19 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         else:
             sub.add_parser(name, help=text)
 
+    from .convert import add_convert_arguments, run_convert  # torch-free until it runs
+
+    p = sub.add_parser(
+        "convert",
+        help="convert a causal Wan checkpoint in the original layout (Self-Forcing, CausVid, LongLive) to diffusers",
+        description="Map an original-layout Wan state dict (.pt read tensors-only, or .safetensors; entries "
+        "generator / generator_ema / critic) to a diffusers WanTransformer3DModel folder plus longgen_causal.json "
+        "with the causal settings of its preset; optionally a LoRA (converted or merged).",
+        formatter_class=HelpFormatter,
+    )
+    add_convert_arguments(p)
+    p.set_defaults(func=run_convert)
+
     p = sub.add_parser("info", help="print what longgen knows about a model folder (adapter, shapes, layers)")
     p.add_argument("--model", required=True, help="local diffusers pipeline folder")
     p.set_defaults(func=cmd_info)

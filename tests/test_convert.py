@@ -451,3 +451,20 @@ def test_i2v_and_flf2v_keys_roundtrip():
     assert "blocks.0.cross_attn.k_img.weight" in originals and "img_emb.emb_pos" in originals
     assert "img_emb.proj.4.bias" in originals
     assert [original_key_to_diffusers(k) for k in originals] == keys
+
+
+def test_longgen_convert_command(tmp_path, capsys):
+    """`longgen convert` end to end from the CLI entry point; a bad file is a message, not a traceback."""
+    from longgen.cli import main
+
+    model = tiny_model(12)
+    src = release(tmp_path, model, model)
+    out = tmp_path / "from_cli"
+    assert main(["convert", str(src), "--out", str(out), "--head-dim", "8", "--preset", "longlive"]) == 0
+    assert (out / "config.json").exists() and (out / CAUSAL_CONFIG_NAME).exists()
+    assert json.loads((out / CAUSAL_CONFIG_NAME).read_text())["sink_size"] == 3
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+    assert main(["convert", str(junk), "--out", str(tmp_path / "x")]) == 2
+    assert "longgen convert: error:" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
