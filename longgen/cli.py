@@ -186,21 +186,15 @@ def load_generate_config(path: str, sub: argparse.ArgumentParser) -> dict:
     """
     import difflib
 
-    import yaml
-    from omegaconf import DictConfig, OmegaConf
+    from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    try:
-        cfg = OmegaConf.load(path)
-        values = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark is not None else path
-        raise ValueError(f"{where}: not valid YAML: {getattr(err, 'problem', None) or err}") from None
+    from .configfile import read_yaml
+
+    try:  # OmegaConf resolves ${...} interpolations between keys, as in training recipes
+        values = OmegaConf.to_container(OmegaConf.create(read_yaml(path, what="generate config")), resolve=True)
     except OmegaConfBaseException as err:
         raise ValueError(f"{path}: {err}") from None
-    if not isinstance(values, dict):
-        raise ValueError(f"{path}: a generate config is a mapping of option: value, got {type(values).__name__}")
     actions = {a.dest: a for a in sub._actions if a.dest not in ("help", "config")}
     defaults = {}
     for key, value in values.items():

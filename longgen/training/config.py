@@ -638,25 +638,12 @@ def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> dict[s
 
 def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
     """A recipe file as a mapping; a YAML syntax error is a :class:`ConfigError` with file and line."""
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"config file {path!r} does not exist (see configs/ for recipes)")
-    with open(path) as fh:
-        try:
-            data = yaml.safe_load(fh)
-        except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-            raise ConfigError(
-                f"{path} is not valid YAML{where}: {problem}; fix the recipe (indent keys with spaces, "
-                "one 'key: value' per line)"
-            ) from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: a config is a mapping of sections (model:, data:, train:, ...)")
-    return data
+    from ..configfile import read_yaml as read_mapping
+
+    try:
+        return read_mapping(path, what="training recipe", error=ConfigError)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"config file {os.fspath(path)!r} does not exist (see configs/ for recipes)") from None
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> Config:

@@ -63,7 +63,7 @@ def _train_main():
 def test_yaml_syntax_error_is_a_message_with_the_line(tmp_path, capsys):
     recipe = tmp_path / "broken.yaml"
     recipe.write_text("train:\n  steps: 3\n lora: [\n")
-    with pytest.raises(ConfigError, match=r"broken\.yaml is not valid YAML at line \d+"):
+    with pytest.raises(ConfigError, match=r"broken\.yaml:\d+:\d+: not valid YAML"):
         load_config(recipe)
     assert _train_main().main(["--config", str(recipe)], clean_errors=True) == 2
     err = capsys.readouterr().err
