@@ -9,44 +9,13 @@ import os
 import stat
 
 import pytest
+from tiny_runs import run_trainer as _run
+from tiny_runs import tiny_lora_config
 
 from longgen.training.config import ConfigError, load_config
 from longgen.training.loop import Trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-@pytest.fixture(scope="module")
-def clips(tmp_path_factory) -> str:
-    from longgen.data.synthetic import write_synthetic_dataset
-
-    return write_synthetic_dataset(
-        tmp_path_factory.mktemp("clips"), num_videos=4, num_frames=13, height=32, width=32
-    )
-
-
-def _config(tmp_path, clips, *overrides):
-    return load_config(
-        None,
-        [
-            f"data.source={clips}",
-            "data.num_frames=9",
-            f"train.output_dir={tmp_path}",
-            "train.batch_size=2",
-            "train.steps=2",
-            "lora.rank=4",
-            "optim.lr=1e-2",
-            *overrides,
-        ],
-    )
-
-
-def _run(config):
-    trainer = Trainer(config)
-    try:
-        return trainer, trainer.train()
-    finally:
-        trainer.close()
 
 
 def _train_main():
@@ -58,6 +27,10 @@ def _train_main():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _config(tmp_path, clips, *overrides):
+    return tiny_lora_config(tmp_path, clips, *overrides)
 
 
 def test_yaml_syntax_error_is_a_message_with_the_line(tmp_path, capsys):

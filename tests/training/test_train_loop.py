@@ -7,44 +7,14 @@ import os
 
 import pytest
 import torch
+from tiny_runs import run_trainer as _run
+from tiny_runs import tiny_lora_config
 
-from longgen.training.config import load_config
 from longgen.training.loop import Trainer
 
 
-@pytest.fixture(scope="module")
-def clips(tmp_path_factory) -> str:
-    from longgen.data.synthetic import write_synthetic_dataset
-
-    return write_synthetic_dataset(
-        tmp_path_factory.mktemp("clips"), num_videos=4, num_frames=13, height=32, width=32
-    )
-
-
 def _config(tmp_path, clips, *overrides):
-    return load_config(
-        None,
-        [
-            f"data.source={clips}",
-            "data.num_frames=9",
-            f"train.output_dir={tmp_path}",
-            "train.batch_size=2",
-            "train.steps=2",
-            "lora.rank=4",
-            "optim.lr=1e-2",
-            "optim.warmup_steps=0",
-            *overrides,
-        ],
-    )
-
-
-def _run(config):
-    trainer = Trainer(config)
-    try:
-        result = trainer.train()
-    finally:
-        trainer.close()
-    return trainer, result
+    return tiny_lora_config(tmp_path, clips, "optim.warmup_steps=0", *overrides)
 
 
 def test_loss_decreases_on_a_fixed_batch(tmp_path, clips):
