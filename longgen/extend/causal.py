@@ -46,7 +46,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..backbones.causal_attention import CausalAttentionSpec, causal_attention_spec
-from .dit_attention import DiTAttentionSite, DiTWindowHook, denoiser_models, register_dit_window_hooks, remove_hooks
+from .dit_attention import (
+    DiTAttentionSite,
+    DiTWindowHook,
+    denoiser_models,
+    register_dit_window_hooks,
+    remove_hooks,
+)
 
 if TYPE_CHECKING:
     from ..backbones.base import BackboneAdapter
@@ -69,7 +75,8 @@ class BlockCausalConfig:
     """Knobs of block-causal attention (CLI flags in the help texts)."""
 
     chunk_size: int = field(
-        default=3, metadata={"help": "--chunk-size: latent frames per causal chunk (1 = frame-causal; Self-Forcing 3)"}
+        default=3,
+        metadata={"help": "--chunk-size: latent frames per causal chunk (1 = frame-causal; Self-Forcing 3)"},
     )
     local_attn_size: int = field(
         default=-1,
@@ -80,7 +87,9 @@ class BlockCausalConfig:
     )
     sink_size: int = field(
         default=0,
-        metadata={"help": "--sink-size: first latent frames of the clip every chunk keeps attending to (LongLive 3)"},
+        metadata={
+            "help": "--sink-size: first latent frames of the clip every chunk keeps attending to (LongLive 3)"
+        },
     )
     rope_positions: str = field(
         default="absolute",
@@ -151,7 +160,9 @@ def block_causal_mask(
     ends = (frames // config.chunk_size + 1) * config.chunk_size  # [F] end of each query frame's chunk
     seen = frames[None, :] < ends[:, None]
     if config.recent_frames is not None:
-        seen &= (frames[None, :] < config.sink_size) | (frames[None, :] >= ends[:, None] - config.recent_frames)
+        seen &= (frames[None, :] < config.sink_size) | (
+            frames[None, :] >= ends[:, None] - config.recent_frames
+        )
     return seen.repeat_interleave(tokens_per_frame, 0).repeat_interleave(tokens_per_frame, 1)
 
 
@@ -210,9 +221,13 @@ class KVCache:
 
     def num_bytes(self) -> int:
         """Memory held by the cached keys and values."""
-        return sum(k.numel() * k.element_size() * 2 for layer in self.layers.values() for k, _ in layer.values())
+        return sum(
+            k.numel() * k.element_size() * 2 for layer in self.layers.values() for k, _ in layer.values()
+        )
 
-    def store(self, name: str, first_frame: int, k: torch.Tensor, v: torch.Tensor, tokens_per_frame: int) -> None:
+    def store(
+        self, name: str, first_frame: int, k: torch.Tensor, v: torch.Tensor, tokens_per_frame: int
+    ) -> None:
         """Cache the frames of one write call of layer ``name`` and evict what no later chunk can see."""
         layer = self.layers.setdefault(name, {})
         for i in range(k.shape[1] // tokens_per_frame):
@@ -227,7 +242,9 @@ class KVCache:
 class _BlockCausalHook(DiTWindowHook):
     """Block-causal (and streaming KV-cache) attention on one video self-attention layer."""
 
-    def __init__(self, site: DiTAttentionSite, model: torch.nn.Module, spec: CausalAttentionSpec, cache: KVCache):
+    def __init__(
+        self, site: DiTAttentionSite, model: torch.nn.Module, spec: CausalAttentionSpec, cache: KVCache
+    ):
         super().__init__(site, "block-causal attention")
         self.model = model
         self.spec = spec
@@ -281,7 +298,9 @@ class _BlockCausalHook(DiTWindowHook):
         while a < start + f:
             b = min(config.chunk_end(a), start + f)
             own = torch.arange(start, b)
-            key_frames = torch.cat([cached_frames[config.visible(cached_frames, b)], own[config.visible(own, b)]])
+            key_frames = torch.cat(
+                [cached_frames[config.visible(cached_frames, b)], own[config.visible(own, b)]]
+            )
             keys, values = [], []
             for frame in key_frames.tolist():
                 if frame < start:
@@ -296,7 +315,9 @@ class _BlockCausalHook(DiTWindowHook):
                 key_pos = torch.arange(key_frames.numel())
                 query_pos = key_pos[key_pos.numel() - (b - a) :]
             rope = self.cache.rope_table
-            qa = spec.apply_rope(q[:, (a - start) * hw : (b - start) * hw], rope(spec, self.model, query_pos, h, w))
+            qa = spec.apply_rope(
+                q[:, (a - start) * hw : (b - start) * hw], rope(spec, self.model, query_pos, h, w)
+            )
             ka = spec.apply_rope(torch.cat(keys, dim=1), rope(spec, self.model, key_pos, h, w))
             outputs.append(spec.attend(module, qa, ka, torch.cat(values, dim=1)))
             a = b
@@ -337,7 +358,9 @@ class BlockCausalHandle:
         return {"method": "block_causal", **asdict(self.config)}
 
 
-def apply_block_causal(adapter: BackboneAdapter, config: BlockCausalConfig | None = None) -> BlockCausalHandle:
+def apply_block_causal(
+    adapter: BackboneAdapter, config: BlockCausalConfig | None = None
+) -> BlockCausalHandle:
     """Make every video self-attention of ``adapter``'s DiT block-causal over latent chunks (removable hooks)."""
     config = config or BlockCausalConfig()
     spec = causal_attention_spec(adapter)  # clear errors for UNets and families without a spec

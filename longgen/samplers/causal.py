@@ -27,7 +27,9 @@ SELF_FORCING_TIMESTEPS = (1000.0, 750.0, 500.0, 250.0)
 """Self-Forcing's few-step schedule (``denoising_step_list``, before ``warp_denoising_step``)."""
 
 
-def warped_sigmas(timesteps: Sequence[float], shift: float = 5.0, num_train_timesteps: int = 1000) -> torch.Tensor:
+def warped_sigmas(
+    timesteps: Sequence[float], shift: float = 5.0, num_train_timesteps: int = 1000
+) -> torch.Tensor:
     """Few-step distilled schedules (Self-Forcing ``warp_denoising_step``): timesteps ``t`` -> flow sigmas
     ``shift(t / 1000)``, descending, plus the final 0. ``[1000, 750, 500, 250]`` at shift 5 gives sigmas 1, 0.9375,
     0.8333, 0.625 (t = 1000, 937.5, 833.3, 625)."""
@@ -117,7 +119,9 @@ def _check(noise, sigmas, cache: KVCache | None, chunk: int, config: CausalSampl
             f"is 1 (no rolling) or the number of steps ({num_steps})"
         )
     if cache is not None and cache.config.chunk_size != chunk:
-        raise ValueError(f"the KV cache was built for chunks of {cache.config.chunk_size} frames, not {chunk}")
+        raise ValueError(
+            f"the KV cache was built for chunks of {cache.config.chunk_size} frames, not {chunk}"
+        )
     return num_latent_frames
 
 
@@ -225,7 +229,9 @@ def sample_causal(
     sigmas = sigmas.float()
     num_latent_frames = _check(noise, sigmas, cache, chunk, config, num_latent_frames)
     if cache is None and len(set(prompt_switches)) > 0:
-        raise ValueError("the no-cache reference takes one prompt; pass the KV cache for multi-prompt streaming")
+        raise ValueError(
+            "the no-cache reference takes one prompt; pass the KV cache for multi-prompt streaming"
+        )
     num_steps = len(sigmas) - 1
     num_chunks = num_latent_frames // chunk
     run = _Run(denoise, cache, config, sigmas, chunk, generator)
