@@ -14,20 +14,28 @@ from a model is written here, one :class:`CausalAttentionSpec` per family:
 * ``attend(attn, q, k, v)``: attention without a mask through diffusers' ``dispatch_attention_fn`` and the
   processor's configured backend (SDPA by default), so flash kernels stay usable; returns ``[B, Sq, inner]``;
 * ``output(attn, hidden)``: the output projection;
+* ``dense_mask(mask, batch)``: a boolean ``[S, S]`` block-causal mask in the form the stock processor takes (the
+  reference path);
+* ``install(model)``: optional model-specific hooks the RoPE tables need (LTX records its RoPE scale), returning
+  a function that removes them;
 * ``text``: where the text tokens are. ``"cross_attention"``: the self-attention sees only video tokens (text enters
   through ``attn2``, untouched), so causality concerns the video tokens alone.
 
-Families with a spec: Wan 2.1 / 2.2 (``WanAttnProcessor``) and SkyReels-V2 (``SkyReelsV2AttnProcessor``, the same
-computation). LTX-Video, CogVideoX and HunyuanVideo have no spec yet (:func:`causal_attention_spec` says so).
+Families with a spec: Wan 2.1 / 2.2 (``WanAttnProcessor``), SkyReels-V2 (``SkyReelsV2AttnProcessor``, the same
+computation) and LTX-Video (``LTXVideoAttnProcessor``; the latent-grid RoPE of ``LTXPipeline`` /
+``LTXImageToVideoPipeline``; ``LTXConditionPipeline``'s pixel coordinates are refused). CogVideoX and HunyuanVideo
+(joint text-video attention) have no spec yet (:func:`causal_attention_spec` says so).
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
+from diffusers.hooks import HookRegistry, ModelHook
 from torch import nn
 
 if TYPE_CHECKING:
@@ -35,7 +43,7 @@ if TYPE_CHECKING:
 
 __all__ = ["CAUSAL_FAMILIES", "CausalAttentionSpec", "causal_attention_spec"]
 
-CAUSAL_FAMILIES = ("wan", "skyreels_v2")
+CAUSAL_FAMILIES = ("wan", "skyreels_v2", "ltx")
 """Families whose block-causal attention and KV cache are implemented (and tested)."""
 
 _UNET_FAMILIES = ("animatediff", "svd")
@@ -52,6 +60,8 @@ class CausalAttentionSpec:
     apply_rope: Callable[[torch.Tensor, Any], torch.Tensor]
     attend: Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
     output: Callable[[nn.Module, torch.Tensor], torch.Tensor]
+    dense_mask: Callable[[torch.Tensor, int], torch.Tensor]
+    install: Callable[[nn.Module], Callable[[], None]] | None = None
     text: str = "cross_attention"
 
 
@@ -125,9 +135,116 @@ _WAN = CausalAttentionSpec(
     apply_rope=_wan_apply_rope,
     attend=_dispatch_attend,
     output=_wan_output,
+    dense_mask=lambda mask, batch: mask[None, None],  # [1, 1, S, S], SDPA's boolean form
 )
 
-_SPECS = {"wan": _WAN, "skyreels_v2": _WAN}
+
+# --- LTX-Video ----------------------------------------------------------------------------------------------
+_LTX_ROPE_HOOK = "longgen_block_causal_rope"
+_LTX_ROPE_CALLS: weakref.WeakKeyDictionary = (
+    weakref.WeakKeyDictionary()
+)  # model -> RoPE inputs of its last call
+
+
+class _RecordRopeInputs(ModelHook):
+    """Records the inputs of ``LTXVideoRotaryPosEmbed`` (its scale decides the tables of any frame)."""
+
+    _NAMES = ("hidden_states", "num_frames", "height", "width", "rope_interpolation_scale", "video_coords")
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = weakref.ref(model)
+
+    def pre_forward(self, module, *args, **kwargs):
+        call = {**dict(zip(self._NAMES, args)), **kwargs}
+        call["hidden_states"] = torch.empty(
+            1, 1, device=call["hidden_states"].device
+        )  # only its device is read
+        _LTX_ROPE_CALLS[self.model()] = call
+        return args, kwargs
+
+
+def _ltx_install(model: nn.Module) -> Callable[[], None]:
+    registry = HookRegistry.check_if_exists_or_initialize(model.rope)
+    registry.register_hook(_RecordRopeInputs(model), _LTX_ROPE_HOOK)
+
+    def remove() -> None:
+        registry.remove_hook(_LTX_ROPE_HOOK, recurse=False)
+        _LTX_ROPE_CALLS.pop(model, None)
+
+    return remove
+
+
+def _ltx_project(attn: nn.Module, hidden_states: torch.Tensor):
+    """``LTXVideoAttnProcessor``'s q/k/v (QK RMS norm over the full inner dim, then heads)."""
+    query = attn.norm_q(attn.to_q(hidden_states))
+    key = attn.norm_k(attn.to_k(hidden_states))
+    value = attn.to_v(hidden_states)
+    heads = attn.heads
+    return query.unflatten(2, (heads, -1)), key.unflatten(2, (heads, -1)), value.unflatten(2, (heads, -1))
+
+
+def _ltx_rope_table(model: nn.Module, frames: torch.Tensor, h: int, w: int):
+    """``LTXVideoRotaryPosEmbed`` at latent frames ``frames``: the latent-grid coordinates the model's last call
+    scaled by ``rope_interpolation_scale``, as ``video_coords`` (``grid * scale * patch``, the module's own order)."""
+    call = _LTX_ROPE_CALLS.get(model)
+    if call is None:
+        raise RuntimeError("the LTX transformer has not been called yet: its RoPE scale is unknown")
+    if call.get("video_coords") is not None or call.get("rope_interpolation_scale") is None:
+        raise ValueError(
+            "causal LTX-Video needs the latent-grid RoPE of LTXPipeline / LTXImageToVideoPipeline; the pixel "
+            "coordinates of LTXConditionPipeline are not supported: load the model with LTXPipeline"
+        )
+    rope = model.rope
+    device = call["hidden_states"].device
+    scale = call["rope_interpolation_scale"]
+    grid = torch.meshgrid(
+        frames.to(device=device, dtype=torch.float32),
+        torch.arange(h, dtype=torch.float32, device=device),
+        torch.arange(w, dtype=torch.float32, device=device),
+        indexing="ij",
+    )
+    grid = torch.stack(grid, dim=0).unsqueeze(0)  # [1, 3, n, h, w]
+    coords = torch.cat(
+        [
+            grid[:, 0:1] * scale[0] * rope.patch_size_t,
+            grid[:, 1:2] * scale[1] * rope.patch_size,
+            grid[:, 2:3] * scale[2] * rope.patch_size,
+        ],
+        dim=1,
+    ).flatten(2)  # [1, 3, n*h*w]
+    registry = HookRegistry.check_if_exists_or_initialize(rope)
+    hook = registry.get_hook(_LTX_ROPE_HOOK)
+    if hook is not None:  # this call must not overwrite the record of the model's own call
+        registry.remove_hook(_LTX_ROPE_HOOK, recurse=False)
+    try:
+        return rope(call["hidden_states"], video_coords=coords)  # (cos, sin) [1, n*h*w, dim]
+    finally:
+        if hook is not None:
+            registry.register_hook(_RecordRopeInputs(model), _LTX_ROPE_HOOK)
+
+
+def _ltx_apply_rope(x: torch.Tensor, table) -> torch.Tensor:
+    """LTX's rotation, applied (as the stock processor does) over the flattened heads."""
+    from diffusers.models.transformers.transformer_ltx import apply_rotary_emb
+
+    return apply_rotary_emb(x.flatten(2), table).unflatten(2, (x.shape[2], -1))
+
+
+_LTX = CausalAttentionSpec(
+    family="ltx",
+    processors=("LTXVideoAttnProcessor",),
+    project=_ltx_project,
+    rope_table=_ltx_rope_table,
+    apply_rope=_ltx_apply_rope,
+    attend=_dispatch_attend,
+    output=_wan_output,
+    # prepare_attention_mask repeats a [B, S, S] mask per head and the processor views it [B, heads, S, S]
+    dense_mask=lambda mask, batch: mask.expand(batch, -1, -1),
+    install=_ltx_install,
+)
+
+_SPECS = {"wan": _WAN, "skyreels_v2": _WAN, "ltx": _LTX}
 
 
 def causal_attention_spec(adapter: BackboneAdapter) -> CausalAttentionSpec:

@@ -181,6 +181,8 @@ class KVCache:
         self.config = config
         self.layers: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
         self.active: _StreamCall | None = None
+        self.num_models = 1
+        """Denoising networks sharing this cache; streaming needs exactly one (see the module docstring)."""
         self._rope_memo: dict[tuple, Any] = {}
 
     @contextmanager
@@ -189,6 +191,11 @@ class KVCache:
         ``write`` they store those frames' keys/values (the clean context pass)."""
         if self.active is not None:
             raise RuntimeError("a streaming call is already open on this KV cache")
+        if self.num_models != 1:
+            raise ValueError(
+                "KV-cache streaming on a two-expert model (Wan 2.2 A14B) is not supported: each expert would need "
+                "its own cache; use a single-transformer model, or the full-clip block-causal mask with another sampler"
+            )
         if start < 0 or num_frames < 1:
             raise ValueError(f"stream needs start >= 0 and num_frames >= 1, got {start}, {num_frames}")
         self.active = _StreamCall(int(start), int(num_frames), bool(write))
@@ -267,7 +274,8 @@ class _BlockCausalHook(DiTWindowHook):
             if bool(block_causal_mask(f, 1, self.config).all()):
                 return self.fn_ref.original_forward(*args, **kwargs)  # one chunk covers the clip: identity
             if self.config.attention == "mask":
-                mask = block_causal_mask(f, h * w, self.config, hidden.device)[None, None]
+                mask = block_causal_mask(f, h * w, self.config, hidden.device)
+                mask = self.spec.dense_mask(mask, hidden.shape[0])
                 if call.get("attention_mask") is not None:
                     mask = mask & call["attention_mask"].to(torch.bool)
                 return self.fn_ref.original_forward(**{**call, "attention_mask": mask})
@@ -341,16 +349,24 @@ class BlockCausalHandle:
     """Handle of applied block-causal attention: ``.cache`` (the :class:`KVCache` samplers stream through),
     ``.config``, ``.remove()`` (stock model back) and ``.describe()``."""
 
-    def __init__(self, adapter: BackboneAdapter, config: BlockCausalConfig, cache: KVCache):
+    def __init__(
+        self,
+        adapter: BackboneAdapter,
+        config: BlockCausalConfig,
+        cache: KVCache,
+        removers: list | None = None,
+    ):
         self.adapter = adapter
+        self._removers = list(removers or [])
         self.config = config
         self.cache = cache
-        self.streaming_supported = len(denoiser_models(adapter)) == 1
         self._removed = False
 
     def remove(self) -> None:
         if not self._removed:
             remove_hooks(self.adapter, BLOCK_CAUSAL_HOOK, _GRID_HOOK)
+            for remove in self._removers:
+                remove()
             self.cache.clear()
             self._removed = True
 
@@ -371,10 +387,12 @@ def apply_block_causal(
         )
     cache = KVCache(config)
     models = denoiser_models(adapter)
+    cache.num_models = len(models)
 
     def make_hook(site: DiTAttentionSite) -> _BlockCausalHook:
         model = models[1] if site.name.startswith("transformer_2.") else models[0]
         return _BlockCausalHook(site, model, spec, cache)
 
     register_dit_window_hooks(adapter, _GRID_HOOK, BLOCK_CAUSAL_HOOK, make_hook)
-    return BlockCausalHandle(adapter, config, cache)
+    removers = [spec.install(model) for model in models] if spec.install is not None else []
+    return BlockCausalHandle(adapter, config, cache, removers)
