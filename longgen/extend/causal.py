@@ -182,6 +182,8 @@ class KVCache:
         self.layers: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
         self.active: _StreamCall | None = None
         self.num_models = 1
+        self.attached = True
+        """False once the handle's hooks are removed: streaming through a detached cache is an error."""
         """Denoising networks sharing this cache; streaming needs exactly one (see the module docstring)."""
         self._rope_memo: dict[tuple, Any] = {}
 
@@ -191,6 +193,11 @@ class KVCache:
         ``write`` they store those frames' keys/values (the clean context pass)."""
         if self.active is not None:
             raise RuntimeError("a streaming call is already open on this KV cache")
+        if not self.attached:
+            raise RuntimeError(
+                "the block-causal hooks of this KV cache were removed: call apply_block_causal again and stream "
+                "through the new handle's cache"
+            )
         if self.num_models != 1:
             raise ValueError(
                 "KV-cache streaming on a two-expert model (Wan 2.2 A14B) is not supported: each expert would need "
@@ -205,6 +212,11 @@ class KVCache:
         finally:
             self.active = None
             self._rope_memo.clear()
+        if write and not self.layers:
+            raise RuntimeError(
+                "a KV-cache write call ran no block-causal attention layer: the model called is not the one "
+                "apply_block_causal hooked"
+            )
 
     def rope_table(self, spec: CausalAttentionSpec, model, positions: torch.Tensor, h: int, w: int) -> Any:
         """The family's rotary table of ``positions``; shared by every layer of one streaming call (the
@@ -368,6 +380,7 @@ class BlockCausalHandle:
             for remove in self._removers:
                 remove()
             self.cache.clear()
+            self.cache.attached = False
             self._removed = True
 
     def describe(self) -> dict[str, Any]:

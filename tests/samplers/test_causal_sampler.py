@@ -234,7 +234,30 @@ def test_bad_input(setup):
         CausalSamplerConfig(context_noise=1.0)
     with pytest.raises(ValueError, match="--causal-step"):
         CausalSamplerConfig(step="euler")
+    handle = apply_block_causal(adapter, BlockCausalConfig(chunk_size=2))
+    handle.remove()
+    with pytest.raises(RuntimeError, match="apply_block_causal again"):
+        sample_causal(denoise, noise, SIGMAS, cache=handle.cache, disable=True)
     with pytest.raises(ValueError, match="one prompt"):
         _sample(
             adapter, denoise, noise, BlockCausalConfig(chunk_size=2), use_cache=False, prompt_switches=[4]
         )
+
+
+@pytest.mark.parametrize("method", ["ntk", "yarn"])
+def test_rope_extension_applies_to_the_streamed_positions(method):
+    """A temporal RoPE extension rewrites the model's tables (YaRN also scales the queries); the cache rollout reads
+    the same tables, so it still equals the no-cache reference, and differs from the rollout without the extension."""
+    from longgen.extend.rope import apply_rope_extension
+
+    adapter = build_tiny("wan")
+    cond, _ = adapter.encode_prompt(["a red ball"], do_classifier_free_guidance=False)
+    noise = torch.randn(1, adapter.latent_channels, FRAMES, 4, 4, generator=torch.Generator().manual_seed(2))
+    denoise = GuidedDenoiser(adapter, cond)
+    block = BlockCausalConfig(chunk_size=2)
+    plain = _sample(adapter, denoise, noise, block)
+    with apply_rope_extension(adapter, method, 3, 4 * FRAMES):
+        cached = _sample(adapter, denoise, noise, block)
+        reference = _sample(adapter, denoise, noise, block, use_cache=False)
+    torch.testing.assert_close(cached, reference, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(cached, plain, atol=1e-4)
