@@ -10,6 +10,9 @@ All in one run, ratios against baselines measured in the same run, on a small ra
    ``local_attn_size`` 9) and ``return_latents=False`` (frames leave through ``on_frames``): each length runs in a
    fresh process; reported: peak KV-cache bytes, and the process's peak memory above what it held after loading the
    model and one warm-up chunk (CPU: ru_maxrss; CUDA: ``max_memory_allocated``); goal <= 1.1x from 2x to 32x.
+
+Times are medians of ``--repeats`` runs: CUDA wall time, or on CPU the process's CPU time with one thread (robust
+to other processes on a shared machine).
 3. **Frames per second** of ``causal`` vs ``df`` (``sample_diffusion_forcing``, SkyReels long mode: native chunks,
    history 3) and ``sliding`` (native windows, stride 3) at the same 4 steps and length.
 
@@ -60,13 +63,16 @@ def _sync(device: str) -> None:
 
 
 def _timed(fn, device: str, repeats: int) -> float:
+    """Median seconds of ``fn``: CUDA wall time, or on CPU this process's CPU time (one thread), which other
+    processes sharing the machine do not inflate."""
+    clock = time.perf_counter if device == "cuda" else time.process_time
     times = []
     for _ in range(repeats):
         _sync(device)
-        start = time.perf_counter()
+        start = clock()
         fn()
         _sync(device)
-        times.append(time.perf_counter() - start)
+        times.append(clock() - start)
     return statistics.median(times)
 
 
