@@ -312,7 +312,8 @@ class _BlockCausalHook(DiTWindowHook):
         """Each chunk of frames ``[start, start + f)``: queries against the cached and this call's visible keys."""
         spec, config, hw = self.spec, self.config, h * w
         q, k, v = spec.project(module, hidden)  # [B, f*h*w, heads, head_dim], un-rotated
-        cached_frames = torch.tensor(sorted(cached), dtype=torch.long)
+        # cached frames before this call (its own frames, if cached too, come from this call)
+        cached_frames = torch.tensor(sorted(f for f in cached if f < start), dtype=torch.long)
         outputs = []
         a = start
         while a < start + f:
