@@ -238,6 +238,12 @@ def sample_causal(
     if cache is not None:
         cache.clear()
     switches = {int(p) for p in prompt_switches}
+    misplaced = sorted(p for p in switches if p % chunk or not 0 <= p < num_latent_frames)
+    if misplaced:
+        raise ValueError(
+            f"prompt switches at latent frames {misplaced} are not chunk starts inside the clip: with --chunk-size "
+            f"{chunk}, put every prompt boundary (--prompt-frames) on a multiple of {chunk} latent frames"
+        )
     working: dict[int, torch.Tensor] = {}  # chunk -> current noisy latents
     pieces: list[torch.Tensor] = []
     progress = tqdm(total=num_chunks, disable=disable, desc="causal (chunks)", leave=False)

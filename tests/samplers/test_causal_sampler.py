@@ -234,6 +234,8 @@ def test_bad_input(setup):
         CausalSamplerConfig(context_noise=1.0)
     with pytest.raises(ValueError, match="--causal-step"):
         CausalSamplerConfig(step="euler")
+    with pytest.raises(ValueError, match="not chunk starts"):
+        _sample(adapter, denoise, noise, BlockCausalConfig(chunk_size=2), prompt_switches=[3])
     handle = apply_block_causal(adapter, BlockCausalConfig(chunk_size=2))
     handle.remove()
     with pytest.raises(RuntimeError, match="apply_block_causal again"):
