@@ -513,7 +513,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 # --- extensions: flags from the registry --------------------------------------------------------
 def _extension_flag(name: str, field_name: str) -> tuple[str, str]:
     """(``--riflex-k``, ``riflex_k``): the flag and dest (also the ``--config`` YAML key) of one config field."""
-    return f"--{name}-{field_name.replace('_', '-')}", f"{name}_{field_name}"
+    return f"--{name}-{field_name.replace('_', '-')}", f"{name.replace('-', '_')}_{field_name}"
 
 
 def _option_type(annotation: str):

@@ -8,7 +8,6 @@ import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any
 
 import torch
@@ -18,7 +17,7 @@ from .backbones import BackboneAdapter, CausalBlockMask, Cond, cat_conds, load_a
 from .backbones.base import StreamingDecoder
 from .io import VideoWriter
 from .noise import freenoise_noise
-from .prompts import cond_for_window, validate_ranges
+from .prompts import PromptSchedule
 from .samplers import SamplerContext, SamplerSpec, get_sampler, sampler_names
 
 logger = logging.getLogger(__name__)
@@ -137,6 +136,11 @@ class GuidedDenoiser:
         self.uncond = uncond
         self.guidance_scale = guidance_scale
         self.num_calls = 0
+
+    @property
+    def prompt_switches(self) -> list[int]:
+        """Latent frames where a later prompt of a multi-prompt video starts (none for one prompt)."""
+        return self.cond.switches if isinstance(self.cond, PromptSchedule) else []
 
     def cond_for(self, frame_offset: int, num_latent_frames: int) -> Cond:
         """The cond of a window (a callable cond gives multi-prompt conditioning per frame range)."""
@@ -303,8 +307,7 @@ class LongVideoPipeline:
             c, u = adapter.encode_prompt([text], negatives[:1] if negatives else None, **encode_kwargs)
             conds.append(c)
             uncond = uncond or u
-        validate_ranges(ranges)
-        return partial(cond_for_window, conds, ranges, transition=transition), uncond
+        return PromptSchedule(conds, ranges, transition), uncond
 
     @torch.no_grad()
     def generate(
@@ -371,7 +374,9 @@ class LongVideoPipeline:
         paths = output_paths(output_path, batch) if output_path is not None else None
         sink = _FrameSink(adapter, paths, fps, decode_chunk_latent_frames, total, show_progress)
         try:
-            self._run_sampler(spec, denoiser, x_noise, sigmas, knobs, sink, seed, show_progress)
+            with spec.model_hooks(adapter, knobs) as hook_arguments:  # e.g. the causal sampler's KV cache
+                self._run_sampler(spec, denoiser, x_noise, sigmas, {**knobs, **hook_arguments}, sink, seed,
+                                  show_progress)
             sink.finish()
         except KeyboardInterrupt:
             written = sink.writers[0].num_frames if sink.writers else 0
@@ -403,6 +408,8 @@ class LongVideoPipeline:
         extra: dict[str, Any] = {}
         if "generator" in params:  # re-noising, eta > 0: seeded, independent of the initial noise
             extra["generator"] = torch.Generator("cpu").manual_seed(seed + 1)
+        if "prompt_switches" in params:  # samplers with a cache of past frames rebuild it at a prompt switch
+            extra["prompt_switches"] = denoiser.prompt_switches
         takes_disable = "disable" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
         if spec.streams:
             sink.open_bar(f"{spec.name}: frames")

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["cond_for_window", "multi_prompt_denoiser", "prompt_weights", "validate_ranges"]
+__all__ = ["PromptSchedule", "cond_for_window", "multi_prompt_denoiser", "prompt_weights", "validate_ranges"]
 
 Cond = dict[str, Any]
 
@@ -109,3 +109,17 @@ def multi_prompt_denoiser(
         return denoise(x, sigma, cond_for_window(conds, ranges, frame_offset, x.shape[2], transition))
 
     return bound
+
+
+class PromptSchedule:
+    """A multi-prompt video's conditioning: ``schedule(frame_offset, num_latent_frames) -> cond`` of a window
+    (:func:`cond_for_window`), plus ``switches``, the latent frames where a later prompt starts (samplers that
+    keep a cache of past frames, the causal one, rebuild it there)."""
+
+    def __init__(self, conds: Sequence[Cond], ranges: Sequence[tuple[int, int]], transition: float = 0.0):
+        validate_ranges(ranges)
+        self.conds, self.ranges, self.transition = list(conds), list(ranges), transition
+        self.switches = [start for start, _ in self.ranges[1:]]
+
+    def __call__(self, frame_offset: int, num_latent_frames: int) -> Cond:
+        return cond_for_window(self.conds, self.ranges, frame_offset, num_latent_frames, self.transition)

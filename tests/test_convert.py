@@ -432,9 +432,9 @@ def test_recipes_match_presets():
         assert steps == preset["denoising_steps"] and recipe["steps"] == len(steps), name
         assert recipe["chunk-size"] == preset["chunk_size"], name
         assert recipe["warp-denoising-step"] == preset["warp_denoising_step"], name
-        assert recipe["shift"] == preset["timestep_shift"], name
+        assert recipe["timestep-shift"] == preset["timestep_shift"], name
         assert recipe["sink-size"] == preset["sink_size"], name
-        assert recipe["local-window"] == preset["local_attn_size"], name
+        assert recipe["local-attn-size"] == preset["local_attn_size"], name
         assert recipe["context-noise"] == preset["context_noise"], name
         assert recipe["guidance"] == preset["guidance_scale"], name
         assert recipe["sampler"] == "causal", name

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from .configs import (
     ROPE_METHODS,
+    BlockCausalConfig,
     ExVideoConfig,
     RiflexConfig,
     RopeExtensionConfig,
@@ -81,6 +82,16 @@ def _register_builtins() -> None:
             sets_window=True,
             trainable_parameters=f"{_EXVIDEO}:exvideo_trainable_parameters",
             training_options=(("set_trainable", True),),
+        )
+    )
+    register_extension(
+        ExtensionSpec(
+            name="block-causal",
+            config_cls=BlockCausalConfig,
+            apply="longgen.extend.causal:apply_block_causal",
+            remove="longgen.extend.causal:remove_block_causal",
+            description="block-causal video self-attention over latent chunks with a KV cache (rolling window, "
+            "sink); what --sampler causal applies for its run (DiTs: Wan, SkyReels-V2, LTX-Video)",
         )
     )
 

@@ -38,14 +38,16 @@ the full-sequence mask works there.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..backbones.causal_attention import CausalAttentionSpec, causal_attention_spec
+from .configs import BlockCausalConfig
 from .dit_attention import (
     DiTAttentionSite,
     DiTWindowHook,
@@ -68,88 +70,6 @@ __all__ = [
 
 BLOCK_CAUSAL_HOOK = "longgen_block_causal"
 _GRID_HOOK = "longgen_block_causal_grid"
-
-
-@dataclass
-class BlockCausalConfig:
-    """Knobs of block-causal attention (CLI flags in the help texts)."""
-
-    chunk_size: int = field(
-        default=3,
-        metadata={"help": "--chunk-size: latent frames per causal chunk (1 = frame-causal; Self-Forcing 3)"},
-    )
-    local_attn_size: int = field(
-        default=-1,
-        metadata={
-            "help": "--local-attn-size: latent frames a chunk attends to, sink and own chunk included "
-            "(-1 = all earlier frames; LongLive 12)"
-        },
-    )
-    sink_size: int = field(
-        default=0,
-        metadata={
-            "help": "--sink-size: first latent frames of the clip every chunk keeps attending to (LongLive 3)"
-        },
-    )
-    rope_positions: str = field(
-        default="absolute",
-        metadata={
-            "help": "--causal-rope: 'absolute' (frame index in the clip; Self-Forcing/CausVid/LongLive v1 "
-            "checkpoints) or 'window' (positions re-indexed within the frames a chunk sees)"
-        },
-    )
-    attention: str = field(
-        default="chunked",
-        metadata={
-            "help": "--causal-attention: full-clip calls as 'chunked' per-chunk SDPA calls (flash-capable) or "
-            "one dense 'mask' through the stock processor"
-        },
-    )
-
-    def __post_init__(self) -> None:
-        if int(self.chunk_size) < 1:
-            raise ValueError(f"--chunk-size must be >= 1 latent frame, got {self.chunk_size}")
-        if int(self.sink_size) < 0:
-            raise ValueError(f"--sink-size must be >= 0 latent frames, got {self.sink_size}")
-        if self.local_attn_size != -1:
-            if self.local_attn_size - self.sink_size < self.chunk_size:
-                raise ValueError(
-                    f"--local-attn-size {self.local_attn_size} leaves {self.local_attn_size - self.sink_size} frames "
-                    f"besides the {self.sink_size}-frame sink, smaller than a chunk ({self.chunk_size}): use "
-                    f"--local-attn-size >= {self.chunk_size + self.sink_size} (or -1 for the full cache)"
-                )
-        elif self.sink_size:
-            raise ValueError("--sink-size only applies with a rolling window: set --local-attn-size too")
-        if self.rope_positions not in ("absolute", "window"):
-            raise ValueError(f"--causal-rope must be 'absolute' or 'window', got {self.rope_positions!r}")
-        if self.attention not in ("chunked", "mask"):
-            raise ValueError(f"--causal-attention must be 'chunked' or 'mask', got {self.attention!r}")
-        if self.attention == "mask" and self.rope_positions == "window":
-            raise ValueError(
-                "--causal-attention mask runs the stock processor at absolute positions; window RoPE positions "
-                "need --causal-attention chunked"
-            )
-
-    @property
-    def recent_frames(self) -> int | None:
-        """Frames of the rolling window besides the sink (None: no window)."""
-        return None if self.local_attn_size == -1 else self.local_attn_size - self.sink_size
-
-    def chunk_end(self, frame: int) -> int:
-        """End (exclusive) of the chunk holding latent frame ``frame``."""
-        return (frame // self.chunk_size + 1) * self.chunk_size
-
-    def visible(self, key_frame: torch.Tensor, chunk_end: int) -> torch.Tensor:
-        """Whether queries of the chunk ending at ``chunk_end`` see each of ``key_frame`` (bool, same shape)."""
-        seen = key_frame < chunk_end
-        if self.recent_frames is not None:
-            seen &= (key_frame < self.sink_size) | (key_frame >= chunk_end - self.recent_frames)
-        return seen
-
-    def first_needed(self, next_chunk_end: int) -> int:
-        """Frames at or past this index (besides the sink) may still be seen by the chunk ending at
-        ``next_chunk_end`` or later ones; earlier ones can be evicted."""
-        return 0 if self.recent_frames is None else next_chunk_end - self.recent_frames
 
 
 def block_causal_mask(
@@ -388,6 +308,17 @@ class BlockCausalHandle:
         return {"method": "block_causal", **asdict(self.config)}
 
 
+_APPLIED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+"""adapter -> its BlockCausalHandle (the registry removes by adapter)."""
+
+
+def remove_block_causal(adapter: BackboneAdapter) -> None:
+    """Remove block-causal attention from ``adapter`` (the extension registry's ``remove``); no-op if absent."""
+    handle = _APPLIED.pop(adapter, None)
+    if handle is not None:
+        handle.remove()
+
+
 def apply_block_causal(
     adapter: BackboneAdapter, config: BlockCausalConfig | None = None
 ) -> BlockCausalHandle:
@@ -409,4 +340,6 @@ def apply_block_causal(
 
     register_dit_window_hooks(adapter, _GRID_HOOK, BLOCK_CAUSAL_HOOK, make_hook)
     removers = [spec.install(model) for model in models] if spec.install is not None else []
-    return BlockCausalHandle(adapter, config, cache, removers)
+    handle = BlockCausalHandle(adapter, config, cache, removers)
+    _APPLIED[adapter] = handle
+    return handle

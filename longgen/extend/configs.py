@@ -8,8 +8,13 @@ Each dataclass is the one place an extension option's name, default and help liv
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # annotations only: this module stays torch-free
+    import torch
 
 __all__ = [
+    "BlockCausalConfig",
     "ROPE_METHODS",
     "YARN_BETA_FAST",
     "YARN_BETA_SLOW",
@@ -98,3 +103,87 @@ class ExVideoConfig:
     repeat_length: int | None = field(default=None, metadata={"help": "period of the reflected positions"})
     positional_conv: bool = field(default=True, metadata={"help": "add the identity-initialised Conv3d"})
     set_trainable: bool = field(default=False, metadata={"help": "freeze all but ExVideo's parameters (training)", "cli": False})
+
+
+@dataclass
+class BlockCausalConfig:
+    """Block-causal attention over latent chunks with a KV cache (:mod:`longgen.extend.causal`). The causal sampler
+    sets these from ``--chunk-size``, ``--local-attn-size``, ``--sink-size``, ``--causal-rope``, ``--causal-attention``;
+    ``--extension block-causal`` from ``--block-causal-<field>``."""
+
+    chunk_size: int = field(
+        default=3,
+        metadata={"help": "latent frames per causal chunk (1 = frame-causal; Self-Forcing 3)"},
+    )
+    local_attn_size: int = field(
+        default=-1,
+        metadata={
+            "help": "latent frames a chunk attends to, sink and own chunk included "
+            "(-1 = all earlier frames; LongLive 12)"
+        },
+    )
+    sink_size: int = field(
+        default=0,
+        metadata={
+            "help": "first latent frames of the clip every chunk keeps attending to (LongLive 3)"
+        },
+    )
+    rope_positions: str = field(
+        default="absolute",
+        metadata={
+            "help": "'absolute' (frame index in the clip; Self-Forcing/CausVid/LongLive v1 "
+            "checkpoints) or 'window' (positions re-indexed within the frames a chunk sees)"
+        },
+    )
+    attention: str = field(
+        default="chunked",
+        metadata={
+            "help": "full-clip calls as 'chunked' per-chunk SDPA calls (flash-capable) or "
+            "one dense 'mask' through the stock processor"
+        },
+    )
+
+    def __post_init__(self) -> None:
+        if int(self.chunk_size) < 1:
+            raise ValueError(f"--chunk-size must be >= 1 latent frame, got {self.chunk_size}")
+        if int(self.sink_size) < 0:
+            raise ValueError(f"--sink-size must be >= 0 latent frames, got {self.sink_size}")
+        if self.local_attn_size != -1:
+            if self.local_attn_size - self.sink_size < self.chunk_size:
+                raise ValueError(
+                    f"--local-attn-size {self.local_attn_size} leaves {self.local_attn_size - self.sink_size} frames "
+                    f"besides the {self.sink_size}-frame sink, smaller than a chunk ({self.chunk_size}): use "
+                    f"--local-attn-size >= {self.chunk_size + self.sink_size} (or -1 for the full cache)"
+                )
+        elif self.sink_size:
+            raise ValueError("--sink-size only applies with a rolling window: set --local-attn-size too")
+        if self.rope_positions not in ("absolute", "window"):
+            raise ValueError(f"--causal-rope must be 'absolute' or 'window', got {self.rope_positions!r}")
+        if self.attention not in ("chunked", "mask"):
+            raise ValueError(f"--causal-attention must be 'chunked' or 'mask', got {self.attention!r}")
+        if self.attention == "mask" and self.rope_positions == "window":
+            raise ValueError(
+                "--causal-attention mask runs the stock processor at absolute positions; window RoPE positions "
+                "need --causal-attention chunked"
+            )
+
+    @property
+    def recent_frames(self) -> int | None:
+        """Frames of the rolling window besides the sink (None: no window)."""
+        return None if self.local_attn_size == -1 else self.local_attn_size - self.sink_size
+
+    def chunk_end(self, frame: int) -> int:
+        """End (exclusive) of the chunk holding latent frame ``frame``."""
+        return (frame // self.chunk_size + 1) * self.chunk_size
+
+    def visible(self, key_frame: torch.Tensor, chunk_end: int) -> torch.Tensor:
+        """Whether queries of the chunk ending at ``chunk_end`` see each of ``key_frame`` (bool, same shape)."""
+        seen = key_frame < chunk_end
+        if self.recent_frames is not None:
+            seen &= (key_frame < self.sink_size) | (key_frame >= chunk_end - self.recent_frames)
+        return seen
+
+    def first_needed(self, next_chunk_end: int) -> int:
+        """Frames at or past this index (besides the sink) may still be seen by the chunk ending at
+        ``next_chunk_end`` or later ones; earlier ones can be evicted."""
+        return 0 if self.recent_frames is None else next_chunk_end - self.recent_frames

@@ -214,6 +214,85 @@ def _check_whole_blocks(knobs: DiffusionForcingKnobs, ctx: SamplerContext) -> No
     )
 
 
+@dataclass(frozen=True)
+class CausalKnobs:
+    """Knobs of :func:`~longgen.samplers.causal.sample_causal_streaming`: the KV cache's shape (block-causal
+    attention, :class:`~longgen.extend.configs.BlockCausalConfig`) and the rollout
+    (:class:`~longgen.samplers.causal.CausalSamplerConfig`); both validate here."""
+
+    chunk_size: int = field(default=3, metadata={"help": "latent frames per causal chunk (1 = frame-causal; "
+                                                 "Self-Forcing, CausVid, LongLive: 3)"})
+    local_attn_size: int = field(default=-1, metadata={"help": "latent frames a chunk attends to, sink and own "
+                                                       "chunk included (-1 = the whole cache; LongLive 12)"})
+    sink_size: int = field(default=0, metadata={"help": "first latent frames every chunk keeps attending to "
+                                                "(attention sink, with --local-attn-size; LongLive 3)"})
+    causal_rope: Literal["absolute", "window"] = field(
+        default="absolute", metadata={"help": "RoPE positions: absolute frame index (the public causal "
+                                      "checkpoints) or re-indexed within the frames a chunk sees"})
+    causal_attention: Literal["chunked", "mask"] = field(
+        default="chunked", metadata={"help": "per-chunk SDPA calls (flash-capable) or one dense mask"})
+    context_noise: float = field(default=0.0, metadata={"help": "flow sigma of the clean pass that writes a "
+                                                        "finished chunk into the KV cache (Self-Forcing: 0)"})
+    rolling_window: int = field(default=1, metadata={"help": "chunks denoised together at rising noise levels "
+                                                     "(Rolling Forcing: the number of steps; 1 = one at a time)"})
+    causal_step: Literal["renoise", "ddim"] = field(
+        default="renoise", metadata={"help": "renoise: x = (1-s') x0 + s' fresh noise (few-step distilled "
+                                     "models); ddim: deterministic step (full schedules)"})
+    recache: bool = field(default=True, metadata={"help": "at a --prompt-frames switch, recompute the cached "
+                                                  "keys/values under the new prompt (LongLive KV recache)"})
+    denoising_steps: str | None = field(default=None, metadata={
+        "help": "per-chunk timesteps, e.g. 1000,750,500,250 (overrides --steps; default: --steps of the model's "
+        "schedule)"})
+    warp_denoising_step: bool = field(default=False, metadata={
+        "help": "map --denoising-steps through a shifted 1000-step table (Self-Forcing's warp_denoising_step)"})
+    timestep_shift: float = field(default=5.0, metadata={"help": "shift of that table (Self-Forcing: 5)"})
+
+    def __post_init__(self) -> None:
+        from ..extend.configs import BlockCausalConfig
+
+        BlockCausalConfig(chunk_size=self.chunk_size, local_attn_size=self.local_attn_size,
+                          sink_size=self.sink_size, rope_positions=self.causal_rope,
+                          attention=self.causal_attention)
+        if not 0.0 <= float(self.context_noise) < 1.0:
+            raise ValueError(f"--context-noise must be a flow sigma in [0, 1), got {self.context_noise}")
+        _positive("rolling-window", self.rolling_window)
+        if self.causal_step not in ("renoise", "ddim"):
+            raise ValueError(f"--causal-step must be 'renoise' or 'ddim', got {self.causal_step!r}")
+        if self.timestep_shift <= 0:
+            raise ValueError(f"--timestep-shift must be > 0, got {self.timestep_shift}")
+        if self.denoising_steps is not None:
+            try:
+                steps = [float(t) for t in str(self.denoising_steps).replace(" ", "").split(",") if t]
+            except ValueError:
+                steps = []
+            if not steps or any(b >= a for a, b in zip(steps, steps[1:])) or not all(0 < t <= 1000 for t in steps):
+                raise ValueError(
+                    "--denoising-steps takes strictly descending timesteps in (0, 1000], comma-separated, e.g. "
+                    f"1000,750,500,250; got {self.denoising_steps!r}"
+                )
+
+
+def _causal_steps(knobs: CausalKnobs, ctx: SamplerContext) -> int:
+    if knobs.denoising_steps is None:
+        return ctx.requested_steps if ctx.requested_steps is not None else ctx.default_steps
+    steps = len([t for t in str(knobs.denoising_steps).split(",") if t.strip()])
+    if ctx.requested_steps is not None and ctx.requested_steps != steps:
+        raise ValueError(f"--steps {ctx.requested_steps} disagrees with --denoising-steps ({steps} steps): drop one")
+    return steps
+
+
+def _check_causal(knobs: CausalKnobs, ctx: SamplerContext) -> CausalKnobs:
+    if ctx.num_latent_frames % knobs.chunk_size:
+        n = ctx.num_latent_frames
+        lower, upper = n // knobs.chunk_size * knobs.chunk_size, (n // knobs.chunk_size + 1) * knobs.chunk_size
+        fits = [f"--num-frames {ctx.num_pixel_frames(m)} ({m} latent frames)" for m in (lower, upper) if m > 0]
+        raise ValueError(
+            f"--chunk-size {knobs.chunk_size} does not divide the clip's {n} latent frames; use "
+            + " or ".join(fits) + f", or a --chunk-size that divides {n}"
+        )
+    return knobs
+
+
 register_sampler(SamplerSpec(
     name="full",
     fn="longgen.samplers.full:sample_full",
@@ -245,4 +324,15 @@ register_sampler(SamplerSpec(
     "--overlap-history)",
     streams=True,
     resolve=_resolve_df,
+))
+register_sampler(SamplerSpec(
+    name="causal",
+    fn="longgen.samplers.causal:sample_causal_streaming",
+    knobs=CausalKnobs,
+    description="causal streaming: chunk after chunk with a KV cache of the finished ones (CausVid / "
+    "Self-Forcing; rolling window + sink as LongLive; DiTs)",
+    streams=True,
+    resolve=_check_causal,
+    num_steps=_causal_steps,
+    hooks="longgen.samplers.causal:causal_hooks",
 ))

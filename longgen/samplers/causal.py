@@ -7,7 +7,8 @@ every model call (the cache state travels with that object, never inferred from 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -36,7 +37,7 @@ def warped_sigmas(
     t = torch.tensor([float(s) for s in timesteps], dtype=torch.float64) / num_train_timesteps
     if t.numel() < 1 or bool((t[1:] >= t[:-1]).any()) or bool((t <= 0).any()) or bool((t > 1).any()):
         raise ValueError(
-            f"--causal-steps must be strictly descending timesteps in (0, {num_train_timesteps}], got {list(timesteps)}"
+            f"--denoising-steps must be strictly descending timesteps in (0, {num_train_timesteps}], got {list(timesteps)}"
         )
     return torch.cat([shift_sigma(t, shift), torch.zeros(1, dtype=torch.float64)]).float()
 
@@ -280,3 +281,78 @@ def sample_causal(
                 working[j] = (1.0 - s_next) * x0_j + s_next * eps
     progress.close()
     return torch.cat(pieces, dim=2) if return_latents else None
+
+
+@contextmanager
+def causal_hooks(adapter, knobs: dict) -> Iterator[dict]:
+    """The model hooks the ``causal`` sampler runs under (its spec's ``hooks``): block-causal attention with a
+    KV cache from the knobs, removed when sampling ends; yields the ``cache`` argument of the sampler."""
+    from ..extend.causal import BlockCausalConfig, apply_block_causal
+
+    handle = apply_block_causal(adapter, BlockCausalConfig(
+        chunk_size=knobs["chunk_size"], local_attn_size=knobs["local_attn_size"], sink_size=knobs["sink_size"],
+        rope_positions=knobs["causal_rope"], attention=knobs["causal_attention"],
+    ))
+    try:
+        yield {"cache": handle.cache}
+    finally:
+        handle.remove()
+
+
+def schedule_sigmas(sigmas: torch.Tensor, denoising_steps: str | None, warp: bool, shift: float) -> torch.Tensor:
+    """The per-chunk schedule: ``--denoising-steps`` timesteps (warped through a shift table as Self-Forcing's
+    ``warp_denoising_step``, or ``t / 1000`` as CausVid) when given, else the pipeline's sigmas."""
+    if not denoising_steps:
+        return sigmas
+    timesteps = parse_timesteps(denoising_steps)
+    if warp:
+        return warped_sigmas(timesteps, shift=shift).to(sigmas.device)
+    warped_sigmas(timesteps, shift=1.0)  # the same checks
+    return torch.tensor([*[t / 1000.0 for t in timesteps], 0.0], device=sigmas.device)
+
+
+def parse_timesteps(text: str) -> list[float]:
+    """``"1000,750,500,250"`` -> [1000.0, 750.0, 500.0, 250.0] (a clear error naming the flag otherwise)."""
+    try:
+        return [float(t) for t in str(text).replace(" ", "").split(",") if t]
+    except ValueError:
+        raise ValueError(f"--denoising-steps takes comma-separated timesteps such as 1000,750,500,250; got {text!r}") from None
+
+
+def sample_causal_streaming(
+    denoise: Denoiser,
+    noise: torch.Tensor | NoiseSource,
+    sigmas: torch.Tensor,
+    *,
+    cache: KVCache,
+    chunk_size: int,
+    local_attn_size: int,
+    sink_size: int,
+    causal_rope: str,
+    causal_attention: str,
+    context_noise: float,
+    rolling_window: int,
+    causal_step: str,
+    recache: bool,
+    denoising_steps: str | None,
+    warp_denoising_step: bool,
+    timestep_shift: float,
+    prompt_switches: Sequence[int] = (),
+    generator: torch.Generator | None = None,
+    on_frames: FramesHook | None = None,
+    return_latents: bool = True,
+    disable: bool | None = None,
+) -> torch.Tensor | None:
+    """The registered ``causal`` sampler: :func:`sample_causal` with its knobs flat (one per CLI flag).
+
+    ``local_attn_size``, ``sink_size``, ``causal_rope`` and ``causal_attention`` shape the KV cache that
+    :func:`causal_hooks` installed (``cache``); the rest configure the rollout."""
+    del local_attn_size, sink_size, causal_rope, causal_attention  # already in cache.config
+    config = CausalSamplerConfig(
+        context_noise=context_noise, rolling_window=rolling_window, step=causal_step, recache=recache
+    )
+    return sample_causal(
+        denoise, noise, schedule_sigmas(sigmas, denoising_steps, warp_denoising_step, timestep_shift),
+        cache=cache, chunk_size=chunk_size, config=config, prompt_switches=prompt_switches,
+        generator=generator, on_frames=on_frames, return_latents=return_latents, disable=disable,
+    )

@@ -9,6 +9,7 @@ parser from it).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import importlib
@@ -20,7 +21,7 @@ from typing import Any
 
 INTERNAL_ARGUMENTS = frozenset(
     {"denoise", "noise", "sigmas", "callback", "disable", "on_frames", "return_latents", "generator",
-     "num_latent_frames", "init_clip"}
+     "num_latent_frames", "init_clip", "cache", "prompt_switches"}
 )
 """Sampler-function arguments the pipeline passes itself; they are never knobs."""
 
@@ -68,6 +69,10 @@ class SamplerSpec:
     * ``num_steps(knobs, ctx) -> int``: model steps the sampler takes (default: ``--steps`` or the model's).
     * ``fit_steps(num_steps, ctx) -> dict``: for samplers whose step count is set by knobs (fifo), the knob
       options that come closest to a budget of ``num_steps`` (see :func:`options_for_steps`).
+    * ``hooks(adapter, knobs: dict)``: a context manager the pipeline runs ``fn`` under, for samplers that
+      need hooks on the model while they run (causal: block-causal attention + KV cache); it yields a dict of
+      extra keyword arguments for ``fn`` (``{"cache": ...}``) and removes its hooks on exit. ``"module:attr"``
+      strings are imported on first use.
     """
 
     name: str
@@ -78,6 +83,7 @@ class SamplerSpec:
     resolve: Callable[[Any, SamplerContext], Any] = _default_resolve
     num_steps: Callable[[Any, SamplerContext], int] = _default_num_steps
     fit_steps: Callable[[int, SamplerContext], dict[str, Any]] | None = None
+    hooks: Callable[[Any, dict[str, Any]], Any] | str | None = None
 
     def __post_init__(self) -> None:
         if not self.name or not isinstance(self.name, str):
@@ -90,10 +96,13 @@ class SamplerSpec:
 
     def function(self) -> Callable[..., Any]:
         """The sampler function (imported now when ``fn`` is a ``"module:attr"`` string)."""
-        if callable(self.fn):
-            return self.fn
-        module, _, attr = self.fn.partition(":")
-        return getattr(importlib.import_module(module), attr)
+        return _resolve(self.fn)
+
+    def model_hooks(self, adapter: Any, knobs: dict[str, Any]):
+        """The context manager of ``hooks`` (one that yields ``{}`` for samplers without model hooks)."""
+        if self.hooks is None:
+            return contextlib.nullcontext({})
+        return _resolve(self.hooks)(adapter, knobs)
 
     def knob_names(self) -> list[str]:
         return [f.name for f in dataclasses.fields(self.knobs)]
@@ -109,6 +118,13 @@ class SamplerSpec:
                 f"sampler {self.name!r} takes no option(s) {unknown}; it takes {names} (flags: {flags})"
             )
         return self.knobs(**given)
+
+
+def _resolve(target: Callable[..., Any] | str) -> Callable[..., Any]:
+    if callable(target):
+        return target
+    module, _, attr = target.partition(":")
+    return getattr(importlib.import_module(module), attr)
 
 
 _REGISTRY: dict[str, SamplerSpec] = {}

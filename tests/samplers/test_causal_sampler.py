@@ -63,7 +63,7 @@ def _sample(adapter, denoise, noise, block: BlockCausalConfig, use_cache=True, s
 
 def test_warped_self_forcing_schedule():
     torch.testing.assert_close(SIGMAS * 1000, torch.tensor([1000.0, 937.5, 833.3333, 625.0, 0.0]))
-    with pytest.raises(ValueError, match="--causal-steps"):
+    with pytest.raises(ValueError, match="--denoising-steps"):
         warped_sigmas([250, 500])
 
 
