@@ -38,6 +38,7 @@ class StepCacheState:
         self.calls: dict[str, int] = defaultdict(int)
         self.full: dict[str, int] = defaultdict(int)
         self._level: dict[str, float] = {}
+        self._managers = self._find_state_managers()  # the hooks are fixed once installed: look them up once
 
     def denoise(self, x: torch.Tensor, sigma: torch.Tensor, cond: Any) -> torch.Tensor:
         """The adapter's denoise inside this window's cache context."""
@@ -52,18 +53,18 @@ class StepCacheState:
         self.full[name] += int(self._computed(name))
         return out
 
-    def _state_managers(self) -> list[Any]:
+    def _find_state_managers(self) -> list[Any]:
         from diffusers.hooks.hooks import StateManager
 
         managers = []
         for module in self.model.modules():
             registry = getattr(module, "_diffusers_hook", None)
             for hook in getattr(registry, "hooks", {}).values():
-                managers += [v for v in vars(hook).values() if isinstance(v, StateManager)]
+                managers += [v for v in vars(hook).values() if isinstance(v, StateManager) and v not in managers]
         return managers
 
     def _drop(self, name: str) -> None:
-        for manager in self._state_managers():
+        for manager in self._managers:
             manager._state_cache.pop(name, None)  # diffusers keeps per-context states in this dict
 
     def _computed(self, name: str) -> bool:
@@ -72,7 +73,7 @@ class StepCacheState:
         from diffusers.hooks.taylorseer_cache import TaylorSeerState
 
         cfg = self.config
-        for manager in self._state_managers():
+        for manager in self._managers[:1]:  # FBC: one shared state; TaylorSeer: every hook on the same schedule
             state = manager._state_cache.get(name)
             if isinstance(state, FBCSharedBlockState):
                 return bool(state.should_compute)
@@ -138,7 +139,7 @@ def apply_step_cache(adapter: Any, config: StepCacheConfig | None = None) -> Ste
             f"--cache-kind {'taylorseer' if config.kind == 'fbc' else 'fbc'} or drop --extension cache"
         ) from error
     state = StepCacheState(model, config, adapter.denoise)
-    if not state._state_managers():
+    if not state._managers:
         model.disable_cache()
         raise ValueError(
             f"diffusers' {config.kind} cache found no block to hook in {type(model).__name__}; drop --extension cache"
