@@ -16,6 +16,7 @@ so no run reuses another run's residuals or step counts. Decisions of a batched 
 
 from __future__ import annotations
 
+import weakref
 from collections import defaultdict
 from typing import Any
 
@@ -26,7 +27,8 @@ from .configs import StepCacheConfig
 
 __all__ = ["StepCacheConfig", "StepCacheState", "apply_step_cache", "remove_step_cache"]
 
-_ATTR = "_longgen_step_cache"
+_APPLIED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+"""adapter -> its applied :class:`StepCacheState`."""
 _ATTENTION_PATTERN = r"^(blocks|transformer_blocks|single_transformer_blocks|temporal_transformer_blocks)\.\d+\.attn\d*$"
 
 
@@ -123,7 +125,7 @@ def apply_step_cache(adapter: Any, config: StepCacheConfig | None = None) -> Ste
     """Install diffusers' ``config.kind`` cache hook on the adapter's transformer, with per-window states."""
     config = config or StepCacheConfig()
     model = adapter.model
-    if getattr(adapter, _ATTR, None) is not None:
+    if adapter in _APPLIED:
         raise ValueError("a step cache is already applied to this model; remove it first (handle.remove())")
     if not hasattr(model, "enable_cache") or not hasattr(model, "cache_context"):
         raise ValueError(
@@ -145,17 +147,16 @@ def apply_step_cache(adapter: Any, config: StepCacheConfig | None = None) -> Ste
             f"diffusers' {config.kind} cache found no block to hook in {type(model).__name__}; drop --extension cache"
         )
     adapter.denoise = state.denoise  # instance attribute over the class method; removed by remove_step_cache
-    setattr(adapter, _ATTR, state)
+    _APPLIED[adapter] = state
     return state
 
 
 def remove_step_cache(adapter: Any) -> None:
     """Remove the cache hooks and the wrapper, restoring the stock model and ``adapter.denoise``."""
-    state = getattr(adapter, _ATTR, None)
+    state = _APPLIED.pop(adapter, None)
     if state is None:
         return
     state.reset()
     adapter.model.disable_cache()
     if adapter.__dict__.get("denoise") == state.denoise:
         del adapter.denoise
-    setattr(adapter, _ATTR, None)
