@@ -179,6 +179,10 @@ class WindowBatcher:
         before = torch.cuda.memory_allocated(x.device)
         torch.cuda.reset_peak_memory_stats(x.device)
         out.extend(self._call([x], [sigma], [offset], 0))
-        per_window = max(1, torch.cuda.max_memory_allocated(x.device) - before)
         free, _ = torch.cuda.mem_get_info(x.device)
-        return max(1, min(num_windows, int(0.8 * free // per_window)))
+        return windows_that_fit(torch.cuda.max_memory_allocated(x.device) - before, free, num_windows)
+
+
+def windows_that_fit(per_window_bytes: int, free_bytes: int, num_windows: int, headroom: float = 0.8) -> int:
+    """How many windows one batched call may hold: ``headroom`` of free memory over one window's peak."""
+    return max(1, min(num_windows, int(headroom * free_bytes // max(1, per_window_bytes))))

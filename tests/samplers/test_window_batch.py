@@ -8,7 +8,7 @@ import torch
 from longgen.cli import main
 from longgen.pipeline import GuidedDenoiser, LongVideoPipeline
 from longgen.samplers import get_sampler
-from longgen.samplers.base import WindowBatcher, current_window_key
+from longgen.samplers.base import WindowBatcher, current_window_key, windows_that_fit
 from longgen.samplers.fifo import sample_fifo
 from longgen.samplers.sliding import sample_sliding
 
@@ -144,3 +144,18 @@ def test_window_batch_flag_from_the_cli(saved, tmp_path, capsys):
     assert main([*args, "--window-batch", "4"]) == 0 and out.exists()
     assert main([*args, "--window-batch", "0"]) == 2
     assert "--window-batch must be >= 1" in capsys.readouterr().err
+
+
+def test_auto_cap_fits_free_memory():
+    gib = 2**30
+    assert windows_that_fit(2 * gib, 100 * gib, num_windows=64) == 40  # 80% of 100 GiB / 2 GiB
+    assert windows_that_fit(2 * gib, 100 * gib, num_windows=8) == 8
+    assert windows_that_fit(50 * gib, 10 * gib, num_windows=8) == 1  # never below one window
+    assert windows_that_fit(0, gib, num_windows=5) == 5
+
+
+def test_cpu_default_is_sequential(pipe):
+    batcher = WindowBatcher(GuidedDenoiser(pipe.adapter, *pipe.adapter.encode_prompt(["x"], None)), None)
+    xs, sigmas = [torch.zeros(1, 4, 3, 4, 4)] * 3, [torch.full((1, 3), 0.5)] * 3
+    batcher(xs, sigmas, [0, 1, 2])
+    assert batcher.cap == 1 and batcher.num_calls == 3
