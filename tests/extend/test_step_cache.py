@@ -114,3 +114,22 @@ def test_cache_from_the_cli(saved, tmp_path, capsys):
     assert main([*unet, "--extension", "cache"]) == 2
     err = capsys.readouterr().err
     assert "cache" in err and "Traceback" not in err
+
+
+def test_cache_stacks_on_another_extension_through_the_api(pipe):
+    """The CLI takes one --extension; the Python API stacks them: RoPE NTK + cache at threshold 0 = NTK alone."""
+    ntk = pipe.apply_extension("ntk", 21)
+    extended = _sliding(pipe)
+    cache = pipe.apply_extension("cache", threshold=0.0)
+    both = _sliding(pipe)
+    assert cache.describe()["details"]["calls"] > 0
+    pipe.remove_extensions()
+    assert ntk.removed and cache.removed
+    torch.testing.assert_close(both.latents, extended.latents, atol=1e-6, rtol=1e-6)
+
+
+def test_applying_twice_is_a_clear_error(pipe):
+    with pipe.apply_extension("cache"):
+        with pytest.raises(ValueError, match="already applied"):
+            pipe.apply_extension("cache")
+    pipe.extensions.clear()
