@@ -40,6 +40,7 @@ class StepCacheState:
         self.calls: dict[str, int] = defaultdict(int)
         self.full: dict[str, int] = defaultdict(int)
         self._level: dict[str, float] = {}
+        self.fresh_starts: dict[str, int] = defaultdict(int)
         self._managers = self._find_state_managers()  # the hooks are fixed once installed: look them up once
 
     def denoise(self, x: torch.Tensor, sigma: torch.Tensor, cond: Any) -> torch.Tensor:
@@ -48,6 +49,7 @@ class StepCacheState:
         level = float(sigma.max())
         if name in self._level and level > self._level[name] + 1e-6:
             self._drop(name)  # the noise went up: a new run (or chunk) starts in this slot
+            self.fresh_starts[name] += 1
         self._level[name] = level
         with self.model.cache_context(name):
             out = self.original_denoise(x, sigma, cond)
@@ -92,7 +94,9 @@ class StepCacheState:
             "calls": calls,
             "full": full,
             "skipped_fraction": 0.0 if not calls else 1.0 - full / calls,
-            "contexts": {k: {"calls": self.calls[k], "full": self.full[k]} for k in self.calls},
+            "contexts": {
+                k: {"calls": self.calls[k], "full": self.full[k], "fresh_starts": self.fresh_starts[k]} for k in self.calls
+            },
         }
 
     def reset(self) -> None:
@@ -102,6 +106,7 @@ class StepCacheState:
         self._level.clear()
         self.calls.clear()
         self.full.clear()
+        self.fresh_starts.clear()
 
 
 def _diffusers_config(config: StepCacheConfig) -> Any:

@@ -67,7 +67,7 @@ def test_cache_decision_is_per_window_not_per_clip(pipe):
         if keyed:
             assert {k: v["full"] for k, v in details["contexts"].items()} == {"0|1x4x3x4x4": 1, "1|1x4x3x4x4": 1}
         else:
-            assert details["contexts"] == {"clip|1x4x3x4x4": {"calls": 6, "full": 6}}
+            assert details["contexts"] == {"clip|1x4x3x4x4": {"calls": 6, "full": 6, "fresh_starts": 0}}
 
 
 def test_a_rising_noise_level_starts_a_fresh_state(pipe):
@@ -133,3 +133,19 @@ def test_applying_twice_is_a_clear_error(pipe):
         with pytest.raises(ValueError, match="already applied"):
             pipe.apply_extension("cache")
     pipe.extensions.clear()
+
+
+def test_df_chunks_each_start_a_fresh_state(pipe):
+    """df denoises one window per call, chunk after chunk: the state is per chunk (a new chunk's fresh noise
+    raises the level, so the previous chunk's residuals are dropped and its first step computes in full)."""
+    from longgen.samplers.builtin import df_model_call_lengths
+
+    with pipe.apply_extension("cache", kind="fbc", threshold=10.0) as handle:  # skip whenever allowed
+        pipe.generate("a ball", num_frames=33, sampler="df", num_inference_steps=4, seed=0, show_progress=False)
+        contexts = handle.describe()["details"]["contexts"]
+    pipe.extensions.clear()
+    knobs = pipe.sampler_kwargs("df", 9, {})
+    chunks = len(df_model_call_lengths(9, knobs["base_num_latent_frames"], knobs["overlap_history"]))
+    assert chunks > 1
+    (counts,) = contexts.values()
+    assert counts == {"calls": 4 * chunks, "full": chunks, "fresh_starts": chunks - 1}
