@@ -10,7 +10,8 @@ different windows (fifo, df: at different per-frame noise levels), so the cache 
 set by ``sliding`` and ``fifo``: window index, or the window group of a batched call) plus the input shape, so
 each window is compared with its own previous step. Calls outside a window scope (``full``, ``df``) share one
 state per input shape. A state whose noise level rises (a new sampling run, or a new chunk) is dropped first,
-so no run reuses another run's residuals or step counts. Decisions of a batched call cover all its windows
+so no run reuses another run's residuals or step counts; ``df`` denoises one window per call, chunk after
+chunk, so its state is per chunk (``describe()["contexts"][name]["fresh_starts"]`` counts the drops). Decisions of a batched call cover all its windows
 (diffusers' hooks decide once per call).
 """
 
