@@ -156,6 +156,21 @@ class GuidedDenoiser:
         ).chunk(2)
         return x0_uncond + self.guidance_scale * (x0_cond - x0_uncond)
 
+    def denoise_windows(
+        self, xs: list[torch.Tensor], sigmas: list[torch.Tensor], frame_offsets: list[int]
+    ) -> list[torch.Tensor]:
+        """Windows of one step as one batched model call, each with its own cond (see ``BatchedDenoiser``)."""
+        self.num_calls += 1
+        n = len(xs)
+        conds = [self.cond_for(offset, x.shape[2]) for offset, x in zip(frame_offsets, xs)]
+        x, sigma, cond = torch.cat(xs), torch.cat(sigmas), cat_conds(conds)
+        if self.uncond is None or self.guidance_scale == 1.0:
+            return list(self.adapter.denoise(x, sigma, cond).chunk(n))
+        x0_uncond, x0_cond = self.adapter.denoise(
+            torch.cat([x, x]), torch.cat([sigma, sigma]), cat_conds([self.uncond] * n + conds)
+        ).chunk(2)
+        return list((x0_uncond + self.guidance_scale * (x0_cond - x0_uncond)).chunk(n))
+
 
 @dataclass
 class GenerationResult:

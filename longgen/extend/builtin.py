@@ -1,6 +1,6 @@
 """The built-in extensions' registrations (torch-free: their functions are imported on first use).
 
-Registration order is the order ``--extension`` lists them: pi, ntk, yarn, riflex, fusion, spectral, exvideo.
+Registration order is the order ``--extension`` lists them: pi, ntk, yarn, riflex, fusion, spectral, exvideo, cache.
 The option dataclasses live in :mod:`longgen.extend.configs`; ``apply`` / ``remove`` /
 ``trainable_parameters`` are ``"module:function"`` strings resolved by :class:`~longgen.extend.registry.ExtensionSpec`.
 """
@@ -14,6 +14,7 @@ from .configs import (
     RiflexConfig,
     RopeExtensionConfig,
     SpectralBlendOptions,
+    StepCacheConfig,
     WindowFusionOptions,
     YarnConfig,
 )
@@ -23,6 +24,7 @@ _ROPE = "longgen.extend.rope"
 _FUSION = "longgen.extend.fusion"
 _SPECTRAL = "longgen.extend.spectral"
 _EXVIDEO = "longgen.extend.exvideo"
+_STEP_CACHE = "longgen.extend.step_cache"
 
 
 def _register_rope() -> None:
@@ -92,6 +94,17 @@ def _register_builtins() -> None:
             remove="longgen.extend.causal:remove_block_causal",
             description="block-causal video self-attention over latent chunks with a KV cache (rolling window, "
             "sink); what --sampler causal applies for its run (DiTs: Wan, SkyReels-V2, LTX-Video)",
+        )
+    )
+
+    register_extension(
+        ExtensionSpec(
+            name="cache",
+            config_cls=StepCacheConfig,
+            apply=f"{_STEP_CACHE}:apply_step_cache",
+            remove=f"{_STEP_CACHE}:remove_step_cache",
+            description="step caching with diffusers' hooks (First Block Cache or TaylorSeer), one cache state "
+            "per window of sliding/fifo; works with every sampler (DiT backbones)",
         )
     )
 

@@ -21,7 +21,9 @@ __all__ = [
     "ExVideoConfig",
     "RiflexConfig",
     "RopeExtensionConfig",
+    "STEP_CACHE_KINDS",
     "SpectralBlendOptions",
+    "StepCacheConfig",
     "WindowFusionOptions",
     "YarnConfig",
 ]
@@ -187,3 +189,30 @@ class BlockCausalConfig:
         """Frames at or past this index (besides the sink) may still be seen by the chunk ending at
         ``next_chunk_end`` or later ones; earlier ones can be evicted."""
         return 0 if self.recent_frames is None else next_chunk_end - self.recent_frames
+
+
+# --- step caching (longgen.extend.step_cache) -------------------------------------------------------
+STEP_CACHE_KINDS = ("fbc", "taylorseer")
+
+
+@dataclass(frozen=True)
+class StepCacheConfig:
+    """Options of the ``cache`` registry entry (diffusers' cache hooks, one cache state per window)."""
+
+    kind: str = field(default="fbc", metadata={"help": "fbc = First Block Cache (skip the other blocks when the "
+                      "first block's residual barely changed), taylorseer = TaylorSeer (Taylor-extrapolated "
+                      "block outputs between full steps)"})
+    threshold: float = field(default=0.05, metadata={"help": "fbc: relative change of the first block's residual "
+                             "below which the remaining blocks are skipped (higher = faster, more drift)"})
+    interval: int = field(default=5, metadata={"help": "taylorseer: steps between full computations"})
+    warmup_steps: int = field(default=3, metadata={"help": "taylorseer: full steps before caching starts"})
+    order: int = field(default=1, metadata={"help": "taylorseer: order of the Taylor expansion"})
+
+    def __post_init__(self) -> None:
+        if self.kind not in STEP_CACHE_KINDS:
+            raise ValueError(f"--cache-kind must be one of {', '.join(STEP_CACHE_KINDS)}, got {self.kind!r}")
+        if self.threshold < 0:
+            raise ValueError(f"--cache-threshold must be >= 0 (0 never skips), got {self.threshold}")
+        for flag, value in (("interval", self.interval), ("warmup-steps", self.warmup_steps), ("order", self.order)):
+            if value < 1:
+                raise ValueError(f"--cache-{flag} must be >= 1, got {value}")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Protocol
 
 import torch
@@ -18,6 +21,19 @@ class Denoiser(Protocol):
     """
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, frame_offset: int = 0) -> torch.Tensor: ...
+
+
+class BatchedDenoiser(Denoiser, Protocol):
+    """A denoiser that can also run several windows of one step as one model call (optional).
+
+    ``denoise_windows(xs, sigmas, frame_offsets)``: ``xs[i]`` ``[B, C, F, H, W]`` at ``sigmas[i]`` ``[B, F]``
+    whose first frame is ``frame_offsets[i]``; returns the windows' x0 in order, each with its own cond, equal to
+    ``[denoise(x, s, o) for ...]`` to float tolerance. :class:`WindowBatcher` uses it when present.
+    """
+
+    def denoise_windows(
+        self, xs: list[torch.Tensor], sigmas: list[torch.Tensor], frame_offsets: list[int]
+    ) -> list[torch.Tensor]: ...
 
 
 def fusion_weights(window: int, kind: str = "pyramid") -> torch.Tensor:
@@ -65,3 +81,108 @@ def ddim_eta_step(
     z = gaussian_noise(x.shape, generator, x.device, x.dtype)
     out = (1.0 - sigma_next) * x0 + (sigma_next**2 - c**2).clamp_min(0.0).sqrt() * eps + c * z
     return torch.where(sigma > 0, out, x)
+
+
+# --- windows of one step as batched model calls ---------------------------------------------------
+_WINDOW_KEY: ContextVar[str | None] = ContextVar("longgen_window_key", default=None)
+
+@contextmanager
+def window_scope(key: str | None) -> Iterator[None]:
+    """Name the window(s) the model calls inside belong to (step caches keep one state per name)."""
+    token = _WINDOW_KEY.set(key)
+    try:
+        yield
+    finally:
+        _WINDOW_KEY.reset(token)
+
+
+def current_window_key() -> str | None:
+    """The window name set by :func:`window_scope` (None outside windowed samplers: one state per clip)."""
+    return _WINDOW_KEY.get()
+
+
+def _is_out_of_memory(error: BaseException) -> bool:
+    if isinstance(error, torch.OutOfMemoryError):
+        return True
+    text = str(error).lower()  # CPU allocators raise a plain RuntimeError
+    return isinstance(error, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+class WindowBatcher:
+    """Denoises the independent windows of one sampler step in batched model calls of <= ``window_batch``.
+
+    Windows are stacked along the batch, so one call does the work of several (the FIFO-Diffusion paper runs
+    them on separate GPUs; one batched call is the single-device analogue). Each window keeps its own
+    conditioning through the denoiser's ``denoise_windows(xs, sigmas, frame_offsets)``
+    (:meth:`longgen.pipeline.GuidedDenoiser.denoise_windows`); a denoiser without it is called window by
+    window. ``window_batch=None``: on CUDA from free memory (the first window's measured peak), on CPU 1.
+    A batch that runs out of memory is halved with a warning and retried, down to single windows. The cap
+    persists across steps, so the groups (and step-cache keys, :func:`window_scope`) stay the same.
+    """
+
+    def __init__(self, denoise: Denoiser, window_batch: int | None = None):
+        if window_batch is not None and window_batch < 1:
+            raise ValueError(f"--window-batch must be >= 1, got {window_batch}")
+        self.denoise = denoise
+        self.batched = getattr(denoise, "denoise_windows", None)
+        self.cap = window_batch if self.batched is not None else 1
+        self.num_calls = 0
+        self.fallbacks = 0
+
+    def __call__(self, xs: list[torch.Tensor], sigmas: list[torch.Tensor], offsets: list[int]) -> list[torch.Tensor]:
+        """x0 of every window (in order); window ``i`` is ``xs[i]`` at ``sigmas[i]``, first frame ``offsets[i]``."""
+        out: list[torch.Tensor] = []
+        i = 0
+        while i < len(xs):
+            if self.cap is None:
+                self.cap = self._auto_cap(xs[i], sigmas[i], offsets[i], len(xs), out)
+                i = len(out)
+                continue
+            j = min(len(xs), i + self.cap)
+            try:
+                out.extend(self._call(xs[i:j], sigmas[i:j], offsets[i:j], i))
+            except (RuntimeError, torch.OutOfMemoryError) as error:
+                if j - i == 1 or not _is_out_of_memory(error):
+                    raise
+                self._shrink(j - i)
+                continue
+            i = j
+        return out
+
+    def _call(self, xs, sigmas, offsets, first: int) -> list[torch.Tensor]:
+        self.num_calls += 1
+        if len(xs) == 1:
+            with window_scope(str(first)):
+                return [self.denoise(xs[0], sigmas[0], frame_offset=offsets[0])]
+        with window_scope(f"{first}-{first + len(xs) - 1}"):
+            return list(self.batched(xs, sigmas, offsets))
+
+    def _shrink(self, tried: int) -> None:
+        import warnings
+
+        self.cap = max(1, tried // 2)
+        self.fallbacks += 1
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        warnings.warn(
+            f"a batch of {tried} windows ran out of memory; retrying with --window-batch {self.cap} "
+            f"(pass a smaller --window-batch to skip this)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+    def _auto_cap(self, x, sigma, offset, num_windows: int, out: list[torch.Tensor]) -> int:
+        """CUDA: run the first window alone, measuring its peak, and fit the rest into 80% of free memory."""
+        if x.device.type != "cuda" or num_windows == 1:
+            return 1
+        torch.cuda.synchronize(x.device)
+        before = torch.cuda.memory_allocated(x.device)
+        torch.cuda.reset_peak_memory_stats(x.device)
+        out.extend(self._call([x], [sigma], [offset], 0))
+        free, _ = torch.cuda.mem_get_info(x.device)
+        return windows_that_fit(torch.cuda.max_memory_allocated(x.device) - before, free, num_windows)
+
+
+def windows_that_fit(per_window_bytes: int, free_bytes: int, num_windows: int, headroom: float = 0.8) -> int:
+    """How many windows one batched call may hold: ``headroom`` of free memory over one window's peak."""
+    return max(1, min(num_windows, int(headroom * free_bytes // max(1, per_window_bytes))))

@@ -24,6 +24,13 @@ def _positive(flag: str, value: int | None) -> None:
         raise ValueError(f"--{flag} must be >= 1, got {value}")
 
 
+# The help text lives with the batching helper (torch-free copy here: the CLI parser imports no torch).
+_WINDOW_BATCH_HELP = (
+    "windows of one step denoised in one batched model call (they are independent within a step); default: "
+    "from free GPU memory on CUDA, 1 (sequential) on CPU; a batch too large for memory is halved with a warning"
+)
+
+
 def _check_eta(eta: float) -> None:
     if not 0.0 <= eta <= 1.0:
         raise ValueError(f"--eta must be in [0, 1] (0 = deterministic DDIM), got {eta}")
@@ -53,10 +60,12 @@ class SlidingKnobs:
         default="pyramid", metadata={"help": "how overlapping windows are blended (FreeNoise pyramid or uniform)"}
     )
     eta: float = field(default=0.0, metadata={"help": _ETA_HELP})
+    window_batch: int | None = field(default=None, metadata={"help": _WINDOW_BATCH_HELP})
 
     def __post_init__(self) -> None:
         _positive("window", self.window)
         _positive("stride", self.stride)
+        _positive("window-batch", self.window_batch)
         if self.weighting not in ("pyramid", "uniform"):
             raise ValueError(f"--weighting must be 'pyramid' or 'uniform', got {self.weighting!r}")
         _check_eta(self.eta)
@@ -83,10 +92,12 @@ class FifoKnobs:
                   "back; twice the model calls; needs an even window)"},
     )
     eta: float = field(default=0.0, metadata={"help": _ETA_HELP})
+    window_batch: int | None = field(default=None, metadata={"help": _WINDOW_BATCH_HELP})
 
     def __post_init__(self) -> None:
         _positive("window", self.window)
         _positive("num-partitions", self.num_partitions)
+        _positive("window-batch", self.window_batch)
         _check_eta(self.eta)
 
 

@@ -8,7 +8,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..noise import NoiseSource, gaussian_noise, noise_frames
-from .base import Denoiser, ddim_eta_step
+from .base import Denoiser, WindowBatcher, ddim_eta_step
 from .full import sample_full
 
 FramesHook = Callable[[int, torch.Tensor], None]
@@ -63,6 +63,7 @@ def sample_fifo(
     num_partitions: int = 4,
     lookahead: bool = True,
     eta: float = 0.0,
+    window_batch: int | None = None,
     num_latent_frames: int | None = None,
     init_clip: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
@@ -99,7 +100,9 @@ def sample_fifo(
     Memory is constant in the clip length: the queue, one window's activations, and (unless
     ``return_latents=False``) the returned clip ``[B, C, F, H, W]``. Frames go to
     ``on_frames(j, latent[B, C, 1, H, W])`` as they leave the queue. The windows of one iteration read
-    the same queue state, so they are independent (the official code runs them on separate GPUs).
+    the same queue state, so they are independent (the official code runs them on separate GPUs): ``window_batch``
+    of them run as one batched model call (:class:`~longgen.samplers.base.WindowBatcher`; None: from free
+    memory on CUDA, 1 on CPU), the same result to float tolerance; step caches keep one state per window.
     """
     sigmas = sigmas.float()
     num_steps = len(sigmas) - 1
@@ -137,17 +140,20 @@ def sample_fifo(
         starts = [r * window for r in range(num_partitions)]
         keep = window
 
+    batcher = WindowBatcher(denoise, window_batch)
     pieces: list[torch.Tensor] = []
     progress = tqdm(total=num_latent_frames, disable=disable, desc="fifo (latent frames)", leave=False)
     num_iterations = num_latent_frames + warmup
     for it in range(num_iterations):
         offset = it - context - warmup  # absolute frame index of queue slot 0
         updated = queue.clone()
-        for start in starts:
+        x0s = batcher(
+            [queue[:, :, s : s + window] for s in starts],
+            [sigmas[levels[s : s + window]].expand(batch, window) for s in starts],
+            [offset + s for s in starts],
+        )
+        for start, x0 in zip(starts, x0s):
             sl = slice(start, start + window)
-            x0 = denoise(
-                queue[:, :, sl], sigmas[levels[sl]].expand(batch, window), frame_offset=offset + start
-            )
             stepped = ddim_eta_step(
                 queue[:, :, sl], x0, slot_sigma[:, :, sl], slot_sigma_next[:, :, sl], eta, generator
             )

@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 from tqdm.auto import trange
 
-from .base import Denoiser, ddim_eta_step, fusion_weights, window_starts
+from .base import Denoiser, WindowBatcher, ddim_eta_step, fusion_weights, window_starts
 
 
 def sample_sliding(
@@ -19,6 +19,7 @@ def sample_sliding(
     stride: int,
     weighting: str = "pyramid",
     eta: float = 0.0,
+    window_batch: int | None = None,
     generator: torch.Generator | None = None,
     callback: Callable[[dict], None] | None = None,
     disable: bool | None = None,
@@ -30,13 +31,16 @@ def sample_sliding(
     with ``weighting`` weights, and one DDIM step is taken for the whole clip. The model only ever sees
     clips of its native length; compute grows linearly with the clip. With one window covering the
     clip this is exactly :func:`~longgen.samplers.full.sample_full`. ``eta > 0``: stochastic DDIM with noise
-    from ``generator`` (:func:`~longgen.samplers.base.ddim_eta_step`).
+    from ``generator`` (:func:`~longgen.samplers.base.ddim_eta_step`). The windows of a step are independent:
+    ``window_batch`` of them run as one batched model call (:class:`~longgen.samplers.base.WindowBatcher`;
+    None: from free memory on CUDA, 1 on CPU), the same result to float tolerance.
     """
     sigmas = sigmas.to(noise.device, torch.float32)
     batch, _, num_latent_frames = noise.shape[:3]
     starts = window_starts(num_latent_frames, window, stride)
     w = fusion_weights(window, weighting).to(noise.device).view(1, 1, window, 1, 1)
     x = noise * sigmas[0]
+    batcher = WindowBatcher(denoise, window_batch)
     for i in trange(len(sigmas) - 1, disable=disable, desc="denoising (sliding)", leave=False):
         acc = torch.zeros_like(x)
         norm = torch.zeros(1, 1, num_latent_frames, 1, 1, device=x.device)
@@ -44,9 +48,10 @@ def sample_sliding(
         if len(starts) == 1:  # one window covers the clip: no fusion, exactly plain sampling
             x0 = denoise(x, sigma)
         else:
-            for start in starts:
+            x0s = batcher([x[:, :, s : s + window] for s in starts], [sigma] * len(starts), starts)
+            for start, x0_window in zip(starts, x0s):  # fused in window order, as sequential sampling does
                 sl = slice(start, start + window)
-                acc[:, :, sl] += w * denoise(x[:, :, sl], sigma, frame_offset=start)
+                acc[:, :, sl] += w * x0_window
                 norm[:, :, sl] += w
             x0 = acc / norm
         x = ddim_eta_step(x, x0, sigmas[i], sigmas[i + 1], eta, generator)
