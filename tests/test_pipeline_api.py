@@ -108,3 +108,51 @@ def test_from_pretrained_dtype_to_and_offload_passthrough(saved, monkeypatch):
     monkeypatch.setattr(pipe.adapter.pipe, "enable_model_cpu_offload", lambda **kw: calls.append(kw))
     pipe.enable_model_cpu_offload(device="cpu")
     assert calls == [{"gpu_id": None, "device": "cpu"}]
+
+
+def _gradient_image(size: int):
+    from PIL import Image
+
+    ramp = np.linspace(0, 255, size, dtype=np.uint8)
+    rgb = np.stack([np.tile(ramp, (size, 1)), np.tile(ramp[:, None], (1, size)), np.full((size, size), 90, np.uint8)], -1)
+    return Image.fromarray(rgb)
+
+
+def test_ltx_image_to_video_equals_the_stock_pipeline(tmp_path, monkeypatch):
+    """LTX I2V: the image's latents pinned as the clean first latent frame, as ``LTXImageToVideoPipeline``
+    does. The stock pipeline samples the image latent with the generator, longgen takes the distribution's
+    mode (deterministic): the stock encoder is switched to the mode here, so the same generator then draws
+    the same noise."""
+    import diffusers.pipelines.ltx.pipeline_ltx_image2video as stock_module
+    from diffusers import LTXImageToVideoPipeline
+
+    from longgen.backbones.ltx import IMAGE_LATENTS, LTXAdapter
+
+    LTXAdapter(LTXAdapter.tiny_pipeline(seed=0, image_to_video=True), native_video_size=(17, 64, 64)).save_pretrained(
+        tmp_path
+    )  # loaded back: modules in eval mode (the tiny T5 has dropout)
+    ours = LongVideoPipeline.from_pretrained(tmp_path)
+    adapter = ours.adapter
+    assert type(adapter.pipe).__name__ == "LTXImageToVideoPipeline" and adapter.requires_image_condition
+    monkeypatch.setattr(stock_module, "retrieve_latents", lambda out, generator=None, sample_mode="": out.latent_dist.mode())
+    stock = LTXImageToVideoPipeline(**adapter.pipe.components)
+    stock.set_progress_bar_config(disable=True)
+    image = _gradient_image(64)
+    common = dict(prompt=PROMPT, image=image, num_frames=17, height=64, width=64, num_inference_steps=3,
+                  guidance_scale=3.0)
+    text = dict(max_sequence_length=32)  # the tiny tokenizer's length, which the adapter pads to
+    with torch.no_grad():
+        packed = stock(generator=torch.Generator().manual_seed(5), output_type="latent", **text, **common).frames
+        frames = stock(generator=torch.Generator().manual_seed(5), output_type="np", **text, **common).frames
+    expected = stock._unpack_latents(packed, 3, 2, 2, 1, 1)
+    got = ours(generator=torch.Generator().manual_seed(5), output_type="latent", show_progress=False, **common).frames
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    first = adapter._image_condition(image, 1, 17, 64, 64)[IMAGE_LATENTS]
+    torch.testing.assert_close(got[:, :, :1], first)  # the first frame is the image
+    np.testing.assert_allclose(
+        ours(generator=torch.Generator().manual_seed(5), show_progress=False, **common).frames, frames, atol=1e-4
+    )
+    with pytest.raises(ValueError, match="image-to-video pipeline: pass image"):
+        ours(PROMPT, num_inference_steps=1, show_progress=False)
+    with pytest.raises(ValueError, match="conditions one whole clip"):
+        ours(PROMPT, image=image, num_frames=33, sampler="sliding", num_inference_steps=1, show_progress=False)
