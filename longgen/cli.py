@@ -589,8 +589,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--seed", type=int, default=0, help="weights seed")
     p.add_argument("--i2v", action="store_true",
-                   help="the family's image-to-video pipeline (wan: WanImageToVideoPipeline, ltx: "
-                   "LTXImageToVideoPipeline); generate from it with --image")
+                   help="the family's image-to-video pipeline (wan, skyreels_v2, ltx, cogvideox; svd is one "
+                   "already); generate from it with --image")
     p.set_defaults(func=cmd_make_tiny)
 
     p = sub.add_parser(
