@@ -259,6 +259,8 @@ def _config_value(path: str, key: str, action: argparse.Action, value):
     """A config value through its flag's type and choices (what argparse does for the command line)."""
     if value is None:
         return None
+    if isinstance(action, argparse._AppendAction) and not isinstance(value, list):
+        value = [value]  # a repeatable flag (--lora, --prompt) given one value in the YAML
     try:
         if action.type is not None and not isinstance(value, bool):
             value = [action.type(str(v)) for v in value] if isinstance(value, list) else action.type(str(value))
@@ -274,8 +276,10 @@ def apply_generate_config(parser: argparse.ArgumentParser, argv: list[str]) -> a
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["generate"]
     args = parser.parse_args(argv)
     if args.config:
+        given = {dest: getattr(args, dest) for dest in ("lora", "prompt") if getattr(args, dest) is not None}
         sub.set_defaults(**load_generate_config(args.config, sub))
         args = parser.parse_args(argv)
+        vars(args).update(given)  # repeatable flags on the command line replace the config's list (not append)
     if args.model is None:
         raise ValueError("--model is required (a local diffusers pipeline folder), on the command line or in --config")
     return args

@@ -456,3 +456,36 @@ def test_bad_prompts_file_is_explained(saved, tmp_path, capsys, text, message):
     assert "does not exist" in capsys.readouterr().err
     assert main([*args, "--prompt", "x"]) == 2
     assert "drop --prompt" in capsys.readouterr().err
+
+
+def test_every_training_recipe_has_an_inference_recipe_loading_its_export():
+    """configs/generate/<name>.yaml for each configs/<name>.yaml, loading that run's final/ export."""
+    import pathlib
+
+    from omegaconf import OmegaConf
+
+    from longgen.cli import load_generate_config
+
+    root = pathlib.Path(__file__).parents[1] / "configs"
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices["generate"]
+    for train in sorted(root.glob("*.yaml")):
+        recipe = root / "generate" / train.name
+        assert recipe.exists(), f"no inference recipe for {train.name}"
+        values = load_generate_config(str(recipe), sub)
+        final = OmegaConf.load(train).train.output_dir + "/final"
+        sources = list(values.get("lora") or []) + ([values["transformer"]] if values.get("transformer") else [])
+        assert sources and all(s.startswith(final) for s in sources), (recipe.name, sources, final)
+
+
+def test_command_line_lora_replaces_the_configs(saved, tmp_path):
+    import yaml
+
+    from longgen.cli import apply_generate_config
+
+    config = tmp_path / "g.yaml"
+    config.write_text(yaml.safe_dump({"model": saved("wan"), "lora": "from/config.safetensors:0.5"}))
+    parser = build_parser()
+    args = apply_generate_config(parser, ["generate", "--config", str(config)])
+    assert args.lora == ["from/config.safetensors:0.5"]
+    args = apply_generate_config(build_parser(), ["generate", "--config", str(config), "--lora", "mine.safetensors"])
+    assert args.lora == ["mine.safetensors"]
