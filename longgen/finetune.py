@@ -86,7 +86,7 @@ def load_lora(adapter, path: str, adapter_name: str, loaded: dict[str, float]) -
     except (ValueError, KeyError, RuntimeError, TypeError, AttributeError) as err:
         raise ValueError(
             f"--lora {path!r} does not fit this {adapter.family} model ({type(model).__name__}): "
-            f"{str(err).splitlines()[0][:300]}. Pass a LoRA trained on this base model"
+            f"{str(err).splitlines()[0][:300].rstrip('. ')}. Pass a LoRA trained on this base model"
         ) from None
     if adapter_name not in (getattr(model, "peft_config", None) or {}):
         raise ValueError(
