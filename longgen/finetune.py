@@ -82,8 +82,15 @@ def load_lora(adapter, path: str, adapter_name: str, loaded: dict[str, float]) -
         )
     model = adapter.model
     try:
+        from safetensors import safe_open
+
+        with safe_open(os.path.join(folder, weight_name), framework="pt"):
+            pass
+    except Exception as err:  # safetensors' SafetensorError derives from Exception only
+        raise ValueError(f"--lora {path!r} is not a readable safetensors file ({err}); re-export it") from None
+    try:
         pipe.load_lora_weights(folder, weight_name=weight_name, adapter_name=adapter_name)
-    except (ValueError, KeyError, RuntimeError, TypeError, AttributeError) as err:
+    except (ValueError, KeyError, RuntimeError, TypeError, AttributeError, OSError) as err:
         raise ValueError(
             f"--lora {path!r} does not fit this {adapter.family} model ({type(model).__name__}): "
             f"{str(err).splitlines()[0][:300].rstrip('. ')}. Pass a LoRA trained on this base model"
@@ -118,19 +125,37 @@ def transformer_folder(path: str, model_attr: str) -> str:
     return path
 
 
-def load_transformer(path: str, index: dict[str, Any], model_attr: str, dtype: torch.dtype) -> torch.nn.Module:
-    """A full fine-tune's model folder, checked against the base pipeline's architecture (class and shapes)."""
+def _read_config(folder: str) -> dict[str, Any]:
+    with open(os.path.join(folder, "config.json")) as fh:
+        return json.load(fh)
+
+
+def load_transformer(
+    path: str, index: dict[str, Any], model_attr: str, dtype: torch.dtype, base_folder: str | None = None
+) -> torch.nn.Module:
+    """A full fine-tune's model folder, checked against the base pipeline's architecture: the class, and the
+    config values it shares with ``base_folder/<model_attr>/config.json`` (sizes, layers, heads)."""
     import diffusers
 
     folder = transformer_folder(path, model_attr)
     expected = _model_component(index, model_attr)
-    with open(os.path.join(folder, "config.json")) as fh:
-        found = json.load(fh).get("_class_name")
+    config = _read_config(folder)
+    found = config.get("_class_name")
     if found != expected:
         raise ValueError(
             f"--transformer {path!r} is a {found} but this pipeline's {model_attr} is a {expected}: pass a "
             f"fine-tune of this base model"
         )
+    base = os.path.join(base_folder, model_attr) if base_folder else None
+    if base and os.path.isfile(os.path.join(base, "config.json")):
+        stock = _read_config(base)
+        differ = sorted(k for k in config if not k.startswith("_") and k in stock and config[k] != stock[k])
+        if differ:
+            shown = ", ".join(f"{k}: {config[k]!r} vs {stock[k]!r}" for k in differ[:4])
+            raise ValueError(
+                f"--transformer {path!r} is another {expected} than this pipeline's ({shown}): pass a fine-tune "
+                "of this base model"
+            )
     cls = getattr(diffusers, expected)
     try:
         return cls.from_pretrained(folder, torch_dtype=dtype, local_files_only=True)

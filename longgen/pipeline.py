@@ -141,7 +141,7 @@ def _fine_tuned_model(path: str, transformer: str, dtype: torch.dtype) -> dict[s
     ):
         return {}  # final/ of an ExVideo run: the base model plus its extra weights (reapply_recorded_extension)
     transformer_folder(transformer, attr)
-    return {attr: load_transformer(transformer, index, attr, dtype)}
+    return {attr: load_transformer(transformer, index, attr, dtype, base_folder=path)}
 
 
 class _FrameSink:

@@ -196,10 +196,36 @@ def test_lora_of_another_model_is_explained(saved, lora_run, tmp_path, capsys):
     assert "does not fit" in err or "another model" in err
 
 
+def test_foreign_or_broken_lora_files_are_explained(saved, tmp_path, capsys):
+    """A LoRA whose keys name another model (peft would load nothing), a kohya-style file of other modules,
+    and a file that is not safetensors: each a message, no traceback, no clip."""
+    from safetensors.torch import save_file
+
+    files = {
+        "sd.safetensors": {"unet.down_blocks.0.attentions.0.proj_in.lora_A.weight": torch.zeros(4, 8),
+                           "unet.down_blocks.0.attentions.0.proj_in.lora_B.weight": torch.zeros(8, 4)},
+        "kohya.safetensors": {"lora_unet_down_blocks_0.lora_down.weight": torch.zeros(4, 8)},
+    }
+    for name, tensors in files.items():
+        save_file(tensors, tmp_path / name)
+    (tmp_path / "broken.safetensors").write_text("not a safetensors file")
+    for name, message in [("sd", "another model"), ("kohya", "does not fit"), ("broken", "not a readable")]:
+        out = tmp_path / f"{name}.mp4"
+        assert main(_generate_args(saved("wan"), out, "--lora", str(tmp_path / f"{name}.safetensors"))) == 2
+        assert message in capsys.readouterr().err, name
+        assert not out.exists()
+
+
 def test_transformer_of_another_architecture_is_explained(saved, tmp_path, capsys):
     assert main(_generate_args(saved("wan"), tmp_path / "x.mp4", "--transformer", os.path.join(saved("ltx"),
                                                                                               "transformer"))) == 2
     assert "LTXVideoTransformer3DModel" in capsys.readouterr().err
+    from longgen.backbones.wan import WanAdapter
+
+    other = tmp_path / "wider"  # the same class with other sizes
+    WanAdapter.tiny_pipeline(seed=0, transformer_kwargs={"num_layers": 3}).transformer.save_pretrained(other)
+    assert main(_generate_args(saved("wan"), tmp_path / "x.mp4", "--transformer", str(other))) == 2
+    assert "num_layers: 3 vs 2" in capsys.readouterr().err
 
 
 def test_svd_lora_is_a_clear_error(saved, lora_run, tmp_path, capsys):
