@@ -231,3 +231,20 @@ def test_transformer_of_another_architecture_is_explained(saved, tmp_path, capsy
 def test_svd_lora_is_a_clear_error(saved, lora_run, tmp_path, capsys):
     assert main(_generate_args(saved("svd"), tmp_path / "x.mp4", "--lora", lora_run)) == 2
     assert "no LoRA loader" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("family", ["skyreels_v2", "ltx", "cogvideox", "hunyuan_video", "animatediff"])
+def test_lora_of_every_family_from_the_cli(family, saved, clips, tmp_path):
+    """``--lora`` on each family with a LoRA loader: the CLI's clip equals loading it by hand at the scale."""
+    _, final = _train(tmp_path / "run", clips, f"model.tiny={family}", "train.steps=2")
+    out = tmp_path / "clip.mp4"
+    base = saved(family)
+    assert main(_generate_args(base, out, "--lora", f"{final}:0.7")) == 0
+    by_hand = LongVideoPipeline.from_pretrained(base)
+    by_hand.adapter.pipe.load_lora_weights(final, adapter_name="trained")
+    by_hand.adapter.pipe.set_adapters(["trained"], [0.7])
+    expected = by_hand.generate(PROMPT, num_inference_steps=2, seed=3, show_progress=False).latents
+    torch.testing.assert_close(_latents(out), expected, atol=1e-5, rtol=1e-5)
+    plain = LongVideoPipeline.from_pretrained(base).generate(PROMPT, num_inference_steps=2, seed=3,
+                                                            show_progress=False).latents
+    assert (expected - plain).abs().max() > 1e-6

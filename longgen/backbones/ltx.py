@@ -246,6 +246,9 @@ class LTXAdapter(BackboneAdapter, TemporalRopeScale, WindowAttention, ImageCondi
                 )
         elif shift is not None:
             scheduler = type(scheduler).from_config(cfg, shift=shift)
+        if num_steps == 1 and cfg.get("shift_terminal"):
+            # the terminal stretch divides by (1 - last sigma) = 0 for one step: NaN (the stock pipeline fails too)
+            raise ValueError(f"this LTX scheduler (shift_terminal={cfg['shift_terminal']}) needs at least 2 steps (--steps 2)")
         scheduler.set_timesteps(sigmas=np.linspace(1.0, 1.0 / num_steps, num_steps), mu=mu)
         return scheduler.sigmas.detach().to("cpu", torch.float32).clone()
 
