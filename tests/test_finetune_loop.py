@@ -248,3 +248,17 @@ def test_lora_of_every_family_from_the_cli(family, saved, clips, tmp_path):
     plain = LongVideoPipeline.from_pretrained(base).generate(PROMPT, num_inference_steps=2, seed=3,
                                                             show_progress=False).latents
     assert (expected - plain).abs().max() > 1e-6
+
+
+def test_tiny_inference_recipe_runs_with_a_trained_lora(saved, lora_run, tmp_path):
+    """configs/generate/tiny_synthetic.yaml end to end, its model and LoRA pointed at this test's run."""
+    import pathlib
+
+    recipe = pathlib.Path(__file__).parents[1] / "configs" / "generate" / "tiny_synthetic.yaml"
+    out = tmp_path / "tiny.mp4"
+    args = ["generate", "--config", str(recipe), "--model", saved("wan"), "--lora", lora_run, "--steps", "2",
+            "--out", str(out), "--quiet"]
+    assert main(args) == 0
+    from longgen.io import read_video
+
+    assert read_video(out).shape == (21, 32, 32, 3)
