@@ -17,10 +17,8 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-EXTENSION_INFO = "longgen_extension.json"
-"""The trainer's record of the extension a fine-tune was trained with (``longgen.training.export``)."""
-EXVIDEO_WEIGHTS = "exvideo_weights.safetensors"
-"""ExVideo's trained extra parameters (``longgen.training.export``)."""
+# The file names the trainer's export writes: the extension record and ExVideo's trained extra parameters.
+from .training.export import EXTENSION_INFO, EXVIDEO_WEIGHTS  # noqa: E402
 
 __all__ = [
     "EXTENSION_INFO",
