@@ -15,10 +15,10 @@ from typing import Any
 
 import torch
 
-logger = logging.getLogger(__name__)
-
 # The file names the trainer's export writes: the extension record and ExVideo's trained extra parameters.
-from .training.export import EXTENSION_INFO, EXVIDEO_WEIGHTS  # noqa: E402
+from .training.export import EXTENSION_INFO, EXVIDEO_WEIGHTS
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "EXTENSION_INFO",
