@@ -107,9 +107,35 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
         help="attention kernel through diffusers' dispatch: native = torch SDPA (default); flash / xformers / "
         "sage need their packages installed; any name of diffusers' AttentionBackendName",
     )
+    _add_finetune_args(p)
     _add_clip_args(p)
     add_sampler_args(p)
     _add_noise_extension_output_args(p)
+
+
+def _add_finetune_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("fine-tune")
+    g.add_argument(
+        "--lora",
+        action="append",
+        default=None,
+        metavar="PATH[:SCALE]",
+        help="a diffusers-format LoRA to apply (train/train.py's final/pytorch_lora_weights.safetensors, its "
+        "folder, or any diffusers LoRA for this model), at SCALE (default 1); repeat to combine LoRAs",
+    )
+    g.add_argument(
+        "--transformer",
+        default=None,
+        metavar="DIR",
+        help="a full fine-tune's model folder (or the trainer's final/ folder) replacing the pipeline's "
+        "transformer / unet; an ExVideo run's final/ adds its trained weights",
+    )
+    g.add_argument(
+        "--no-auto-extension",
+        action="store_true",
+        help="do not re-apply the extension recorded next to --lora / --transformer (final/longgen_extension.json: "
+        "RIFLEx, ExVideo, ... the model was trained with); an explicit --extension always wins",
+    )
 
 
 def _add_clip_args(p: argparse.ArgumentParser) -> None:
@@ -151,6 +177,14 @@ def _add_clip_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale; 1 disables it")
     g.add_argument("--shift", type=float, default=None, help="flow timestep shift (default: the scheduler's)")
     g.add_argument("--seed", type=int, default=0, help="random seed of the initial noise")
+    g.add_argument(
+        "--prompts-file",
+        default=None,
+        metavar="FILE",
+        help="batch: one clip per line (blank lines and lines starting with '#' skipped); a line 'SEED<TAB>PROMPT' "
+        "sets its seed, otherwise clip i (0-based) uses --seed + i; clip i is written to --out with _i "
+        "before the extension (out_0.mp4, out_1.mp4, ...)",
+    )
 
 
 def _add_noise_extension_output_args(p: argparse.ArgumentParser) -> None:
@@ -173,6 +207,11 @@ def _add_noise_extension_output_args(p: argparse.ArgumentParser) -> None:
         type=positive_int,
         default=4,
         help="latent frames decoded at a time; peak decode memory depends on this, not on clip length",
+    )
+    g.add_argument(
+        "--save-latents",
+        action="store_true",
+        help="also write each clip's final latents next to its mp4 (clip.latents.safetensors, key 'latents')",
     )
     g.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -214,6 +253,8 @@ def _config_value(path: str, key: str, action: argparse.Action, value):
     """A config value through its flag's type and choices (what argparse does for the command line)."""
     if value is None:
         return None
+    if isinstance(action, argparse._AppendAction) and not isinstance(value, list):
+        value = [value]  # a repeatable flag (--lora, --prompt) given one value in the YAML
     try:
         if action.type is not None and not isinstance(value, bool):
             value = [action.type(str(v)) for v in value] if isinstance(value, list) else action.type(str(value))
@@ -229,8 +270,10 @@ def apply_generate_config(parser: argparse.ArgumentParser, argv: list[str]) -> a
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["generate"]
     args = parser.parse_args(argv)
     if args.config:
+        given = {dest: getattr(args, dest) for dest in ("lora", "prompt") if getattr(args, dest) is not None}
         sub.set_defaults(**load_generate_config(args.config, sub))
         args = parser.parse_args(argv)
+        vars(args).update(given)  # repeatable flags on the command line replace the config's list (not append)
     if args.model is None:
         raise ValueError("--model is required (a local diffusers pipeline folder), on the command line or in --config")
     return args
@@ -267,57 +310,135 @@ def read_image(path: str):
         raise ValueError(f"--image {path!r} is not a readable image ({err}); pass a PNG or JPEG file") from None
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
-    import torch
+def read_prompts_file(path: str, seed: int) -> list[tuple[int, str]]:
+    """``--prompts-file``: (seed, prompt) per clip. One clip per line; blank lines and ``#`` comments skipped; a
+    line ``SEED<TAB>PROMPT`` sets its seed, otherwise clip i (0-based, counting clips) gets ``seed + i``."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--prompts-file {path!r} does not exist")
+    clips: list[tuple[int, str]] = []
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            text = line.rstrip("\r\n")
+            if not text.strip() or text.lstrip().startswith("#"):
+                continue
+            clip_seed = seed + len(clips)
+            if "\t" in text:
+                head, text = text.split("\t", 1)
+                try:
+                    clip_seed = int(head)
+                except ValueError:
+                    raise ValueError(
+                        f"{path}:{lineno}: the text before the tab ({head!r}) is not an integer seed; write "
+                        "SEED<TAB>PROMPT, or the prompt alone (seed = --seed + clip index)"
+                    ) from None
+            clips.append((clip_seed, text.strip()))
+    if not clips:
+        raise ValueError(f"--prompts-file {path!r} holds no prompts (one per line)")
+    return clips
 
+
+def _generate_jobs(args: argparse.Namespace) -> list[tuple[int, Any, str]]:
+    """(seed, prompt or prompts, mp4 path) of every clip to generate: one, or one per --prompts-file line."""
+    from .pipeline import output_paths
+
+    if args.prompts_file:
+        if args.prompt or args.prompt_frames:
+            raise ValueError("--prompts-file gives the prompts: drop --prompt / --prompt-frames")
+        clips = read_prompts_file(args.prompts_file, args.seed)
+        return [(s, p, out) for (s, p), out in zip(clips, output_paths(args.out, len(clips)))]
+    prompts = [args.prompt] if isinstance(args.prompt, str) else list(args.prompt or [""])
+    if len(prompts) > 1 and args.prompt_frames is None:
+        raise ValueError("several --prompt values make a multi-prompt video: also pass --prompt-frames, one each")
+    return [(args.seed, prompts if args.prompt_frames is not None else prompts[0], args.out)]
+
+
+def _check_finetune_args(args: argparse.Namespace) -> list[tuple[str, float]]:
+    """``--lora`` as (path, scale) pairs and ``--transformer`` checked before the model loads."""
+    from .finetune import lora_location, parse_lora_spec
+
+    loras = [parse_lora_spec(text) for text in args.lora or []]
+    for path, _ in loras:
+        lora_location(path)
+    if args.transformer is not None and not os.path.isdir(args.transformer):
+        raise FileNotFoundError(
+            f"--transformer {args.transformer!r} is not a folder; pass a diffusers model folder (config.json + "
+            "*.safetensors) or the trainer's final/ folder"
+        )
+    return loras
+
+
+def load_finetuned_pipeline(args: argparse.Namespace, loras: list[tuple[str, float]]):
+    """The pipeline with ``--transformer``, ``--extension`` (the user's wins), the extension recorded next to the
+    fine-tune (unless ``--no-auto-extension``) and every ``--lora``."""
     from .dtypes import torch_dtype
-    from .io import check_video_path
+    from .finetune import find_extension_record
     from .pipeline import LongVideoPipeline
 
-    check_attention_backend(args.attention_backend)
-    check_video_path(args.out)  # before the model loads: a bad --out fails at once
-    check_device(args.device)
-    image = read_image(args.image) if args.image else None
-    start = time.perf_counter()
     pipe = LongVideoPipeline.from_pretrained(
         args.model,
         torch_dtype=torch_dtype(args.dtype),
         device=args.device,
         offload=args.offload,
         attention_backend=args.attention_backend,
+        transformer=args.transformer,
+        auto_extension=False,
     )
     apply_extension_args(pipe, args)
-    prompts = [args.prompt] if isinstance(args.prompt, str) else list(args.prompt or [""])
-    if len(prompts) > 1 and args.prompt_frames is None:
-        raise ValueError("several --prompt values make a multi-prompt video: also pass --prompt-frames, one each")
-    result = pipe.generate(
-        prompt=prompts if args.prompt_frames is not None else prompts[0],
-        prompt_frames=args.prompt_frames,
-        prompt_transition=args.prompt_transition,
-        noise=args.noise,
-        noise_window=args.noise_window,
-        noise_stride=args.noise_stride,
-        negative_prompt=args.negative_prompt,
-        image=image,
-        num_frames=args.num_frames,
-        height=args.height,
-        width=args.width,
-        num_inference_steps=args.steps,
-        guidance_scale=args.guidance,
-        shift=args.shift,
-        seed=args.seed,
-        sampler=args.sampler,
-        sampler_options=sampler_options(args),
-        output_path=args.out,
-        fps=args.fps,
-        decode_chunk_latent_frames=args.decode_chunk,
-        show_progress=not args.quiet,
-    )
-    elapsed = time.perf_counter() - start
-    peak = ""
-    if torch.cuda.is_available() and str(args.device).startswith("cuda"):
-        peak = f", peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB"
-    print(f"wrote {result.path}: {result.num_frames} frames in {elapsed:.1f} s{peak}")
+    sources = ([args.transformer] if args.transformer else []) + [path for path, _ in loras]
+    for source in sources:
+        if not args.no_auto_extension:
+            pipe.reapply_recorded_extension(source)
+        elif (found := find_extension_record(source)) is not None:
+            logger.warning("--no-auto-extension: not re-applying %s recorded in %s", found[1]["method"], found[0])
+    for path, scale in loras:
+        pipe.load_lora(path, scale=scale, auto_extension=False)
+    return pipe
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from .io import check_video_path
+
+    check_attention_backend(args.attention_backend)
+    check_video_path(args.out)  # before the model loads: a bad --out fails at once
+    check_device(args.device)
+    loras = _check_finetune_args(args)
+    jobs = _generate_jobs(args)
+    image = read_image(args.image) if args.image else None
+    start = time.perf_counter()
+    pipe = load_finetuned_pipeline(args, loras)
+    for seed, prompt, out in jobs:
+        result = pipe.generate(
+            prompt=prompt,
+            prompt_frames=args.prompt_frames,
+            prompt_transition=args.prompt_transition,
+            noise=args.noise,
+            noise_window=args.noise_window,
+            noise_stride=args.noise_stride,
+            negative_prompt=args.negative_prompt,
+            image=image,
+            num_frames=args.num_frames,
+            height=args.height,
+            width=args.width,
+            num_inference_steps=args.steps,
+            guidance_scale=args.guidance,
+            shift=args.shift,
+            seed=seed,
+            sampler=args.sampler,
+            sampler_options=sampler_options(args),
+            output_path=out,
+            fps=args.fps,
+            decode_chunk_latent_frames=args.decode_chunk,
+            show_progress=not args.quiet,
+            save_latents=args.save_latents,
+        )
+        elapsed = time.perf_counter() - start
+        peak = ""
+        if torch.cuda.is_available() and str(args.device).startswith("cuda"):
+            peak = f", peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB"
+        saved = f" (latents: {result.latents_paths[0]})" if result.latents_paths else ""
+        print(f"wrote {result.path}: {result.num_frames} frames in {elapsed:.1f} s{peak}{saved}")
     return 0
 
 
@@ -326,10 +447,23 @@ def cmd_make_tiny(args: argparse.Namespace) -> int:
 
     if args.family not in FAMILIES:
         raise ValueError(f"unknown --family {args.family!r}; choose one of: {', '.join(FAMILIES)}")
-    adapter = build_tiny(args.family, seed=args.seed)
+    if args.i2v:
+        import inspect
+
+        from .backbones import get_adapter_class
+
+        cls = get_adapter_class(args.family)
+        if "image_to_video" not in inspect.signature(cls.tiny_pipeline).parameters:
+            have = [f for f in FAMILIES if "image_to_video" in inspect.signature(
+                get_adapter_class(f).tiny_pipeline).parameters]
+            raise ValueError(f"--i2v: no tiny image-to-video {args.family} pipeline; families with one: {', '.join(have)}")
+        adapter = cls(cls.tiny_pipeline(seed=args.seed, image_to_video=True), native_video_size=cls.tiny_video_size)
+    else:
+        adapter = build_tiny(args.family, seed=args.seed)
     adapter.save_pretrained(args.out)
     n, h, w = adapter.native_video_size
-    print(f"wrote a tiny random {args.family} pipeline to {args.out} (native clip {n} frames at {h}x{w})")
+    kind = f"{type(adapter.pipe).__name__} ({args.family})"
+    print(f"wrote a tiny random {kind} pipeline to {args.out} (native clip {n} frames at {h}x{w})")
     return 0
 
 
@@ -452,6 +586,9 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--family", choices=families, default="wan", help="backbone family")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--seed", type=int, default=0, help="weights seed")
+    p.add_argument("--i2v", action="store_true",
+                   help="the family's image-to-video pipeline (wan, skyreels_v2, ltx, cogvideox; svd is one "
+                   "already); generate from it with --image")
     p.set_defaults(func=cmd_make_tiny)
 
     p = sub.add_parser(

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import json
 import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
+from diffusers.utils import BaseOutput
 from tqdm.auto import tqdm
 
 from .backbones import BackboneAdapter, CausalBlockMask, Cond, cat_conds, load_adapter
@@ -57,12 +60,98 @@ def _prompt_lists(prompt, negative_prompt, multi_prompt: bool) -> tuple[list[str
     return prompts, [negative_prompt] * n if isinstance(negative_prompt, str) else list(negative_prompt)
 
 
+OUTPUT_TYPES = ("np", "pt", "pil", "latent")
+"""``output_type`` values of :meth:`LongVideoPipeline.__call__` (diffusers' names)."""
+
+
+@dataclass
+class _Run:
+    """One generation request as :meth:`LongVideoPipeline._sample` takes it (both entry points build one)."""
+
+    prompts: list[str]
+    negatives: list[str] | None
+    image: Any
+    num_frames: int | None
+    height: int | None
+    width: int | None
+    steps: int | None
+    guidance_scale: float | None
+    shift: float | None
+    sampler: str
+    sampler_options: dict[str, Any] | None
+    prompt_frames: list[int] | None
+    prompt_transition: float
+    output_path: str | os.PathLike | None
+    fps: float
+    decode_chunk: int
+    show_progress: bool
+    save_latents: bool
+    sigmas: torch.Tensor | None = None
+
+
+def frames_as(frames: torch.Tensor, output_type: str):
+    """Decoded ``[B, F, H, W, 3]`` frames in [0, 1] as diffusers' ``video_processor.postprocess_video`` returns
+    them: ``np`` float32 ``[B, F, H, W, 3]``, ``pt`` ``[B, F, 3, H, W]``, ``pil`` lists of PIL images."""
+    if output_type == "np":
+        return frames.float().numpy()
+    if output_type == "pt":
+        return frames.permute(0, 1, 4, 2, 3).contiguous()
+    if output_type == "pil":
+        from PIL import Image
+
+        array = (frames.float().numpy() * 255).round().astype("uint8")  # diffusers' numpy_to_pil
+        return [[Image.fromarray(frame) for frame in video] for video in array]
+    raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
+
+
+def _generator_seed(generator) -> int:
+    """A seed for the samplers' re-noising (eta > 0) derived from the caller's generator (0 without one)."""
+    first = generator[0] if isinstance(generator, list) and generator else generator
+    return int(first.initial_seed()) % (2**62) if isinstance(first, torch.Generator) else 0
+
+
+def latents_path(video_path: str | os.PathLike) -> str:
+    """Where ``--save-latents`` puts a clip's latents: ``clip.mp4`` -> ``clip.latents.safetensors``."""
+    stem, _ = os.path.splitext(os.fspath(video_path))
+    return f"{stem}.latents.safetensors"
+
+
+def save_latents_file(video_path: str | os.PathLike, latents: torch.Tensor, adapter: BackboneAdapter) -> str:
+    """Write one sample's final latents ``[1, C, f, h, w]`` next to its mp4 (safetensors, atomic)."""
+    from safetensors.torch import save_file
+
+    from .files import atomic_path
+
+    path = latents_path(video_path)
+    metadata = {"family": adapter.family, "num_frames": str(adapter.num_pixel_frames(latents.shape[2]))}
+    with atomic_path(path) as tmp:
+        save_file({"latents": latents.detach().cpu().contiguous()}, tmp, metadata=metadata)
+    return path
+
+
+def _fine_tuned_model(path: str, transformer: str, dtype: torch.dtype) -> dict[str, Any]:
+    """``{model_attr: model}`` of a full fine-tune to load the pipeline with ({} for an ExVideo-only export)."""
+    from .backbones import adapter_class_for_pipeline, read_model_index
+    from .finetune import find_exvideo_weights, load_transformer, transformer_folder
+
+    index = read_model_index(path)
+    attr = adapter_class_for_pipeline(index.get("_class_name", "<missing _class_name>")).model_attr
+    if os.path.isdir(transformer) and find_exvideo_weights(transformer) and not (
+        os.path.isfile(os.path.join(transformer, "config.json")) or os.path.isdir(os.path.join(transformer, attr))
+    ):
+        return {}  # final/ of an ExVideo run: the base model plus its extra weights (reapply_recorded_extension)
+    transformer_folder(transformer, attr)
+    return {attr: load_transformer(transformer, index, attr, dtype, base_folder=path)}
+
+
 class _FrameSink:
     """Receives finished latent frames: keeps them, and decodes + streams every sample to its own mp4."""
 
     def __init__(self, adapter: BackboneAdapter, paths: list[str] | None, fps: float, decode_chunk: int,
-                 total: int, show_progress: bool):
+                 total: int, show_progress: bool, keep_frames: bool = False):
         self.kept: list[torch.Tensor] = []
+        self.frames: list[torch.Tensor] | None = [] if keep_frames else None
+        """Decoded ``[B, n, H, W, 3]`` blocks in order when the caller wants the frames in memory."""
         self.writers = [VideoWriter(p, fps=fps, total_frames=total) for p in paths] if paths else []
         self.decoder = StreamingDecoder(adapter, decode_chunk)
         self.total, self.show_progress = total, show_progress
@@ -73,19 +162,25 @@ class _FrameSink:
             disable = not self.show_progress or not self.writers
             self.bar = tqdm(total=self.total, desc=desc, unit="frame", disable=disable)
 
+    @property
+    def decodes(self) -> bool:
+        return bool(self.writers) or self.frames is not None
+
     def __call__(self, start: int, latents: torch.Tensor) -> None:
         self.kept.append(latents.cpu())
-        if self.writers:
+        if self.decodes:
             self._write(self.decoder.push(latents))
 
     def _write(self, blocks) -> None:
         for block in blocks:
+            if self.frames is not None:
+                self.frames.append(block.cpu())
             for writer, frames in zip(self.writers, block):
                 writer.write(frames)
             self.bar.update(block.shape[1])
 
     def finish(self) -> None:
-        if self.writers:
+        if self.decodes:
             self.open_bar("decoding")
             self._write(self.decoder.flush())
 
@@ -180,6 +275,23 @@ class GenerationResult:
     """The first sample's mp4 (see ``paths`` for a batch)."""
     paths: list[str] = field(default_factory=list)
     stats: dict[str, Any] = field(default_factory=dict)
+    latents_paths: list[str] = field(default_factory=list)
+    """``save_latents``: each sample's ``.latents.safetensors`` next to its mp4."""
+
+
+@dataclass
+class LongVideoPipelineOutput(BaseOutput):
+    """What :meth:`LongVideoPipeline.__call__` returns, as diffusers' ``WanPipelineOutput`` (``.frames``).
+
+    ``frames`` per ``output_type``; ``latents`` the final latents; ``path`` / ``paths`` the mp4s written with
+    ``output_path``; ``latents_paths`` the ``save_latents`` files.
+    """
+
+    frames: Any
+    latents: torch.Tensor | None = None
+    path: str | None = None
+    paths: list[str] | None = None
+    latents_paths: list[str] | None = None
 
 
 class LongVideoPipeline:
@@ -195,6 +307,8 @@ class LongVideoPipeline:
         self.window_latent_frames: int | None = None
         """Window of windowed samplers; None = the native length. An extension sets its target here."""
         self.extensions: list[Any] = []
+        self.loras: dict[str, float] = {}
+        """Loaded LoRA adapter name -> scale (:meth:`load_lora`)."""
 
     def apply_extension(self, method: str, target_num_frames: int | None = None, **options) -> Any:
         """Apply a registered extension by name (:func:`longgen.extend.extension_names`); returns its
@@ -233,27 +347,126 @@ class LongVideoPipeline:
     def from_pretrained(
         cls,
         path: str | os.PathLike,
-        torch_dtype: torch.dtype = torch.float32,
+        torch_dtype: torch.dtype | None = None,
         device: str | torch.device = "cpu",
         offload: str = "none",
         attention_backend: str | None = None,
+        *,
+        dtype: torch.dtype | None = None,
+        transformer: str | os.PathLike | None = None,
+        auto_extension: bool = True,
     ) -> LongVideoPipeline:
-        """Load a local diffusers pipeline folder; ``offload`` is ``none``, ``model`` or ``group``."""
-        adapter = load_adapter(path, torch_dtype=torch_dtype)
-        device = torch.device(device)
-        if offload == "model":
-            adapter.pipe.enable_model_cpu_offload(device=device)
-        elif offload == "group":
-            adapter.pipe.enable_group_offload(
-                onload_device=device, offload_type="leaf_level", use_stream=device.type == "cuda"
-            )
-        elif offload == "none":
-            adapter.pipe.to(device)
-        else:
-            raise ValueError(f"offload must be 'none', 'model' or 'group', got {offload!r}")
+        """Load a local diffusers pipeline folder; ``offload`` is ``none``, ``model`` or ``group``.
+
+        ``dtype`` (diffusers' current name) or ``torch_dtype``; default float32. ``transformer``: a full
+        fine-tune's model folder (or the trainer's ``final/`` holding ``transformer/``), checked against the base
+        model's architecture; with ``auto_extension`` the extension recorded next to it
+        (``longgen_extension.json``) is re-applied (:meth:`reapply_recorded_extension`).
+        """
+        if dtype is not None and torch_dtype is not None and dtype != torch_dtype:
+            raise ValueError(f"dtype={dtype} and torch_dtype={torch_dtype} disagree: pass one (dtype)")
+        dtype = dtype or torch_dtype or torch.float32
+        components: dict[str, Any] = {}
+        if transformer is not None:
+            components = _fine_tuned_model(os.fspath(path), os.fspath(transformer), dtype)
+        adapter = load_adapter(path, torch_dtype=dtype, **components)
+        pipe = cls(adapter, device=device)
+        pipe._place(torch.device(device), offload)
         if attention_backend and attention_backend != "native":
             adapter.model.set_attention_backend(attention_backend)
-        return cls(adapter, device=device)
+        if transformer is not None and auto_extension:
+            pipe.reapply_recorded_extension(os.fspath(transformer))
+        return pipe
+
+    def _place(self, device: torch.device, offload: str) -> None:
+        pipe = self.adapter.pipe
+        if offload == "model":
+            pipe.enable_model_cpu_offload(device=device)
+        elif offload == "group":
+            pipe.enable_group_offload(onload_device=device, offload_type="leaf_level", use_stream=device.type == "cuda")
+        elif offload == "none":
+            pipe.to(device)
+        else:
+            raise ValueError(f"offload must be 'none', 'model' or 'group', got {offload!r}")
+        self.device = device
+
+    def to(self, *args, **kwargs) -> LongVideoPipeline:
+        """Move the wrapped diffusers pipeline (``DiffusionPipeline.to``: a device and/or dtype); returns self."""
+        self.adapter.pipe.to(*args, **kwargs)
+        self.device = self.adapter.device
+        return self
+
+    def enable_model_cpu_offload(self, gpu_id: int | None = None, device: str | torch.device = "cuda") -> None:
+        """Diffusers' model CPU offload of the wrapped pipeline; generation then runs on ``device``."""
+        self.adapter.pipe.enable_model_cpu_offload(gpu_id=gpu_id, device=device)
+        self.device = self.adapter.pipe._execution_device
+
+    # --- fine-tunes ---------------------------------------------------------------------------
+    def load_lora(
+        self, path: str | os.PathLike, scale: float = 1.0, adapter_name: str | None = None, auto_extension: bool = True
+    ) -> str:
+        """Load a diffusers-format LoRA (``train/train.py``'s ``final/pytorch_lora_weights.safetensors``, a folder
+        holding one, or any diffusers LoRA) at ``scale``, via the pipeline's ``load_lora_weights`` +
+        ``set_adapters``; several LoRAs combine. With ``auto_extension`` the extension recorded next to it is
+        re-applied first (:meth:`reapply_recorded_extension`). Returns the adapter name."""
+        from .finetune import load_lora
+
+        path = os.fspath(path)
+        name = adapter_name or f"lora_{len(self.loras)}"
+        if name in self.loras:
+            raise ValueError(f"a LoRA named {name!r} is already loaded; pass another adapter_name")
+        if auto_extension:
+            self.reapply_recorded_extension(path)
+        self.loras[name] = float(scale)
+        try:
+            load_lora(self.adapter, path, name, self.loras)
+        except BaseException:
+            del self.loras[name]
+            raise
+        return name
+
+    def apply_extension_record(self, record: dict[str, Any]) -> Any:
+        """Apply an extension from its ``ExtensionHandle.describe()`` / ``longgen_extension.json`` record."""
+        from .extend.registry import extension_from_metadata, get_extension
+
+        handle = extension_from_metadata(self.adapter, record)
+        if get_extension(record["method"]).sets_window:
+            self.window_latent_frames = getattr(handle.config, "target_latent_frames", None)
+        self.extensions.append(handle)
+        return handle
+
+    def reapply_recorded_extension(self, source: str | os.PathLike) -> Any:
+        """Re-apply the extension a fine-tune was trained with (``longgen_extension.json`` next to ``source``) and
+        load ExVideo's exported weights; returns the handle, or None (no record, or the caller already applied
+        an extension: theirs wins, with a warning)."""
+        from .finetune import (
+            EXTENSION_INFO,
+            find_extension_record,
+            find_exvideo_weights,
+            load_exvideo_weights,
+        )
+
+        source = os.fspath(source)
+        found, weights = find_extension_record(source), find_exvideo_weights(source)
+        if found is None:
+            if weights is not None:
+                raise ValueError(f"{weights} has no {EXTENSION_INFO} beside it: the ExVideo settings are unknown")
+            return None
+        file, record = found
+        if self.extensions:
+            applied = [h.name for h in self.extensions]
+            if record["method"] not in applied or weights is not None:
+                logger.warning(
+                    "%s records the %s extension this fine-tune was trained with; using the extension(s) given "
+                    "instead (%s)%s", file, record["method"], ", ".join(applied),
+                    f"; {weights} is not loaded" if weights else "",
+                )
+            return None
+        handle = self.apply_extension_record(record)
+        logger.info("re-applied extension %s from %s: %s", handle.name, file, json.dumps(handle.describe()))
+        if weights is not None:
+            load_exvideo_weights(self.adapter, weights)
+        return handle
 
     # -----------------------------------------------------------------------------------------
     def default_window(self) -> int:
@@ -348,6 +561,7 @@ class LongVideoPipeline:
         fps: float = 16.0,
         decode_chunk_latent_frames: int = 4,
         show_progress: bool = True,
+        save_latents: bool = False,
     ) -> GenerationResult:
         """Generate clips; with ``output_path`` frames are decoded in chunks and streamed to mp4s.
 
@@ -356,42 +570,57 @@ class LongVideoPipeline:
         prompts without ``prompt_frames`` is a batch: one mp4 per sample (:func:`output_paths`,
         ``out_0.mp4``, ``out_1.mp4``, ...). With ``prompt_frames`` the prompts are one multi-prompt
         video: prompt i starts at pixel frame ``prompt_frames[i]``, blended over ``prompt_transition``
-        latent frames.
+        latent frames. ``save_latents`` also writes each sample's final latents next to its mp4
+        (:func:`latents_path`). For frames in memory (diffusers-style), call the pipeline itself.
         """
-        adapter = self.adapter
-        get_sampler(sampler)  # an unknown name fails before any work
-        _check_positive(num_frames=num_frames, height=height, width=width, num_inference_steps=num_inference_steps,
-                        fps=fps, decode_chunk_latent_frames=decode_chunk_latent_frames)
-        native_frames, native_h, native_w = adapter.native_video_size
-        num_frames = num_frames if num_frames is not None else native_frames
-        height = height if height is not None else native_h
-        width = width if width is not None else native_w
-        guidance = adapter.default_guidance_scale if guidance_scale is None else guidance_scale
         prompts, negatives = _prompt_lists(prompt, negative_prompt, multi_prompt=prompt_frames is not None)
-        batch = 1 if prompt_frames is not None else len(prompts)
+        run = _Run(
+            prompts, negatives, image, num_frames, height, width, num_inference_steps, guidance_scale, shift,
+            sampler, sampler_options, prompt_frames, prompt_transition, output_path, fps,
+            decode_chunk_latent_frames, show_progress, save_latents,
+        )
+        noise_fn = partial(self.make_noise, seed=seed, noise=noise, window=noise_window, stride=noise_stride)
+        result, _ = self._sample(run, noise_fn, renoise_seed=seed + 1, noise_name=noise)
+        return result
+
+    def _sample(self, run: _Run, noise_fn: Callable[[tuple[int, ...]], torch.Tensor], renoise_seed: int,
+                noise_name: str = "gaussian", keep_frames: bool = False) -> tuple[GenerationResult, torch.Tensor | None]:
+        """Plan, condition, sample and decode one request; (result, decoded frames or None)."""
+        adapter = self.adapter
+        get_sampler(run.sampler)  # an unknown name fails before any work
+        _check_positive(num_frames=run.num_frames, height=run.height, width=run.width,
+                        num_inference_steps=run.steps, fps=run.fps, decode_chunk_latent_frames=run.decode_chunk)
+        if run.save_latents and run.output_path is None:
+            raise ValueError("save_latents (--save-latents) writes next to the mp4: also give output_path (--out)")
+        native_frames, native_h, native_w = adapter.native_video_size
+        num_frames = run.num_frames if run.num_frames is not None else native_frames
+        height = run.height if run.height is not None else native_h
+        width = run.width if run.width is not None else native_w
+        guidance = adapter.default_guidance_scale if run.guidance_scale is None else run.guidance_scale
+        batch = 1 if run.prompt_frames is not None else len(run.prompts)
         shape = adapter.latent_shape(num_frames, height, width, batch_size=batch)
-        spec, knob_values, steps = self.plan_sampler(sampler, shape[2], sampler_options, num_inference_steps)
+        spec, knob_values, steps = self.plan_sampler(run.sampler, shape[2], run.sampler_options, run.steps)
         knobs = dataclasses.asdict(knob_values)
         if "causal_block_size" in knobs and isinstance(adapter, CausalBlockMask):
             adapter.set_causal_block_size(knobs["causal_block_size"])
         cond, uncond = self._conditioning(
-            prompts, negatives, prompt_frames, shape[2], prompt_transition, image=image,
+            run.prompts, run.negatives, run.prompt_frames, shape[2], run.prompt_transition, image=run.image,
             do_classifier_free_guidance=guidance != 1.0, num_frames=num_frames, height=height, width=width,
         )
-        x_noise = self.make_noise(shape, seed, noise, noise_window, noise_stride)
-        sigmas = adapter.sigmas(steps, shift=shift)
+        x_noise = noise_fn(shape)
+        sigmas = run.sigmas if run.sigmas is not None else adapter.sigmas(steps, shift=run.shift)
         denoiser = GuidedDenoiser(adapter, cond, uncond, guidance)
         logger.info(
             "sampling %d frames (%d latent) at %dx%d: %s sampler, %d steps, %s noise, options %s",
-            num_frames, shape[2], height, width, sampler, steps, noise, knobs,
+            num_frames, shape[2], height, width, run.sampler, len(sigmas) - 1, noise_name, knobs,
         )
         total = adapter.num_pixel_frames(shape[2])
-        paths = output_paths(output_path, batch) if output_path is not None else None
-        sink = _FrameSink(adapter, paths, fps, decode_chunk_latent_frames, total, show_progress)
+        paths = output_paths(run.output_path, batch) if run.output_path is not None else None
+        sink = _FrameSink(adapter, paths, run.fps, run.decode_chunk, total, run.show_progress, keep_frames)
         try:
             with spec.model_hooks(adapter, knobs) as hook_arguments:  # e.g. the causal sampler's KV cache
-                self._run_sampler(spec, denoiser, x_noise, sigmas, {**knobs, **hook_arguments}, sink, seed,
-                                  show_progress)
+                self._run_sampler(spec, denoiser, x_noise, sigmas, {**knobs, **hook_arguments}, sink, renoise_seed,
+                                  run.show_progress)
             sink.finish()
         except KeyboardInterrupt:
             written = sink.writers[0].num_frames if sink.writers else 0
@@ -408,7 +637,94 @@ class LongVideoPipeline:
                 raise RuntimeError(f"wrote {writer.num_frames} frames, expected {total}")
         if paths:
             result.path, result.paths = paths[0], paths
-        return result
+        if run.save_latents:
+            result.latents_paths = [save_latents_file(p, latents[i : i + 1], adapter) for i, p in enumerate(paths)]
+        frames = torch.cat(sink.frames, dim=1) if sink.frames is not None else None
+        return result, frames
+
+    # --- the diffusers-style call ------------------------------------------------------------
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        negative_prompt: str | list[str] | None = None,
+        image=None,
+        height: int | None = None,
+        width: int | None = None,
+        num_frames: int | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        num_videos_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        sigmas: list[float] | torch.Tensor | None = None,
+        output_type: str = "np",
+        return_dict: bool = True,
+        sampler: str = "full",
+        sampler_options: dict[str, Any] | None = None,
+        shift: float | None = None,
+        output_path: str | os.PathLike | None = None,
+        fps: float = 16.0,
+        decode_chunk_latent_frames: int = 4,
+        show_progress: bool = True,
+        save_latents: bool = False,
+    ) -> LongVideoPipelineOutput | tuple:
+        """Generate like a diffusers video pipeline (``WanPipeline.__call__``), with a long sampler.
+
+        ``prompt`` a string or a batch (list); ``num_videos_per_prompt`` repeats each prompt with its own noise
+        (samples ordered p0, p0, p1, p1, ...). ``generator`` a ``torch.Generator`` or one per sample; initial
+        noise is ``diffusers.utils.torch_utils.randn_tensor`` in float32, as the stock pipelines draw it, so the
+        same generator gives the same noise. ``output_type``: ``np`` (``[B, F, H, W, 3]`` float in [0, 1]),
+        ``pt`` (``[B, F, 3, H, W]``), ``pil`` (a list of lists of PIL images) or ``latent`` (the latents).
+        ``sigmas`` overrides the noise levels (descending, ending at 0). With ``output_path`` every sample is
+        also streamed to an mp4 (``output.paths``). Returns :class:`LongVideoPipelineOutput`, or the tuple
+        ``(frames,)`` with ``return_dict=False``.
+        """
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
+        if not isinstance(num_videos_per_prompt, int) or num_videos_per_prompt < 1:
+            raise ValueError(f"num_videos_per_prompt must be an integer >= 1, got {num_videos_per_prompt!r}")
+        prompts, negatives = _prompt_lists("" if prompt is None else prompt,
+                                           "" if negative_prompt is None else negative_prompt, multi_prompt=False)
+        if negatives is not None and len(negatives) != len(prompts):
+            raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts: give one each, or one")
+        n = num_videos_per_prompt
+        prompts = [p for p in prompts for _ in range(n)]
+        negatives = [p for p in negatives for _ in range(n)] if negatives is not None else None
+        if sigmas is not None:
+            sigmas = torch.as_tensor(sigmas, dtype=torch.float32)
+            sigmas = sigmas if float(sigmas[-1]) == 0.0 else torch.cat([sigmas, sigmas.new_zeros(1)])
+        run = _Run(
+            prompts, negatives, image, num_frames, height, width, num_inference_steps, guidance_scale, shift,
+            sampler, sampler_options, None, 0.0, output_path, fps, decode_chunk_latent_frames, show_progress,
+            save_latents, sigmas,
+        )
+        noise_fn = partial(self._call_noise, generator=generator, latents=latents)
+        result, frames = self._sample(run, noise_fn, renoise_seed=_generator_seed(generator) + 1,
+                                      keep_frames=output_type != "latent")
+        frames = result.latents if output_type == "latent" else frames_as(frames, output_type)
+        if not return_dict:
+            return (frames,)
+        return LongVideoPipelineOutput(
+            frames=frames, latents=result.latents, path=result.path, paths=result.paths or None,
+            latents_paths=result.latents_paths or None,
+        )
+
+    def _call_noise(self, shape: tuple[int, ...], generator, latents: torch.Tensor | None) -> torch.Tensor:
+        """The stock pipelines' initial noise (``randn_tensor``, float32), or the caller's ``latents``."""
+        from diffusers.utils.torch_utils import randn_tensor
+
+        if latents is not None:
+            if tuple(latents.shape) != tuple(shape):
+                raise ValueError(f"latents have shape {tuple(latents.shape)}, this clip needs {tuple(shape)}")
+            return latents.to(self.device, torch.float32)
+        if isinstance(generator, list) and len(generator) != shape[0]:
+            raise ValueError(
+                f"{len(generator)} generators for {shape[0]} videos (prompts x num_videos_per_prompt): give one "
+                "per video, or a single generator"
+            )
+        return randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32)
+
 
     @staticmethod
     def _run_sampler(spec: SamplerSpec, denoiser, x_noise, sigmas, knobs: dict[str, Any], sink: _FrameSink,

@@ -388,3 +388,104 @@ def test_offload_and_attention_backend_keep_the_clip(kwargs, saved):
 def test_unknown_offload_mode_is_rejected(saved):
     with pytest.raises(ValueError, match="'none', 'model' or 'group'"):
         LongVideoPipeline.from_pretrained(saved("wan"), offload="disk")
+
+
+@pytest.mark.parametrize("family", ["wan", "ltx", "cogvideox", "skyreels_v2"])
+def test_make_tiny_i2v_then_generate_with_image(family, tmp_path, capsys):
+    """``make-tiny --i2v`` writes the family's image-to-video folder; ``generate --image`` runs it end to end and
+    ``--image`` is required there."""
+    folder = tmp_path / "i2v"
+    assert main(["make-tiny", "--family", family, "--i2v", "--out", str(folder)]) == 0
+    assert "ImageToVideoPipeline" in capsys.readouterr().out
+    adapter = load_adapter(folder)
+    assert adapter.requires_image_condition
+    n, h, w = adapter.native_video_size
+    out = tmp_path / "clip.mp4"
+    args = ["generate", "--model", str(folder), "--steps", "2", "--prompt", "a red ball", "--out", str(out), "--quiet"]
+    assert main(args) == 2
+    assert "image-to-video" in capsys.readouterr().err and not out.exists()
+    assert main([*args, "--image", _image(tmp_path, w)]) == 0
+    assert read_video(out).shape == (n, h, w, 3)
+
+
+def test_make_tiny_i2v_of_a_family_without_one_is_explained(tmp_path, capsys):
+    assert main(["make-tiny", "--family", "hunyuan_video", "--i2v", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "--i2v" in err and "wan" in err and "ltx" in err
+
+
+def test_image_on_a_text_to_video_ltx_names_the_fix(saved, tmp_path, capsys):
+    args = ["generate", "--model", saved("ltx"), "--steps", "1", "--out", str(tmp_path / "x.mp4"),
+            "--image", _image(tmp_path, 64)]
+    assert main(args) == 2
+    assert "LTXImageToVideoPipeline" in capsys.readouterr().err
+
+
+def test_prompts_file_one_clip_per_line_with_seeds_and_latents(saved, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# a comment\na red ball\n\n11\ta blue square\na red ball\n")
+    out = tmp_path / "batch.mp4"
+    args = ["generate", "--model", saved("wan"), "--steps", "2", "--seed", "5", "--prompts-file", str(prompts),
+            "--out", str(out), "--save-latents", "--quiet"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    names = [tmp_path / f"batch_{i}.mp4" for i in range(3)]
+    assert all(p.exists() and str(p) in printed for p in names)
+    latents = [load_file(str(p).removesuffix(".mp4") + ".latents.safetensors")["latents"] for p in names]
+    pipe = LongVideoPipeline.from_pretrained(saved("wan"))
+    # clip i without a seed uses --seed + i; 'SEED<TAB>PROMPT' sets its own
+    for clip, (seed, prompt) in zip(latents, [(5, "a red ball"), (11, "a blue square"), (7, "a red ball")]):
+        expected = pipe.generate(prompt, num_inference_steps=2, seed=seed, show_progress=False).latents
+        torch.testing.assert_close(clip, expected, atol=1e-5, rtol=1e-5)
+    assert (latents[0] - latents[2]).abs().max() > 1e-3  # same prompt, other seed
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [("", "holds no prompts"), ("x\ta ball\n", "not an integer seed")],
+)
+def test_bad_prompts_file_is_explained(saved, tmp_path, capsys, text, message):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text(text)
+    args = ["generate", "--model", saved("wan"), "--prompts-file", str(prompts), "--out", str(tmp_path / "o.mp4")]
+    assert main(args) == 2
+    assert message in capsys.readouterr().err
+    assert main([*args[:4], str(tmp_path / "none.txt"), *args[5:]]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main([*args, "--prompt", "x"]) == 2
+    assert "drop --prompt" in capsys.readouterr().err
+
+
+def test_every_training_recipe_has_an_inference_recipe_loading_its_export():
+    """configs/generate/<name>.yaml for each configs/<name>.yaml, loading that run's final/ export."""
+    import pathlib
+
+    from omegaconf import OmegaConf
+
+    from longgen.cli import load_generate_config
+
+    root = pathlib.Path(__file__).parents[1] / "configs"
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices["generate"]
+    for train in sorted(root.glob("*.yaml")):
+        recipe = root / "generate" / train.name
+        assert recipe.exists(), f"no inference recipe for {train.name}"
+        values = load_generate_config(str(recipe), sub)
+        final = OmegaConf.load(train).train.output_dir + "/final"
+        sources = list(values.get("lora") or []) + ([values["transformer"]] if values.get("transformer") else [])
+        assert sources and all(s.startswith(final) for s in sources), (recipe.name, sources, final)
+
+
+def test_command_line_lora_replaces_the_configs(saved, tmp_path):
+    import yaml
+
+    from longgen.cli import apply_generate_config
+
+    config = tmp_path / "g.yaml"
+    config.write_text(yaml.safe_dump({"model": saved("wan"), "lora": "from/config.safetensors:0.5"}))
+    parser = build_parser()
+    args = apply_generate_config(parser, ["generate", "--config", str(config)])
+    assert args.lora == ["from/config.safetensors:0.5"]
+    args = apply_generate_config(build_parser(), ["generate", "--config", str(config), "--lora", "mine.safetensors"])
+    assert args.lora == ["mine.safetensors"]

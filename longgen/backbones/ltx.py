@@ -26,11 +26,16 @@ from einops import rearrange
 
 from ..schedules import shift_sigma
 from .base import BackboneAdapter, Cond, WindowAttentionSpec, per_frame_to_tokens
-from .capabilities import TemporalRopeScale, WindowAttention
+from .capabilities import ImageConditioning, TemporalRopeScale, WindowAttention
 
 # Pipelines whose model (LTX-Video >= 0.9.5) takes pixel-space RoPE coordinates (``video_coords``) with
 # the causal first-frame offset; the others pass a latent grid plus ``rope_interpolation_scale``.
 _PIXEL_COORD_PIPELINES = ("LTXConditionPipeline",)
+_IMAGE_TO_VIDEO_PIPELINES = ("LTXImageToVideoPipeline",)
+IMAGE_LATENTS = "image_latents"
+"""Cond key of LTX image-to-video: the encoded conditioning image ``[B, C, 1, h, w]`` pinned as latent frame 0."""
+IMAGE_CLIP_FRAMES = "image_clip_latent_frames"
+"""Cond key: latent frames of the clip whose first frame the image is (a window elsewhere is refused)."""
 
 
 def _ltx_token_grid(model, args: tuple, kwargs: dict) -> tuple[int, int, int] | None:
@@ -45,7 +50,7 @@ def _ltx_token_grid(model, args: tuple, kwargs: dict) -> tuple[int, int, int] | 
     return None
 
 
-class LTXAdapter(BackboneAdapter, TemporalRopeScale, WindowAttention):
+class LTXAdapter(BackboneAdapter, TemporalRopeScale, WindowAttention, ImageConditioning):
     """LTX-Video adapter: flow prediction, native per-token timesteps, packed-token transformer.
 
     Noise levels: ``timestep = sigma * 1000`` (``FlowMatchEulerDiscreteScheduler``'s timesteps, passed
@@ -92,6 +97,9 @@ class LTXAdapter(BackboneAdapter, TemporalRopeScale, WindowAttention):
         self.temporal_position_scale: float = 1.0
         """Positional interpolation (PI) factor ``s``: temporal RoPE coordinates are divided by it, i.e. the
         model sees ``frame_rate * s`` (set by ``longgen.extend.apply_rope_extension(method="pi")``)."""
+        is_i2v = type(pipe).__name__ in _IMAGE_TO_VIDEO_PIPELINES
+        self.supports_image_condition = is_i2v
+        self.requires_image_condition = is_i2v
         self.pixel_rope_coords: bool = type(pipe).__name__ in _PIXEL_COORD_PIPELINES
         """True: RoPE coordinates as ``LTXConditionPipeline`` builds them (``video_coords``); False: as
         ``LTXPipeline`` / ``LTXImageToVideoPipeline`` (latent grid and ``rope_interpolation_scale``)."""
@@ -103,11 +111,13 @@ class LTXAdapter(BackboneAdapter, TemporalRopeScale, WindowAttention):
     # --- construction -------------------------------------------------------------------------
     # Over ~80 lines on purpose: one flat literal config per tiny component, read top to bottom.
     @classmethod
-    def tiny_pipeline(cls, seed: int = 0):
-        """A tiny random ``LTXPipeline``: 1-layer DiT, 8-channel VAE with LTX's 8x / 32x strides, tiny T5."""
+    def tiny_pipeline(cls, seed: int = 0, image_to_video: bool = False):
+        """A tiny random ``LTXPipeline`` (``LTXImageToVideoPipeline`` with ``image_to_video``): 1-layer DiT,
+        8-channel VAE with LTX's 8x / 32x strides, tiny T5 (the same weights either way)."""
         from diffusers import (
             AutoencoderKLLTXVideo,
             FlowMatchEulerDiscreteScheduler,
+            LTXImageToVideoPipeline,
             LTXPipeline,
             LTXVideoTransformer3DModel,
         )
@@ -178,7 +188,7 @@ class LTXAdapter(BackboneAdapter, TemporalRopeScale, WindowAttention):
             max_image_seq_len=4096,
             shift_terminal=0.1,
         )
-        return LTXPipeline(
+        return (LTXImageToVideoPipeline if image_to_video else LTXPipeline)(
             scheduler=scheduler,
             vae=vae,
             text_encoder=text_encoder,
@@ -236,6 +246,9 @@ class LTXAdapter(BackboneAdapter, TemporalRopeScale, WindowAttention):
                 )
         elif shift is not None:
             scheduler = type(scheduler).from_config(cfg, shift=shift)
+        if num_steps == 1 and cfg.get("shift_terminal"):
+            # the terminal stretch divides by (1 - last sigma) = 0 for one step: NaN (the stock pipeline fails too)
+            raise ValueError(f"this LTX scheduler (shift_terminal={cfg['shift_terminal']}) needs at least 2 steps (--steps 2)")
         scheduler.set_timesteps(sigmas=np.linspace(1.0, 1.0 / num_steps, num_steps), mu=mu)
         return scheduler.sigmas.detach().to("cpu", torch.float32).clone()
 
@@ -252,13 +265,10 @@ class LTXAdapter(BackboneAdapter, TemporalRopeScale, WindowAttention):
     ) -> tuple[Cond, Cond | None]:
         """T5 prompt embeddings and attention masks via ``LTXPipeline.encode_prompt`` (negative "" by default).
 
-        Returns conds ``{"prompt_embeds": [B, L, D], "prompt_attention_mask": [B, L]}``.
+        Returns conds ``{"prompt_embeds": [B, L, D], "prompt_attention_mask": [B, L]}``. An
+        ``LTXImageToVideoPipeline`` also needs ``image``: its VAE latents (:data:`IMAGE_LATENTS`) are pinned as
+        the first latent frame of the clip of ``num_frames`` x ``height`` x ``width`` (default: native).
         """
-        if image is not None:
-            raise ValueError(
-                "longgen's LTX adapter does not take a conditioning image yet (LTX image-to-video pins the "
-                "first latent frame to the encoded image); pass image=None for text-to-video."
-            )
         if isinstance(prompt, str):
             prompt = [prompt]
         if isinstance(negative_prompt, str):
@@ -282,7 +292,37 @@ class LTXAdapter(BackboneAdapter, TemporalRopeScale, WindowAttention):
             if do_classifier_free_guidance
             else None
         )
+        image_cond = self._image_condition(image, len(prompt), num_frames, height, width)
+        cond.update(image_cond)
+        if uncond is not None:
+            uncond.update(image_cond)
         return cond, uncond
+
+    @torch.no_grad()
+    def _image_condition(self, image, batch_size: int, num_frames, height, width) -> Cond:
+        """``LTXImageToVideoPipeline.prepare_latents``' first frame: the image's normalised VAE latents (the
+        distribution's mode: deterministic; the stock pipeline samples it with the generator)."""
+        name = type(self.pipe).__name__
+        if image is None:
+            if self.requires_image_condition:
+                raise ValueError(f"{name} is an image-to-video pipeline: pass image=<PIL image> (--image)")
+            return {}
+        if not self.supports_image_condition:
+            raise ValueError(
+                f"{name} takes no image: load an LTXImageToVideoPipeline folder (e.g. "
+                "`longgen make-tiny --family ltx --i2v`, or a diffusers LTX I2V export) or drop --image"
+            )
+        native_frames, native_h, native_w = self.native_video_size
+        height, width = height or native_h, width or native_w
+        pixels = self.pipe.video_processor.preprocess(image, height=height, width=width)
+        pixels = pixels.to(self.vae.device, self.vae.dtype).unsqueeze(2)  # (1, 3, 1, H, W)
+        raw = self.vae.encode(pixels).latent_dist.mode().float()
+        # prepare_latents normalises the image without the VAE's scaling_factor (its default 1.0)
+        latents = self.pipe._normalize_latents(raw, self.vae.latents_mean, self.vae.latents_std)
+        return {
+            IMAGE_LATENTS: latents.repeat(batch_size, 1, 1, 1, 1),
+            IMAGE_CLIP_FRAMES: self.num_latent_frames(num_frames or native_frames),
+        }
 
     def _rope_kwargs(
         self, batch: int, grid: tuple[int, int, int], frame_rate: float, device
@@ -328,6 +368,8 @@ class LTXAdapter(BackboneAdapter, TemporalRopeScale, WindowAttention):
     def denoise(self, x: torch.Tensor, sigma: torch.Tensor, cond: Cond) -> torch.Tensor:
         """x0 for latents ``x`` ``[B, C, F, H, W]`` at per-frame flow sigmas ``[B, F]``, via per-token timesteps."""
         self.check_denoise_inputs(x, sigma)
+        if IMAGE_LATENTS in cond:
+            x, sigma = self._pin_first_frame(x, sigma, cond)
         batch, _, num_latent_frames, height, width = x.shape
         pt, p, _ = self.patch_size
         if num_latent_frames % pt or height % p or width % p:
@@ -355,6 +397,23 @@ class LTXAdapter(BackboneAdapter, TemporalRopeScale, WindowAttention):
         )[0]
         velocity = self.unpack(velocity.float(), grid)  # (B, C, F, H, W)
         return x.float() - sigma.float()[:, None, :, None, None] * velocity
+
+    @staticmethod
+    def _pin_first_frame(x: torch.Tensor, sigma: torch.Tensor, cond: Cond) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image-to-video: latent frame 0 is the clean image (timestep 0), as ``LTXImageToVideoPipeline`` holds
+        it (``timestep * (1 - conditioning_mask)``); its x0 is then the image itself."""
+        if x.shape[2] != cond[IMAGE_CLIP_FRAMES]:
+            raise ValueError(
+                f"the image condition is the first frame of a {cond[IMAGE_CLIP_FRAMES]}-latent-frame clip but x has "
+                f"{x.shape[2]} latent frames: LTX image-to-video conditions one whole clip, so use --sampler full "
+                "(or windows as long as the clip)"
+            )
+        image = cond[IMAGE_LATENTS].to(x.device, x.dtype)
+        if image.shape[0] != x.shape[0]:
+            image = image.repeat_interleave(x.shape[0] // image.shape[0], dim=0)
+        sigma = sigma.clone()
+        sigma[:, 0] = 0.0
+        return torch.cat([image, x[:, :, 1:]], dim=2), sigma
 
     def normalize_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Raw VAE latents -> model latents, per channel (``LTXPipeline._normalize_latents``)."""
