@@ -728,7 +728,7 @@ class LongVideoPipeline:
 
     @staticmethod
     def _run_sampler(spec: SamplerSpec, denoiser, x_noise, sigmas, knobs: dict[str, Any], sink: _FrameSink,
-                     seed: int, show_progress: bool) -> None:
+                     renoise_seed: int, show_progress: bool) -> None:
         """Call a spec's function: streaming ones push frames to ``sink`` as they finish, others at the end.
 
         A streaming sampler's own bar is off while the frame bar runs; a non-streaming one shows its
@@ -738,7 +738,7 @@ class LongVideoPipeline:
         params = inspect.signature(fn).parameters
         extra: dict[str, Any] = {}
         if "generator" in params:  # re-noising, eta > 0: seeded, independent of the initial noise
-            extra["generator"] = torch.Generator("cpu").manual_seed(seed + 1)
+            extra["generator"] = torch.Generator("cpu").manual_seed(renoise_seed)
         if "prompt_switches" in params:  # samplers with a cache of past frames rebuild it at a prompt switch
             extra["prompt_switches"] = denoiser.prompt_switches
         takes_disable = "disable" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
