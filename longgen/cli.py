@@ -550,21 +550,8 @@ def _command_of(argv: list[str] | None) -> str | None:
     return None if argv is None else next((a for a in argv if not a.startswith("-")), "")
 
 
-def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
-    """The ``longgen`` parser. With ``argv`` only the command it names imports torch-dependent modules
-    (``longgen --help`` and ``longgen generate --help`` import no torch); without, every command is built."""
-    import importlib
-
-    command = _command_of(argv)
-    parser = argparse.ArgumentParser(
-        prog="longgen",
-        description="Long videos from short-clip diffusers video models: training-free long samplers, "
-        "extensions and fine-tuning.",
-        formatter_class=HelpFormatter,
-    )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+def _add_generate_parser(sub: argparse._SubParsersAction) -> None:
+    """``longgen generate``: every flag from :func:`add_generate_args`."""
     p = sub.add_parser(
         "generate",
         help="generate a (long) clip from a local diffusers pipeline folder and write an mp4",
@@ -575,13 +562,16 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     add_generate_args(p)
     p.set_defaults(func=cmd_generate)
 
+
+def _add_make_tiny_parser(sub: argparse._SubParsersAction, load_choices: bool) -> None:
+    """``longgen make-tiny``."""
     p = sub.add_parser(
         "make-tiny",
         help="write a tiny randomly initialised pipeline of a family (tests, demos; no downloads)",
         formatter_class=HelpFormatter,
     )
     families = None
-    if command in (None, "make-tiny"):
+    if load_choices:  # the family names import the backbones (torch): only when make-tiny runs
         from .backbones import FAMILIES as families
     p.add_argument("--family", choices=families, default="wan", help="backbone family")
     p.add_argument("--out", required=True, help="output folder")
@@ -591,6 +581,9 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                    "already); generate from it with --image")
     p.set_defaults(func=cmd_make_tiny)
 
+
+def _add_demo_parser(sub: argparse._SubParsersAction) -> None:
+    """``longgen demo``."""
     p = sub.add_parser(
         "demo",
         help="the embedded default: train a tiny model on synthetic long videos, generate long, evaluate",
@@ -607,6 +600,9 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                    help="samplers to compare (default: all; full is the naive baseline)")
     p.set_defaults(func=cmd_demo)
 
+
+def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
+    """``longgen eval``."""
     p = sub.add_parser(
         "eval",
         help="long-video quality over time (flicker, drift, flow warping error, coherence): metrics.json + plots",
@@ -622,12 +618,9 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--no-plots", action="store_true", help="write metrics.json only")
     p.set_defaults(func=cmd_eval)
 
-    for name, (module, adder, text) in _TORCH_COMMANDS.items():
-        if command in (None, name):
-            getattr(importlib.import_module(module), adder)(sub)
-        else:
-            sub.add_parser(name, help=text)
 
+def _add_convert_parser(sub: argparse._SubParsersAction) -> None:
+    """``longgen convert`` (flags from :mod:`longgen.convert`, torch-free until it runs)."""
     from .convert import add_convert_arguments, run_convert  # torch-free until it runs
 
     p = sub.add_parser(
@@ -641,9 +634,39 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     add_convert_arguments(p)
     p.set_defaults(func=run_convert)
 
+
+def _add_info_parser(sub: argparse._SubParsersAction) -> None:
+    """``longgen info``."""
     p = sub.add_parser("info", help="print what longgen knows about a model folder (adapter, shapes, layers)")
     p.add_argument("--model", required=True, help="local diffusers pipeline folder")
     p.set_defaults(func=cmd_info)
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The ``longgen`` parser. With ``argv`` only the command it names imports torch-dependent modules
+    (``longgen --help`` and ``longgen generate --help`` import no torch); without, every command is built."""
+    import importlib
+
+    command = _command_of(argv)
+    parser = argparse.ArgumentParser(
+        prog="longgen",
+        description="Long videos from short-clip diffusers video models: training-free long samplers, "
+        "extensions and fine-tuning.",
+        formatter_class=HelpFormatter,
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_generate_parser(sub)
+    _add_make_tiny_parser(sub, load_choices=command in (None, "make-tiny"))
+    _add_demo_parser(sub)
+    _add_eval_parser(sub)
+    for name, (module, adder, text) in _TORCH_COMMANDS.items():
+        if command in (None, name):
+            getattr(importlib.import_module(module), adder)(sub)
+        else:
+            sub.add_parser(name, help=text)
+    _add_convert_parser(sub)
+    _add_info_parser(sub)
     return parser
 
 

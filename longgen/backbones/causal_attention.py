@@ -249,7 +249,7 @@ _SPECS = {"wan": _WAN, "skyreels_v2": _WAN, "ltx": _LTX}
 
 def causal_attention_spec(adapter: BackboneAdapter) -> CausalAttentionSpec:
     """The family's :class:`CausalAttentionSpec`, or a ValueError that says what to use instead."""
-    family = getattr(adapter, "family", type(adapter).__name__)
+    family = adapter.family
     if family in _UNET_FAMILIES:
         raise ValueError(
             f"block-causal attention / the causal sampler is not supported for UNet motion modules ({family}): "
