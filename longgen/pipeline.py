@@ -25,7 +25,6 @@ from .samplers import SamplerContext, SamplerSpec, get_sampler, sampler_names
 
 logger = logging.getLogger(__name__)
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 """Kept for old imports; new code uses :mod:`longgen.dtypes` (``DTYPE_NAMES``, ``torch_dtype``)."""
 
 
