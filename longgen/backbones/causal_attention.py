@@ -11,20 +11,51 @@ from a model is written here, one :class:`CausalAttentionSpec` per family:
   buffers (so a temporal RoPE extension that rewrote them applies; positions are absolute frame indices or
   window-relative ones, whichever the caller passes);
 * ``apply_rope(x, table)``: the processor's rotation of ``q`` or ``k``;
-* ``attend(attn, q, k, v)``: attention without a mask through diffusers' ``dispatch_attention_fn`` and the
-  processor's configured backend (SDPA by default), so flash kernels stay usable; returns ``[B, Sq, inner]``;
+* ``attend(attn, q, k, v, mask=None)``: attention through diffusers' ``dispatch_attention_fn`` and the processor's
+  configured backend (SDPA by default), unmasked so flash kernels stay usable (only HunyuanVideo's padded-prompt
+  key mask is passed); returns ``[B, Sq, inner]``;
 * ``output(attn, hidden)``: the output projection;
-* ``dense_mask(mask, batch)``: a boolean ``[S, S]`` block-causal mask in the form the stock processor takes (the
-  reference path);
-* ``install(model)``: optional model-specific hooks the RoPE tables need (LTX records its RoPE scale), returning
-  a function that removes them;
+* ``dense_mask(mask, batch, num_text)``: the boolean ``[S, S]`` block-causal mask in the form the stock processor
+  takes (the reference path; joint attention: over text and video, see below);
+* ``install(model, cache)``: optional model-specific hooks, given the :class:`~longgen.extend.causal.KVCache` (LTX
+  records its RoPE scale; the joint families below), returning a function that removes them;
 * ``text``: where the text tokens are. ``"cross_attention"``: the self-attention sees only video tokens (text enters
-  through ``attn2``, untouched), so causality concerns the video tokens alone.
+  through ``attn2``, untouched), so causality concerns the video tokens alone. ``"text_first"`` / ``"text_last"``:
+  joint text-video attention, one softmax over ``[text; video]`` (CogVideoX) or ``[video; text]`` (HunyuanVideo),
+  with ``project_text`` / ``output_text`` (the text tokens' projections) and ``text_key_mask`` (padded prompt keys).
 
 Families with a spec: Wan 2.1 / 2.2 (``WanAttnProcessor``), SkyReels-V2 (``SkyReelsV2AttnProcessor``, the same
 computation) and LTX-Video (``LTXVideoAttnProcessor``; the latent-grid RoPE of ``LTXPipeline`` /
-``LTXImageToVideoPipeline``; ``LTXConditionPipeline``'s pixel coordinates are refused). CogVideoX and HunyuanVideo
-(joint text-video attention) have no spec yet (:func:`causal_attention_spec` says so).
+``LTXImageToVideoPipeline``; ``LTXConditionPipeline``'s pixel coordinates are refused); CogVideoX 1.0 text-to-video
+(``CogVideoXAttnProcessor2_0``: 5b with 3D RoPE from the adapter's RoPE module, 2b with the sin-cos positions of its
+patch embedding) and HunyuanVideo (``HunyuanVideoAttnProcessor2_0``, dual- and single-stream blocks).
+
+Joint text-video attention (MM-DiT; the departures from the stock models are marked):
+
+* Video tokens of chunk ``k`` attend to every text token and to the video of chunks ``<= k`` (the cache's window and
+  sink rules); text tokens attend to the text only (departure: the stock models let text attend to the video). So
+  the text stream never depends on video content and is the same with or without a cache; block-causal attention is
+  therefore never the identity on these families, even with one chunk. Its keys/values are recomputed in every call
+  (cheap, and timestep-dependent); the cache holds the video keys/values of finished chunks only (post-norm,
+  un-rotated), and text tokens never count as frames.
+* The text tokens' adaLN modulation (and HunyuanVideo's token refiner) takes one timestep per sample, which the
+  adapters' per-frame hooks set to the mean of the frames' levels. Here it is the level of the clip's **first latent
+  frame** (departure): the call's own when it holds frame 0, else the level frame 0 was last run at (after chunk 0's
+  context pass, the context level). Why: the cached keys/values of earlier chunks come from their context pass,
+  whose text sat at the context level; the no-cache reference (the whole prefix re-run in one call, the finished
+  frames at the context level) has one text stream for the prefix and the new chunk alike. They agree only if every
+  call after chunk 0 conditions the text at the same level, the context level; chunk 0's own calls can keep their
+  level (no prefix). Measured on the tiny CogVideoX, cached vs no-cache rollout: 5e-7 with this rule, 3e-4 with the
+  current chunk's level, 5e-3 with the stock per-frame mean. The rule is also causal in the noise levels (the mean
+  makes early chunks depend on the levels of later frames). Every call goes through the adapter's per-frame path
+  while the hooks are on (``force_per_frame_timesteps``), since a streamed chunk at one level still needs its text
+  at another.
+* Positions: rotary tables at absolute (or window) frame indices, built per call from the family's own RoPE module
+  (so a temporal RoPE extension applies). Text tokens carry no rotation, so a text-video score depends on the video
+  token's own position: window positions change the result even without a sink. CogVideoX-2b (no RoPE) adds its
+  sin-cos positions at the patch embedding; a streamed call gets those of its absolute frames, and window positions
+  are refused. CogVideoX image-to-video (the image latent sits at every call's first frame; learned positions) and
+  CogVideoX 1.5 (two latent frames per token) are refused.
 """
 
 from __future__ import annotations

@@ -4,7 +4,9 @@
 chunk ``k`` (``chunk_size`` latent frames; 1 = frame-causal) attend only to chunks ``<= k``, optionally restricted to
 a rolling window of the newest ``local_attn_size`` latent frames, of which the first ``sink_size`` frames of the clip
 are kept forever (attention sink; LongLive: sink 3 + window 12). The handle's ``remove()`` restores the stock model.
-The per-family parts (q/k/v, RoPE tables, where text sits) are in :mod:`longgen.backbones.causal_attention`.
+The per-family parts (q/k/v, RoPE tables, where text sits) are in :mod:`longgen.backbones.causal_attention`; with
+joint text-video attention (CogVideoX, HunyuanVideo) the video of each chunk also attends to every text token and the
+text tokens attend to the text only (see that module).
 
 Two ways a hooked layer runs:
 
