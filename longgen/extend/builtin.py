@@ -93,7 +93,8 @@ def _register_builtins() -> None:
             apply="longgen.extend.causal:apply_block_causal",
             remove="longgen.extend.causal:remove_block_causal",
             description="block-causal video self-attention over latent chunks with a KV cache (rolling window, "
-            "sink); what --sampler causal applies for its run (DiTs: Wan, SkyReels-V2, LTX-Video)",
+            "sink); what --sampler causal applies for its run (DiTs: Wan, SkyReels-V2, LTX-Video, CogVideoX 1.0, "
+            "HunyuanVideo)",
         )
     )
 

@@ -4,7 +4,9 @@
 chunk ``k`` (``chunk_size`` latent frames; 1 = frame-causal) attend only to chunks ``<= k``, optionally restricted to
 a rolling window of the newest ``local_attn_size`` latent frames, of which the first ``sink_size`` frames of the clip
 are kept forever (attention sink; LongLive: sink 3 + window 12). The handle's ``remove()`` restores the stock model.
-The per-family parts (q/k/v, RoPE tables, where text sits) are in :mod:`longgen.backbones.causal_attention`.
+The per-family parts (q/k/v, RoPE tables, where text sits) are in :mod:`longgen.backbones.causal_attention`; with
+joint text-video attention (CogVideoX, HunyuanVideo) the video of each chunk also attends to every text token and the
+text tokens attend to the text only (see that module).
 
 Two ways a hooked layer runs:
 
@@ -192,7 +194,8 @@ class _BlockCausalHook(DiTWindowHook):
 
     def new_forward(self, module, *args, **kwargs):
         call = self.bind(args, kwargs)
-        if call.get("encoder_hidden_states") is not None:  # not a self-attention call
+        text = call.get("encoder_hidden_states")
+        if (text is not None) != self.joint:  # a cross-attention call (video-only families): untouched
             return self.fn_ref.original_forward(*args, **kwargs)
         hidden = call["hidden_states"]
         f, h, w = self.token_grid(hidden)
@@ -203,11 +206,12 @@ class _BlockCausalHook(DiTWindowHook):
                 f"{', '.join(self.spec.processors)}: reset the attention processor or remove the causal extension"
             )
         if stream is None:
-            if bool(block_causal_mask(f, 1, self.config).all()):
+            if not self.joint and bool(block_causal_mask(f, 1, self.config).all()):
                 return self.fn_ref.original_forward(*args, **kwargs)  # one chunk covers the clip: identity
+            # (joint attention is never the identity: its text tokens attend to the text only)
             if self.config.attention == "mask":
                 mask = block_causal_mask(f, h * w, self.config, hidden.device)
-                mask = self.spec.dense_mask(mask, hidden.shape[0])
+                mask = self.spec.dense_mask(mask, hidden.shape[0], 0 if text is None else text.shape[1])
                 if call.get("attention_mask") is not None:
                     mask = mask & call["attention_mask"].to(torch.bool)
                 return self.fn_ref.original_forward(**{**call, "attention_mask": mask})
@@ -219,6 +223,8 @@ class _BlockCausalHook(DiTWindowHook):
                     f"got {f}"
                 )
             start, cached, write = stream.start, self.cache.layers.get(self.name, {}), stream.write
+        if text is not None:
+            return self._attend_joint(module, hidden, text, call.get("attention_mask"), start, (f, h, w), cached, write)
         if call.get("attention_mask") is not None:
             raise ValueError(
                 "block-causal attention supplies the causal structure, but the model passed its own attention mask "
@@ -228,8 +234,19 @@ class _BlockCausalHook(DiTWindowHook):
         out = self._attend_chunks(module, hidden, start, f, h, w, cached, write)
         return self.spec.output(module, out)
 
-    def _attend_chunks(self, module, hidden, start, f, h, w, cached, write) -> torch.Tensor:
-        """Each chunk of frames ``[start, start + f)``: queries against the cached and this call's visible keys."""
+    def _attend_joint(self, module, hidden, text, attention_mask, start, grid, cached, write):
+        """Joint text-video attention (CogVideoX, HunyuanVideo): the video of each chunk attends to every text token
+        and to the video it may see; the text tokens attend to the text only. Returns ``(video, text)``."""
+        spec = self.spec
+        tq, tk, tv = spec.project_text(module, text)  # [B, L, heads, head_dim], no rotation
+        key_mask = spec.text_key_mask(attention_mask, hidden.shape[1], text.shape[1])  # [B, 1, 1, L] or None
+        video = self._attend_chunks(module, hidden, start, *grid, cached, write, text_kv=(tk, tv, key_mask))
+        text_out = spec.attend(module, tq, tk, tv, key_mask)
+        return spec.output(module, video), spec.output_text(module, text_out)
+
+    def _attend_chunks(self, module, hidden, start, f, h, w, cached, write, text_kv=None) -> torch.Tensor:
+        """Each chunk of frames ``[start, start + f)``: queries against the cached and this call's visible keys
+        (joint attention: and ``text_kv = (keys, values, key mask or None)`` of the text tokens)."""
         spec, config, hw = self.spec, self.config, h * w
         q, k, v = spec.project(module, hidden)  # [B, f*h*w, heads, head_dim], un-rotated
         # cached frames before this call (its own frames, if cached too, come from this call)
@@ -260,7 +277,13 @@ class _BlockCausalHook(DiTWindowHook):
                 q[:, (a - start) * hw : (b - start) * hw], rope(spec, self.model, query_pos, h, w)
             )
             ka = spec.apply_rope(torch.cat(keys, dim=1), rope(spec, self.model, key_pos, h, w))
-            outputs.append(spec.attend(module, qa, ka, torch.cat(values, dim=1)))
+            va, mask = torch.cat(values, dim=1), None
+            if text_kv is not None:
+                tk, tv, text_mask = text_kv
+                if text_mask is not None:  # every video key is valid, the padded text keys are not
+                    mask = torch.cat([text_mask.new_ones(*text_mask.shape[:-1], ka.shape[1]), text_mask], dim=-1)
+                ka, va = torch.cat([ka, tk], dim=1), torch.cat([va, tv], dim=1)
+            outputs.append(spec.attend(module, qa, ka, va, mask))
             a = b
         if write:
             self.cache.store(self.name, start, k, v, hw)
@@ -339,7 +362,7 @@ def apply_block_causal(
         return _BlockCausalHook(site, model, spec, cache)
 
     register_dit_window_hooks(adapter, _GRID_HOOK, BLOCK_CAUSAL_HOOK, make_hook)
-    removers = [spec.install(model) for model in models] if spec.install is not None else []
+    removers = [spec.install(model, cache) for model in models] if spec.install is not None else []
     handle = BlockCausalHandle(adapter, config, cache, removers)
     _APPLIED[adapter] = handle
     return handle

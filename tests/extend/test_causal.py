@@ -1,11 +1,14 @@
 """Block-causal attention on stock DiTs (longgen.extend.causal): identity, bit-exact removal, the per-chunk path equal to
 the stock processor with a dense mask and to SkyReels-V2's own causal block mask, causality, window RoPE positions,
-bad input."""
+bad input. Joint text-video attention (CogVideoX 1.0 with RoPE, CogVideoX-2b-style sin-cos positions, HunyuanVideo):
+the text stream attends to the text only and sits at frame 0's noise level (never the identity)."""
 
 import pytest
 import torch
+from diffusers import CogVideoXTransformer3DModel
 
 from longgen.backbones import build_tiny
+from longgen.backbones.cogvideox import CogVideoXAdapter
 from longgen.backbones.wan import WanAdapter
 from longgen.extend.causal import (
     BLOCK_CAUSAL_HOOK,
@@ -14,12 +17,23 @@ from longgen.extend.causal import (
     block_causal_mask,
 )
 
-FAMILIES = ["wan", "skyreels_v2", "ltx"]
+FAMILIES = ["wan", "skyreels_v2", "ltx", "cogvideox", "cogvideox_2b", "hunyuan_video"]
+JOINT = ("cogvideox", "cogvideox_2b", "hunyuan_video")
 FRAMES = 6
 
 
 def tiny_adapter(family: str):
-    """The family's tiny adapter; LTX's tiny DiT has one block, so it gets two (causality through depth)."""
+    """The family's tiny adapter; LTX's tiny DiT has one block, so it gets two (causality through depth).
+    ``cogvideox_2b``: the tiny CogVideoX without RoPE, with the sin-cos positions of its patch embedding (2b)."""
+    if family == "cogvideox_2b":
+        pipe = CogVideoXAdapter.tiny_pipeline()
+        config = {**pipe.transformer.config, "use_rotary_positional_embeddings": False}
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            pipe.transformer = CogVideoXTransformer3DModel.from_config(config).eval()
+        adapter = CogVideoXAdapter(pipe, native_video_size=CogVideoXAdapter.tiny_video_size)
+        assert adapter.rope_module() is None and adapter.model.patch_embed.use_positional_embeddings
+        return adapter
     adapter = build_tiny(family)
     if family == "ltx":
         model = adapter.pipe.transformer
@@ -73,7 +87,49 @@ def test_identity_when_one_chunk_covers_the_clip(setup, attention):
     adapter, cond, x, sigma = setup
     stock = _run(adapter, cond, x, sigma)
     out = _run(adapter, cond, x, sigma, BlockCausalConfig(chunk_size=FRAMES, attention=attention))
-    assert torch.equal(out, stock)
+    if adapter.family in ("cogvideox", "hunyuan_video"):  # joint attention: the text stream departs from stock
+        reference = _run(adapter, cond, x, sigma, BlockCausalConfig(chunk_size=FRAMES, attention="mask"))
+        torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(out, stock, atol=1e-4)
+    else:
+        assert torch.equal(out, stock)
+
+
+def _text_outputs(adapter, cond, x, sigma, config=None):
+    """The text output of every joint attention layer in one model call (a forward hook on each layer)."""
+    from longgen.extend.dit_attention import dit_self_attention_layers
+
+    outputs, handles = [], []
+    for _, module in dit_self_attention_layers(adapter, "test"):
+        handles.append(module.register_forward_hook(lambda m, args, out: outputs.append(out[1].clone())))
+    try:
+        _run(adapter, cond, x, sigma, config)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return outputs
+
+
+@pytest.mark.parametrize("family", JOINT)
+def test_joint_text_stream_depends_on_neither_the_video_nor_later_levels(family):
+    """Text tokens attend to the text only and take frame 0's noise level: their attention outputs in every layer are
+    the same for any video content and any level of the later frames (the stock model's text sees the video, and
+    the adapters' per-frame mean level moves with every frame); a change of frame 0's level does change them."""
+    adapter = tiny_adapter(family)
+    cond, _ = adapter.encode_prompt(["a red ball"], do_classifier_free_guidance=False)
+    gen = torch.Generator().manual_seed(4)
+    x, y = (torch.randn(1, adapter.latent_channels, FRAMES, 4, 4, generator=gen) for _ in range(2))
+    sigma = torch.tensor([[0.0, 0.0, 0.3, 0.3, 0.9, 0.9]])
+    later = torch.tensor([[0.0, 0.0, 0.5, 0.5, 0.2, 0.2]])
+    config = BlockCausalConfig(chunk_size=2)
+    base = _text_outputs(adapter, cond, x, sigma, config)
+    for video, levels in ((y, sigma), (x, later)):
+        for a, b in zip(base, _text_outputs(adapter, cond, video, levels, config), strict=True):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    first = _text_outputs(adapter, cond, x, torch.tensor([[0.4, 0.4, 0.3, 0.3, 0.9, 0.9]]), config)
+    assert not torch.allclose(base[-1], first[-1], atol=1e-5)
+    stock_x, stock_y = _text_outputs(adapter, cond, x, sigma), _text_outputs(adapter, cond, y, sigma)
+    assert not torch.allclose(stock_x[0], stock_y[0], atol=1e-5)
 
 
 def test_remove_restores_the_stock_model_bit_exactly(setup):
@@ -179,6 +235,22 @@ def test_window_rope_positions_make_a_chunk_independent_of_where_it_sits():
 def test_bad_config(options, match):
     with pytest.raises(ValueError, match=match):
         BlockCausalConfig(**options)
+
+
+def test_joint_families_refuse_what_they_cannot_stream():
+    """CogVideoX image-to-video (the image latent sits at every call's first frame), CogVideoX 1.5 (two latent
+    frames per token) and window positions without RoPE (CogVideoX-2b's sin-cos positions are absolute)."""
+    i2v = CogVideoXAdapter(CogVideoXAdapter.tiny_pipeline(image_to_video=True))
+    with pytest.raises(ValueError, match="image-to-video"):
+        apply_block_causal(i2v)
+    v15 = CogVideoXAdapter(CogVideoXAdapter.tiny_pipeline(patch_size_t=2))
+    with pytest.raises(ValueError, match="groups 2 latent frames"):
+        apply_block_causal(v15)
+    adapter = tiny_adapter("cogvideox_2b")
+    cond, _ = adapter.encode_prompt(["a red ball"], do_classifier_free_guidance=False)
+    x = torch.randn(1, adapter.latent_channels, 4, 4, 4)
+    with pytest.raises(ValueError, match="--causal-rope absolute"):
+        _run(adapter, cond, x, torch.full((1, 4), 0.5), BlockCausalConfig(chunk_size=2, rope_positions="window"))
 
 
 def test_unet_models_are_refused_with_the_alternative():

@@ -1,12 +1,15 @@
-"""Causal streaming sampler (longgen.samplers.causal) on Wan and SkyReels-V2: the KV-cache rollout equals re-running
-the whole prefix with the block-causal mask and no cache (full cache, sink + rolling window, Rolling Forcing, context
-noise, CFG), causality, constant cache memory with a rolling window, LongLive recache == a fresh cache under the new
-prompt, one chunk == plain sampling, streaming callbacks, bad input."""
+"""Causal streaming sampler (longgen.samplers.causal) on Wan, SkyReels-V2, LTX-Video and the joint text-video
+families (CogVideoX 1.0 with RoPE, CogVideoX-2b-style sin-cos positions, HunyuanVideo): the KV-cache rollout equals
+re-running the whole prefix with the block-causal mask and no cache (full cache, sink + rolling window, Rolling Forcing,
+context noise, CFG), causality, constant cache memory with a rolling window, LongLive recache == a fresh cache under
+the new prompt, one chunk == plain sampling, streaming callbacks, bad input, the CLI."""
 
 import pytest
 import torch
+from diffusers import CogVideoXTransformer3DModel
 
 from longgen.backbones import build_tiny
+from longgen.backbones.cogvideox import CogVideoXAdapter
 from longgen.extend.causal import BlockCausalConfig, apply_block_causal
 from longgen.pipeline import GuidedDenoiser
 from longgen.prompts import multi_prompt_denoiser
@@ -19,7 +22,15 @@ FRAMES = 8
 
 def tiny_adapter(family: str):
     """The family's tiny adapter; LTX's tiny DiT has one block, so it gets two (the self-attention keys/values of
-    block 2 depend on the prompt through block 1's cross-attention: what a recache changes)."""
+    block 2 depend on the prompt through block 1's cross-attention: what a recache changes). ``cogvideox_2b``: the
+    tiny CogVideoX without RoPE, with the sin-cos positions of its patch embedding (as CogVideoX-2b)."""
+    if family == "cogvideox_2b":
+        pipe = CogVideoXAdapter.tiny_pipeline()
+        config = {**pipe.transformer.config, "use_rotary_positional_embeddings": False}
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            pipe.transformer = CogVideoXTransformer3DModel.from_config(config).eval()
+        return CogVideoXAdapter(pipe, native_video_size=CogVideoXAdapter.tiny_video_size)
     adapter = build_tiny(family)
     if family == "ltx":
         model = adapter.pipe.transformer
@@ -30,9 +41,10 @@ def tiny_adapter(family: str):
 
 
 SIGMAS = warped_sigmas([1000, 750, 500, 250])
+JOINT = ("cogvideox", "hunyuan_video")
 
 
-@pytest.fixture(scope="module", params=["wan", "skyreels_v2", "ltx"])
+@pytest.fixture(scope="module", params=["wan", "skyreels_v2", "ltx", "cogvideox", "cogvideox_2b", "hunyuan_video"])
 def setup(request):
     torch.manual_seed(0)
     adapter = tiny_adapter(request.param)
@@ -103,6 +115,17 @@ def test_window_rope_positions(setup):
     def run(**options):
         return _sample(adapter, denoise, noise, BlockCausalConfig(chunk_size=2, local_attn_size=4, **options))
 
+    if adapter.family in JOINT:
+        # text tokens carry no rotation, so a text-video score depends on the video token's own position: window
+        # positions change the chunks past the first window, sink or not (relativity covers the video pairs only)
+        if adapter.rope_module() is None:  # CogVideoX-2b: absolute sin-cos positions at the patch embedding
+            with pytest.raises(ValueError, match="--causal-rope absolute"):
+                run(rope_positions="window")
+            return
+        window, absolute = run(rope_positions="window"), run()
+        torch.testing.assert_close(window[:, :, :4], absolute[:, :, :4], atol=1e-5, rtol=1e-5)
+        assert (window[:, :, 4:] - absolute[:, :, 4:]).abs().max() > 1e-4
+        return
     # LTX computes RoPE angles from fractional coordinates in float32: relativity holds to ~5e-5 there
     tol = 1e-4 if adapter.family == "ltx" else 1e-5
     torch.testing.assert_close(run(rope_positions="window"), run(), atol=tol, rtol=tol)
@@ -123,7 +146,11 @@ def test_chunk_outputs_do_not_depend_on_later_noise(setup):
     earlier = noise.clone()
     earlier[:, :, :2] = torch.randn_like(earlier[:, :, :2])
     c = _sample(adapter, denoise, earlier, block)
-    assert not torch.allclose(a[:, :, 4:], c[:, :, 4:], atol=1e-5)  # later chunks do see earlier ones
+    if adapter.family == "cogvideox":  # the tiny CogVideoX's x0 barely follows its noise: chunk 0 itself moves ~2e-3
+        moved = (a[:, :, 4:] - c[:, :, 4:]).abs().max()
+        assert moved > 1e-3 * (a[:, :, :2] - c[:, :, :2]).abs().max()  # later chunks do see earlier ones
+    else:
+        assert not torch.allclose(a[:, :, 4:], c[:, :, 4:], atol=1e-5)  # later chunks do see earlier ones
 
 
 def test_one_chunk_is_plain_sampling(setup):
@@ -138,7 +165,17 @@ def test_one_chunk_is_plain_sampling(setup):
         sigmas=sigmas,
         config=CausalSamplerConfig(step="ddim"),
     )
-    torch.testing.assert_close(ours, sample_full(denoise, noise, sigmas, disable=True), atol=1e-5, rtol=1e-5)
+    stock = sample_full(denoise, noise, sigmas, disable=True)
+    if adapter.family in JOINT:  # one chunk of joint attention: plain sampling of the model whose text sees text only
+        handle = apply_block_causal(adapter, BlockCausalConfig(chunk_size=FRAMES, attention="mask"))
+        try:
+            reference = sample_full(denoise, noise, sigmas, disable=True)
+        finally:
+            handle.remove()
+        torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(ours, stock, atol=1e-4)
+        return
+    torch.testing.assert_close(ours, stock, atol=1e-5, rtol=1e-5)
 
 
 def test_rolling_window_keeps_cache_memory_constant(setup):
@@ -246,13 +283,15 @@ def test_bad_input(setup):
         )
 
 
+@pytest.mark.parametrize("family", ["wan", "cogvideox", "hunyuan_video"])
 @pytest.mark.parametrize("method", ["ntk", "yarn"])
-def test_rope_extension_applies_to_the_streamed_positions(method):
+def test_rope_extension_applies_to_the_streamed_positions(method, family):
     """A temporal RoPE extension rewrites the model's tables (YaRN also scales the queries); the cache rollout reads
-    the same tables, so it still equals the no-cache reference, and differs from the rollout without the extension."""
+    the same tables (CogVideoX: the adapter's RoPE module; HunyuanVideo: the model's, through its hooks), so it still
+    equals the no-cache reference, and differs from the rollout without the extension."""
     from longgen.extend.rope import apply_rope_extension
 
-    adapter = build_tiny("wan")
+    adapter = build_tiny(family)
     cond, _ = adapter.encode_prompt(["a red ball"], do_classifier_free_guidance=False)
     noise = torch.randn(1, adapter.latent_channels, FRAMES, 4, 4, generator=torch.Generator().manual_seed(2))
     denoise = GuidedDenoiser(adapter, cond)
@@ -263,3 +302,16 @@ def test_rope_extension_applies_to_the_streamed_positions(method):
         reference = _sample(adapter, denoise, noise, block, use_cache=False)
     torch.testing.assert_close(cached, reference, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(cached, plain, atol=1e-4)
+
+
+@pytest.mark.parametrize("family, num_frames, chunk", [("cogvideox", 13, 2), ("hunyuan_video", 17, 1)])
+def test_joint_families_stream_from_the_cli(saved, tmp_path, family, num_frames, chunk):
+    """`--sampler causal` on the joint text-video families from the user's entry point (sink + rolling window)."""
+    from longgen.cli import main
+    from longgen.io import video_info
+
+    out = tmp_path / "causal.mp4"
+    rc = main(["generate", "--model", saved(family), "--sampler", "causal", "--chunk-size", str(chunk),
+               "--local-attn-size", "3", "--sink-size", "1", "--denoising-steps", "1000,750,500,250",
+               "--warp-denoising-step", "--num-frames", str(num_frames), "--quiet", "--out", str(out)])
+    assert rc == 0 and video_info(out)["num_frames"] == num_frames
