@@ -6,7 +6,7 @@
   a visible seam (a colour, exposure or content jump) scores well above. Four jumps are measured: mean
   absolute pixel difference, mean-luma jump, per-channel mean colour jump and 1 - SSIM of luma (SSIM: Wang
   et al. 2004).
-- **VDE**, Video Drift Error (LV-Bench, Zhang et al. 2025, ``vde.py`` of ZIPLABHuggingface/LVG-Bench): the clip
+- **VDE**, Video Drift Error (LV-Bench, ZIP Lab 2025, ``vde.py`` of the Hugging Face repo ZIPLABHuggingface/LVG-Bench): the clip
   cut into N equal chunks (remainder frames dropped), a metric m_i per chunk, and
   VDE = sum_{i>=2} (N - i + 1) |m_i - m_1| / m_1 (early drift weighs more); lower is better, 0 is no drift.
 - **STREAM-T** (Kim et al. 2024, "STREAM: spatio-temporal evaluation and analysis metric for video generative
@@ -415,8 +415,8 @@ def plot_drift(plt, report: dict, plot_dir: str, savefig) -> list[str]:
                     ax.axvline(row["frame"], color=colour, linestyle="--", linewidth=0.9)
                     ax.annotate(f"{row['ratio']['pixel']:.1f}x", (row["frame"], ax.get_ylim()[1]), fontsize=7,
                                 ha="center", va="top")
-                ax.set_title(f"{label}: jumps between frames; dashed: chunk seams (red: input end), label: "
-                             "seam ratio (lower is better, ~1 seamless)", fontsize=8)
+                ax.set_title(f"{label}: jumps between consecutive frames; dashed: chunk seams (red: input end)\n"
+                             "label: pixel seam ratio (lower is better, ~1 is seamless)", fontsize=8)
                 ax.set_xlabel("frame (later of the pair)", fontsize=8)
                 ax.legend(fontsize=7)
                 ax.grid(alpha=0.3)
