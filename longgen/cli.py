@@ -492,7 +492,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .eval.report import evaluate_videos, headline_table
+    from .eval.report import drift_lines, evaluate_videos, headline_table
 
     report = evaluate_videos(
         args.videos,
@@ -502,8 +502,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
         labels=args.labels,
         plots=not args.no_plots,
         show_progress=None,
+        seams=args.seams,
+        chunk_frames=args.chunk_frames,
+        input_frames=args.input_frames,
+        vde_chunks=args.vde_chunks,
+        stream_embedder=args.stream_embedder,
+        stream_window=args.stream_window,
     )
     print(headline_table(report, _EVAL_HEADLINE))
+    print(drift_lines(report))
     print(f"wrote {os.path.join(args.out, 'metrics.json')}" + ("" if args.no_plots else f" and plots in {args.out}/plots"))
     return 0
 
@@ -616,7 +623,40 @@ def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stride", type=int, default=None, help="window stride in frames (default: window)")
     p.add_argument("--labels", nargs="+", default=None, help="one name per video (default: file names)")
     p.add_argument("--no-plots", action="store_true", help="write metrics.json only")
+    g = p.add_argument_group("seams and drift (longgen.eval.seams)")
+    g.add_argument(
+        "--seams", type=_frame_list, default=None, metavar="B,B,...",
+        help="pixel frames where generated chunks meet (the first frame of each new chunk): seam ratios there",
+    )
+    g.add_argument(
+        "--chunk-frames", type=int, default=None, metavar="N",
+        help="regular chunks of N frames (after --input-frames): a seam every N frames",
+    )
+    g.add_argument(
+        "--input-frames", type=int, default=None, metavar="M",
+        help="the clip starts with M input frames: the input/continuation boundary at frame M is a seam too",
+    )
+    g.add_argument(
+        "--vde-chunks", type=int, default=None, metavar="N",
+        help="chunks of LV-Bench's video drift error (default 10; clips under 20 frames then get no VDE)",
+    )
+    g.add_argument(
+        "--stream-embedder", default=None, metavar="PATH",
+        help="local TorchScript per-frame embedder for STREAM-T (float [B,3,H,W] in [0,1] -> [B,D]); default: "
+        "16x16 grey pixels, a rough weight-free proxy. Never downloads.",
+    )
+    g.add_argument("--stream-window", type=int, default=16, help="frames per STREAM-T window")
     p.set_defaults(func=cmd_eval)
+
+
+def _frame_list(text: str) -> list[int]:
+    """``21,42`` -> [21, 42] for ``--seams``."""
+    try:
+        return [int(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected frame numbers separated by commas (e.g. 21,42), got {text!r}"
+        ) from None
 
 
 def _add_convert_parser(sub: argparse._SubParsersAction) -> None:

@@ -585,7 +585,14 @@ def clip_caveats(frames: np.ndarray) -> list[str]:
     return caveats
 
 
-def evaluate_frames(frames: np.ndarray, *, window: int = 16, stride: int | None = None, **kwargs) -> dict:
+def evaluate_frames(
+    frames: np.ndarray,
+    *,
+    window: int = 16,
+    stride: int | None = None,
+    series: dict[str, Series] | None = None,
+    **kwargs,
+) -> dict:
     """Every metric of a clip per window, with its summary, as a JSON-ready dict::
 
         {"num_frames": N, "height": H, "width": W, "window": window, "stride": stride,
@@ -594,11 +601,15 @@ def evaluate_frames(frames: np.ndarray, *, window: int = 16, stride: int | None 
                             "positions": [window centres], "values": [window means],
                             "summary": {...see summarize...}}}}
 
-    ``kwargs`` go to :func:`compute_series`. Missing values are ``None``.
+    ``kwargs`` go to :func:`compute_series` (``series``: already computed series, then no ``kwargs``). Missing
+    values are ``None``.
     """
     frames = as_frames(frames)
     n, h, w = frames.shape[:3]
-    series = compute_series(frames, **kwargs)
+    if series is None:
+        series = compute_series(frames, **kwargs)
+    elif kwargs:
+        raise ValueError(f"pass either series or compute_series options, not both (got {sorted(kwargs)})")
     metrics = {}
     for name, s in series.items():
         centres, means = window_means(s, n, window, stride)

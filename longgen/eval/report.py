@@ -20,7 +20,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .metrics import Series, as_frames, evaluate_frames, metric_info
+from .metrics import Series, as_frames, compute_series, evaluate_frames, metric_info
+from .seams import SEAM_METRICS, plot_drift, seam_boundaries, seam_report, stream_report, vde_report
 
 REPORT_FILE = "metrics.json"
 PLOTS_DIR = "plots"
@@ -95,6 +96,12 @@ def evaluate_videos(
     worlds=None,
     plots: bool = True,
     show_progress: bool | None = False,
+    seams: Sequence[int] | None = None,
+    chunk_frames: int | None = None,
+    input_frames: int | None = None,
+    vde_chunks: int | None = None,
+    stream_embedder: str | os.PathLike | None = None,
+    stream_window: int = 16,
     **metric_kwargs,
 ) -> dict:
     """Evaluate videos, write ``metrics.json`` and plots to ``out_dir`` (if given), return the report.
@@ -108,6 +115,13 @@ def evaluate_videos(
             video (None entries skip), to add the synthetic scores under ``"synthetic"``.
         plots: write ``plots/<metric>.png`` and ``plots/overview.png``.
         show_progress: a progress bar over the videos on stderr (None: only when stderr is a terminal).
+        seams, chunk_frames, input_frames: chunk boundaries for the seam ratios of
+            :func:`longgen.eval.seams.seam_report` (see :func:`~longgen.eval.seams.seam_boundaries`); none given:
+            no ``"seams"`` entry.
+        vde_chunks: chunks of LV-Bench's VDE (:func:`~longgen.eval.seams.vde_report`); None: 10, and a clip
+            shorter than 20 frames gets a caveat instead of VDE; a number: a clip too short is an error.
+        stream_embedder: a local TorchScript embedder for STREAM-T (default: 16x16 grey pixels);
+            stream_window: frames per STREAM window.
         metric_kwargs: passed to :func:`longgen.eval.metrics.compute_series` (``gaps``, ``flow_method``,
             ``flow_max_side``, ``groups``, ...).
 
@@ -129,9 +143,18 @@ def evaluate_videos(
             f"got {len(worlds)} worlds for {len(paths)} videos; pass one per video or one for all"
         )
 
+    if stream_embedder is not None and not os.path.isfile(stream_embedder):
+        raise FileNotFoundError(
+            f"--stream-embedder {os.fspath(stream_embedder)!r} is not a file; pass a local TorchScript embedder "
+            "or leave it out for the weight-free pixel embedding. longgen never downloads weights."
+        )
+    drift = {
+        "seams": seams, "chunk_frames": chunk_frames, "input_frames": input_frames, "vde_chunks": vde_chunks,
+        "stream_embedder": stream_embedder, "stream_window": stream_window,
+    }
     report: dict = {"window": int(window), "stride": int(window if stride is None else stride), "videos": {}}
     for path, name, world in zip(_progress(paths, show_progress), names, worlds):
-        report["videos"][name] = _evaluate_one(path, world, window, stride, metric_kwargs)
+        report["videos"][name] = _evaluate_one(path, world, window, stride, metric_kwargs, drift)
 
     files: list[str] = []
     if out_dir is not None:
@@ -161,15 +184,60 @@ def _progress(paths: list[str], show: bool | None):
     )
 
 
-def _evaluate_one(path: str, world, window: int, stride: int | None, metric_kwargs: dict) -> dict:
+def _evaluate_one(
+    path: str, world, window: int, stride: int | None, metric_kwargs: dict, drift: dict | None = None
+) -> dict:
     frames = read_clip(path)
     entry = {"path": os.path.abspath(path), "fps": _fps(path)}
-    entry.update(evaluate_frames(frames, window=window, stride=stride, **metric_kwargs))
+    series = compute_series(frames, **metric_kwargs)
+    entry.update(evaluate_frames(frames, window=window, stride=stride, series=series))
+    if drift is not None:
+        try:
+            entry.update(drift_entries(frames, series, **drift))
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from err
     if world is not None:
         from .synthetic_score import score_clip
 
         entry["synthetic"] = score_clip(frames, world, window=window, stride=stride)
     return entry
+
+
+def drift_entries(
+    frames: np.ndarray,
+    series: dict[str, Series],
+    *,
+    seams: Sequence[int] | None = None,
+    chunk_frames: int | None = None,
+    input_frames: int | None = None,
+    vde_chunks: int | None = None,
+    stream_embedder: str | os.PathLike | None = None,
+    stream_window: int = 16,
+) -> dict:
+    """``{"seams"?, "vde", "stream"}`` of one clip (:mod:`longgen.eval.seams`); a default VDE or STREAM-T that
+    the clip is too short for is None with a caveat appended to the clip's caveats (``"drift_caveats"``)."""
+    n = frames.shape[0]
+    out: dict = {}
+    caveats: list[str] = []
+    if seams or chunk_frames is not None or input_frames is not None:
+        bounds = seam_boundaries(n, seams=seams, chunk_frames=chunk_frames, input_frames=input_frames)
+        out["seams"] = seam_report(frames, bounds)
+        caveats += out["seams"]["caveats"]
+    chunks = 10 if vde_chunks is None else vde_chunks
+    if vde_chunks is None and n < 2 * chunks:
+        out["vde"] = None
+        caveats.append(f"no vde: the clip has {n} frames, fewer than 2 per chunk of the default 10 chunks")
+    else:
+        out["vde"] = vde_report(frames, series, chunks)
+        caveats += out["vde"]["caveats"]
+    if n < 8:
+        out["stream"] = None
+        caveats.append(f"no stream_t: the clip has {n} frames, it needs 8")
+    else:
+        out["stream"] = stream_report(frames, window=stream_window, embedder=stream_embedder)
+        caveats += out["stream"]["caveats"]
+    out["drift_caveats"] = caveats
+    return out
 
 
 def headline_table(report: dict, columns: Sequence[str], *, label: str = "video") -> str:
@@ -226,6 +294,8 @@ def column_info(name: str):
         from .synthetic_score import score_info
 
         return score_info(name[len("synthetic_") :])
+    if name in SEAM_METRICS:
+        return SEAM_METRICS[name]
     return metric_info(name)
 
 
@@ -324,6 +394,7 @@ def plot_report(report: dict, plot_dir: str | os.PathLike, *, overview: bool = T
         plt.close(fig)
     if overview and curves:
         written.append(_plot_overview(plt, curves, os.path.join(plot_dir, "overview.png")))
+    written.extend(plot_drift(plt, report, plot_dir, _savefig))
     return written
 
 
@@ -486,3 +557,27 @@ def fvd(
         i3d_features(real_clips, i3d_path, device=device),
         i3d_features(generated_clips, i3d_path, device=device),
     )
+
+
+def drift_lines(report: dict) -> str:
+    """One line per video: the worst seam ratio (lower is better), the largest VDE (lower is better) and
+    STREAM-T (higher is better), each where computed."""
+    lines = []
+    for name, video in report["videos"].items():
+        parts = []
+        seams = video.get("seams")
+        if seams and seams["boundaries"]:
+            worst = max(seams["max_ratio"].items(), key=lambda kv: kv[1])
+            parts.append(f"seam ratio max {worst[1]:.2f} ({worst[0]}, frame {seams['worst_frame']}; lower is better)")
+        vde = video.get("vde")
+        if vde:
+            vals = {k: m["vde"] for k, m in vde["metrics"].items() if m["vde"] is not None}
+            if vals:
+                k = max(vals, key=vals.get)
+                parts.append(f"VDE max {vals[k]:.3g} ({k}; lower is better)")
+        stream = video.get("stream")
+        if stream and stream["stream_t"] is not None:
+            parts.append(f"STREAM-T {stream['stream_t']:.3f} (late vs early windows; higher is better)")
+        if parts:
+            lines.append(f"{name}: " + "; ".join(parts))
+    return "\n".join(lines)

@@ -73,7 +73,7 @@ def test_metrics_json_and_plots_for_two_videos(two_videos, tmp_path):
 
     plots = out / "plots"
     expected = {f"{m}.png" for m in metric_names} | {f"synthetic_{m}.png" for m in o["synthetic"]["scores"]}
-    expected.add("overview.png")
+    expected |= {"overview.png", "vde.png"}  # the clips have >= 20 frames: LV-Bench VDE per chunk (eval.seams)
     assert set(os.listdir(plots)) == expected
     for name in expected:
         data = (plots / name).read_bytes()
