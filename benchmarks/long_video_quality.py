@@ -6,6 +6,10 @@ with each RoPE extension applied to the naive baseline (the model run on the who
 the synthetic scores against the prompted world (object count, colour, size, motion; 1 = perfect) and
 the pixel metrics, each as mean and end-minus-start change (drift). Each table also scores the prompted
 world's ground truth (``gt``) and its VAE reconstruction (``gt_vae``): the ceiling of every sampler.
+Every sampler is also run at the native length (``1x``, where each is essentially the full-clip model): the
+last table gives the synthetic overall score at 1x and at each factor with the ratio to 1x ("keeps X of its
+1x quality at 16x"); an extension's row is compared with ``full`` at 1x (each extension is set up for the
+clip length, so at 1x it has nothing to extend).
 
     python -m benchmarks.long_video_quality --out outputs/bench_quality --train-steps 800 --factors 4 8 16
 """
@@ -18,13 +22,21 @@ import os
 import re
 import time
 
+from longgen.files import write_json_atomic
 from longgen.samplers import sampler_names
 
 FULL_ROW = re.compile(r"^\| full( \*)? \|")  # the demo table's row of the naive baseline (star: a caveat)
 
 
 def main(argv: list[str] | None = None) -> int:
-    from longgen.demo import DemoSettings, generate_and_evaluate, summary_table, train_tiny_model
+    from longgen.demo import (
+        DemoSettings,
+        generate_and_evaluate,
+        overall_by_label,
+        ratio_table,
+        summary_table,
+        train_tiny_model,
+    )
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="outputs/bench_quality", help="output folder")
@@ -51,18 +63,19 @@ def main(argv: list[str] | None = None) -> int:
     print(f"stage seconds: {vae_report.get('stage_seconds')}", flush=True)
     losses = list(train_result.losses.values())
     print(f"tiny model: {train_result.step} steps, loss {losses[0]:.3f} -> {losses[-1]:.3f}", flush=True)
-    results = {}
+    native = generate_and_evaluate(adapter, data_dir, os.path.join(args.out, "1x"), 1, tuple(args.samplers),
+                                   args.steps)
+    print(f"\n### 1x native length ({native['num_frames']} frames): samplers\n\n{summary_table(native)}",
+          flush=True)
+    results = {"1x": _result_entry(native)}
+    overall = {}
     for factor in args.factors:
         folder = os.path.join(args.out, f"{factor}x")
         res = generate_and_evaluate(adapter, data_dir, folder, factor, tuple(args.samplers), args.steps)
         print(f"\n### {factor}x native length ({res['num_frames']} frames): samplers\n\n{summary_table(res)}",
               flush=True)
-        videos = res["report"]["videos"]
-        results[f"{factor}x"] = {
-            "samplers": {label: videos[label] for label in res["runs"]},
-            "references": {label: videos[label] for label in res["references"]},
-            "runs": res["runs"],
-        }
+        results[f"{factor}x"] = _result_entry(res)
+        overall[factor] = overall_by_label(res)
         for extension in args.extensions:
             ext = generate_and_evaluate(adapter, data_dir, os.path.join(folder, extension), factor, ("full",),
                                         args.steps, extension=extension, references=False)
@@ -71,13 +84,28 @@ def main(argv: list[str] | None = None) -> int:
             table = FULL_ROW.sub(f"| full + {extension}\\1 |", row)
             print(table, flush=True)
             results[f"{factor}x"][f"full+{extension}"] = ext["report"]["videos"]["full"]
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(results, f)
+            overall[factor][f"full + {extension}"] = overall_by_label(ext)["full"]
+    ratios = ratio_table(overall_by_label(native), overall,
+                         native_of={f"full + {e}": "full" for e in args.extensions})
+    print(f"\n### synthetic overall at 1x and each length; Nx / 1x = the share of its 1x quality kept\n\n{ratios}",
+          flush=True)
+    results["ratio_table"] = ratios
+    write_json_atomic(os.path.join(args.out, "results.json"), results)
     for factor in args.factors:
         path = plot_overall(os.path.join(args.out, f"{factor}x"))
         print(f"{factor}x: synthetic overall score over time, every method: {path}")
     print(f"\ntotal {time.perf_counter() - start:.0f} s; per-video metrics and plots under {args.out}/<factor>x/")
     return 0
+
+
+def _result_entry(res: dict) -> dict:
+    """The ``results.json`` entry of one length: per-sampler and reference reports, and the runs."""
+    videos = res["report"]["videos"]
+    return {
+        "samplers": {label: videos[label] for label in res["runs"]},
+        "references": {label: videos[label] for label in res["references"]},
+        "runs": res["runs"],
+    }
 
 
 def plot_overall(folder: str, score: str = "overall") -> str:

@@ -37,6 +37,7 @@ __all__ = [
     "DemoSettings",
     "build_latent_cache",
     "generate_and_evaluate",
+    "ratio_table",
     "run_demo",
     "summary_table",
     "train_tiny_model",
@@ -451,6 +452,43 @@ def summary_table(result: dict[str, Any]) -> str:
     return headline_table(result["report"], HEADLINE, label="sampler")
 
 
+def overall_by_label(result: dict[str, Any], score: str = "overall") -> dict[str, float | None]:
+    """``{label: mean synthetic score}`` of every clip of a :func:`generate_and_evaluate` result (samplers,
+    then references)."""
+    return {label: synthetic_means(video)[score] for label, video in result["report"]["videos"].items()}
+
+
+def ratio_table(
+    native: dict[str, float | None],
+    long: dict[int, dict[str, float | None]],
+    score: str = "overall",
+    native_of: dict[str, str] | None = None,
+) -> str:
+    """Markdown table of a synthetic ``score`` per clip at the native length (``native``: ``{label: score}``
+    at 1x) and at each long factor (``long``: ``{factor: {label: score}}``), with the ratio to 1x: "keeps X
+    of its 1x quality at Nx" reads off the ``Nx / 1x`` column. ``native_of`` maps a long-only row (e.g.
+    ``full + riflex``) to the 1x clip it is compared with (named in its 1x cell)."""
+    native_of = native_of or {}
+    factors = sorted(long)
+    labels = list(dict.fromkeys(label for f in factors for label in long[f]))
+    head = [f"1x {score}"] + [c for f in factors for c in (f"{f}x {score}", f"{f}x / 1x")]
+    lines = ["| clip | " + " | ".join(head) + " |", "|" + "---|" * (len(head) + 1)]
+
+    def fmt(value: float | None, spec: str) -> str:
+        return "-" if value is None else format(value, spec)
+
+    for label in labels:
+        ref_label = native_of.get(label, label)
+        ref = native.get(ref_label)
+        cells = [fmt(ref, ".3f") + ("" if ref_label == label or ref is None else f" ({ref_label})")]
+        for f in factors:
+            value = long[f].get(label)
+            ratio = value / ref if value is not None and ref else None  # a 0 at 1x has no ratio
+            cells += [fmt(value, ".3f"), fmt(ratio, ".2f")]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 QUICK_NOTE = (
     "NOTE: --quick only smoke-tests the pipeline (every stage runs, on a few seconds of training each): the "
     "model has learnt next to nothing, so near-zero synthetic scores and near-uniform frames are expected. "
@@ -475,6 +513,7 @@ def _summary(settings: DemoSettings, train_result, vae_report: dict, result: dic
         },
         "caption": result["caption"],
         "num_frames": result["num_frames"],
+        "length_factor": result["length_factor"],
         "runs": result["runs"],
         "reconstructed_gt": synthetic_means(videos["gt_vae"]),
         "ground_truth": synthetic_means(videos["gt"]),
@@ -487,9 +526,37 @@ def _summary(settings: DemoSettings, train_result, vae_report: dict, result: dic
     }
 
 
-def _print_summary(settings: DemoSettings, summary: dict, table: str) -> None:
+def _ratios(native: dict, long: dict) -> dict[str, float | None]:
+    """``{label: long score / 1x score}`` of the synthetic overall score (None where 1x scored 0)."""
+    base, scores = overall_by_label(native), overall_by_label(long)
+    return {
+        label: (value / base[label] if value is not None and base.get(label) else None)
+        for label, value in scores.items()
+    }
+
+
+GRID_NAME = "comparison_grid"
+"""Stem of the demo's side-by-side grid (``<out_dir>/comparison_grid.png`` and ``.mp4``)."""
+
+
+def write_demo_grid(result: dict[str, Any], out_dir: str, num_samples: int = 8) -> dict[str, Any]:
+    """:func:`longgen.eval.grid.write_comparison_grid` of one :func:`generate_and_evaluate` result: rows
+    ``gt``, ``gt_vae`` (the ceiling), then each sampler's clip; ``num_samples`` frames over time."""
+    from .eval.grid import write_comparison_grid
+
+    rows = {**result["references"], **{label: run["path"] for label, run in result["runs"].items()}}
+    stem = os.path.join(out_dir, GRID_NAME)
+    return write_comparison_grid(rows, stem + ".png", stem + ".mp4", num_samples=num_samples)
+
+
+def _print_summary(settings: DemoSettings, summary: dict, table: str, ratios: str) -> None:
+    print(f"comparison grid: {summary['grid']['png']} ({summary['grid']['mp4']})")
     print()
     print(table)
+    print()
+    factor = summary["length_factor"]
+    print(f"synthetic overall at the native length (1x) and at {factor}x; {factor}x / 1x = quality kept:\n")
+    print(ratios)
     print()
     ceiling, truth = summary["reconstructed_gt"]["overall"], summary["ground_truth"]["overall"]
     print(
@@ -552,10 +619,35 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
         settings.seed,
         settings.eval_window,
     )
+    print(
+        f"      and {', '.join(settings.samplers)} at the native length (1x: the reference of each method) ...",
+        flush=True,
+    )
+    native = generate_and_evaluate(
+        adapter,
+        data_dir,
+        os.path.join(settings.out_dir, "videos", "1x"),
+        1,
+        settings.samplers,
+        settings.num_inference_steps,
+        settings.seed,
+        settings.eval_window,
+    )
     print("[3/3] evaluated (synthetic scorer against the prompted world + metrics over time)", flush=True)
+    grid = write_demo_grid(result, settings.out_dir)
     table = summary_table(result)
+    ratios = ratio_table(overall_by_label(native), {settings.length_factor: overall_by_label(result)})
     summary = _summary(settings, train_result, vae_report, result, start)
+    summary["native"] = {
+        "num_frames": native["num_frames"],
+        "synthetic": {label: synthetic_means(v) for label, v in native["report"]["videos"].items()},
+        "metrics_json": os.path.join(settings.out_dir, "videos", "1x", "eval", "metrics.json"),
+    }
+    summary["ratio_to_1x"] = _ratios(native, result)
+    summary["grid"] = {"png": grid["png"], "mp4": grid["mp4"], "frame_indices": grid["frame_indices"]}
+    summary["stage_seconds"]["generate_1x"] = native["seconds"]["generate"]
+    summary["stage_seconds"]["evaluate_1x"] = native["seconds"]["evaluate"]
     write_json_atomic(os.path.join(settings.out_dir, "demo.json"), summary, indent=2)
-    write_text_atomic(os.path.join(settings.out_dir, "summary.md"), table + "\n")
-    _print_summary(settings, summary, table)
+    write_text_atomic(os.path.join(settings.out_dir, "summary.md"), f"{table}\n\n{ratios}\n")
+    _print_summary(settings, summary, table, ratios)
     return summary

@@ -8,7 +8,7 @@ import torch
 
 from longgen.backbones.wan import is_vae_per_frame, make_vae_per_frame
 from longgen.cli import main
-from longgen.demo import DEMO_VAE, build_latent_cache
+from longgen.demo import DEMO_SAMPLERS, DEMO_VAE, REFERENCES, build_latent_cache
 from longgen.io import video_info
 
 
@@ -24,12 +24,12 @@ def test_quick_demo_runs_end_to_end(tmp_path, capsys):
     vae_config = json.loads((out / "train" / "base_model" / "vae" / "config.json").read_text())
     assert vae_config["scale_factor_spatial"] == 4 and len(vae_config["latents_mean"]) == vae_config["z_dim"]
     assert vae_config["latents_std"] != [0.5 + 0.25 * i for i in range(vae_config["z_dim"])]
-    assert set(summary["runs"]) == {"full", "sliding", "fifo", "df"}
+    assert set(summary["runs"]) == set(DEMO_SAMPLERS) >= {"full", "sliding", "fifo", "df"}
     # One latent frame per frame: 2 x the native 9 frames.
     for run in summary["runs"].values():
         assert video_info(run["path"])["num_frames"] == summary["num_frames"] == 18
     report = json.loads((out / "videos" / "eval" / "metrics.json").read_text())
-    assert set(report["videos"]) == {"full", "sliding", "fifo", "df", "gt", "gt_vae"}
+    assert set(report["videos"]) == {*DEMO_SAMPLERS, "gt", "gt_vae"}
     for video in report["videos"].values():
         assert 0.0 <= video["synthetic"]["overall"] <= 1.0
         assert video["metrics"]["temporal_flicker"]["summary"]["mean"] is not None
@@ -45,6 +45,8 @@ def test_quick_demo_runs_end_to_end(tmp_path, capsys):
         "transformer",
         "generate",
         "evaluate",
+        "generate_1x",
+        "evaluate_1x",
     }
     assert (out / "videos" / "eval" / "plots" / "temporal_flicker.png").exists()
     assert not (out / "train" / "latent_cache").exists()
@@ -59,6 +61,43 @@ def test_quick_demo_runs_end_to_end(tmp_path, capsys):
     assert "reconstructed ground truth" in printed
     # Quick trains too little to show anything: it says so plainly, in its output and in demo.json.
     assert printed.count("only smoke-tests") == 2 and summary["note"].startswith("NOTE: --quick")
+    _check_native_reference(out, summary, printed)
+    _check_grid(out, summary, printed)
+
+
+def _check_native_reference(out, summary, printed):
+    """Every sampler and reference also ran at the native length (1x); the table gives the ratio to it."""
+    native = summary["native"]
+    assert native["num_frames"] == 9 and set(native["synthetic"]) == {*DEMO_SAMPLERS, *REFERENCES}
+    for label in DEMO_SAMPLERS:
+        assert video_info(out / "videos" / "1x" / f"{label}_9f.mp4")["num_frames"] == 9
+    ratio_head = "| clip | 1x overall | 2x overall | 2x / 1x |"
+    assert ratio_head in printed and ratio_head in (out / "summary.md").read_text()
+    gt_1x, gt_2x = native["synthetic"]["gt"]["overall"], summary["ground_truth"]["overall"]
+    assert gt_1x > 0.9 and summary["ratio_to_1x"]["gt"] == pytest.approx(gt_2x / gt_1x)
+    assert f"| gt | {gt_1x:.3f} | {gt_2x:.3f} | {gt_2x / gt_1x:.2f} |" in printed
+    for label in DEMO_SAMPLERS:  # the untrained quick model scores 0 at 1x: no ratio, shown as "-"
+        row = next(line for line in printed.splitlines() if line.startswith(f"| {label} | "))
+        ratio = summary["ratio_to_1x"][label]
+        assert row.endswith(" | - |" if ratio is None else f" | {ratio:.2f} |")
+
+
+def _check_grid(out, summary, printed):
+    """The comparison grid: its path is the first line of the results; rows gt, gt_vae, each sampler."""
+    from PIL import Image
+
+    from longgen.eval.grid import grid_layout
+
+    lines = printed.splitlines()
+    first = lines[next(i for i, line in enumerate(lines) if line.startswith("[3/3]")) + 1]
+    png, mp4 = out / "comparison_grid.png", out / "comparison_grid.mp4"
+    assert first == f"comparison grid: {png} ({mp4})"
+    labels = [*REFERENCES, *DEMO_SAMPLERS]
+    layout = grid_layout(labels, (32, 32), 8)
+    assert layout["height"] > layout["header_h"] + len(labels) * layout["cell_h"]
+    assert Image.open(png).size == (layout["width"], layout["height"])
+    assert video_info(mp4)["num_frames"] == 18 and video_info(mp4)["height"] == layout["body_h"]
+    assert summary["grid"]["frame_indices"] == [0, 2, 5, 7, 10, 12, 15, 17]
 
 
 def _tiny_vae():
