@@ -1,7 +1,13 @@
 """Suite-wide settings: tiny models run fastest single-threaded (thread start-up dominates their ops)."""
 
+import os
+import sys
+
 import pytest
 import torch
+
+# test helper modules shared across test folders (tests/tiny_causal.py, ...)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -5,7 +5,7 @@ the text stream attends to the text only and sits at frame 0's noise level (neve
 
 import pytest
 import torch
-from diffusers import CogVideoXTransformer3DModel
+from tiny_causal import tiny_adapter
 
 from longgen.backbones import build_tiny
 from longgen.backbones.cogvideox import CogVideoXAdapter
@@ -20,27 +20,6 @@ from longgen.extend.causal import (
 FAMILIES = ["wan", "skyreels_v2", "ltx", "cogvideox", "cogvideox_2b", "hunyuan_video"]
 JOINT = ("cogvideox", "cogvideox_2b", "hunyuan_video")
 FRAMES = 6
-
-
-def tiny_adapter(family: str):
-    """The family's tiny adapter; LTX's tiny DiT has one block, so it gets two (causality through depth).
-    ``cogvideox_2b``: the tiny CogVideoX without RoPE, with the sin-cos positions of its patch embedding (2b)."""
-    if family == "cogvideox_2b":
-        pipe = CogVideoXAdapter.tiny_pipeline()
-        config = {**pipe.transformer.config, "use_rotary_positional_embeddings": False}
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            pipe.transformer = CogVideoXTransformer3DModel.from_config(config).eval()
-        adapter = CogVideoXAdapter(pipe, native_video_size=CogVideoXAdapter.tiny_video_size)
-        assert adapter.rope_module() is None and adapter.model.patch_embed.use_positional_embeddings
-        return adapter
-    adapter = build_tiny(family)
-    if family == "ltx":
-        model = adapter.pipe.transformer
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            adapter.pipe.transformer = type(model).from_config({**model.config, "num_layers": 2}).eval()
-    return adapter
 
 
 @pytest.fixture(scope="module", params=FAMILIES)

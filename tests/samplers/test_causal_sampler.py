@@ -6,10 +6,9 @@ the new prompt, one chunk == plain sampling, streaming callbacks, bad input, the
 
 import pytest
 import torch
-from diffusers import CogVideoXTransformer3DModel
+from tiny_causal import tiny_adapter
 
 from longgen.backbones import build_tiny
-from longgen.backbones.cogvideox import CogVideoXAdapter
 from longgen.extend.causal import BlockCausalConfig, apply_block_causal
 from longgen.pipeline import GuidedDenoiser
 from longgen.prompts import multi_prompt_denoiser
@@ -18,26 +17,6 @@ from longgen.samplers.full import sample_full
 from longgen.schedules import ddim_step
 
 FRAMES = 8
-
-
-def tiny_adapter(family: str):
-    """The family's tiny adapter; LTX's tiny DiT has one block, so it gets two (the self-attention keys/values of
-    block 2 depend on the prompt through block 1's cross-attention: what a recache changes). ``cogvideox_2b``: the
-    tiny CogVideoX without RoPE, with the sin-cos positions of its patch embedding (as CogVideoX-2b)."""
-    if family == "cogvideox_2b":
-        pipe = CogVideoXAdapter.tiny_pipeline()
-        config = {**pipe.transformer.config, "use_rotary_positional_embeddings": False}
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            pipe.transformer = CogVideoXTransformer3DModel.from_config(config).eval()
-        return CogVideoXAdapter(pipe, native_video_size=CogVideoXAdapter.tiny_video_size)
-    adapter = build_tiny(family)
-    if family == "ltx":
-        model = adapter.pipe.transformer
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            adapter.pipe.transformer = type(model).from_config({**model.config, "num_layers": 2}).eval()
-    return adapter
 
 
 SIGMAS = warped_sigmas([1000, 750, 500, 250])
