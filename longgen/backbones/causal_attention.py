@@ -507,7 +507,7 @@ def _cogvideox_spec(adapter: BackboneAdapter) -> CausalAttentionSpec:
     from .cogvideox import remove_per_frame_timesteps
 
     model = adapter.model
-    if getattr(adapter, "image_to_video", False) or model.patch_embed.use_learned_positional_embeddings:
+    if adapter.requires_image_condition or model.patch_embed.use_learned_positional_embeddings:
         raise ValueError(
             "block-causal attention is not supported for CogVideoX image-to-video (the image latent sits at the "
             "first frame of every model call, and the learned positions are fixed to the training clip); use a "
