@@ -10,11 +10,11 @@ import os
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_runs import run_trainer
 
 from longgen.cli import main
 from longgen.pipeline import LongVideoPipeline
 from longgen.training.config import load_config
-from longgen.training.loop import Trainer
 
 PROMPT = "a red ball"
 
@@ -44,11 +44,7 @@ def _train(output_dir, clips, *overrides):
             *overrides,
         ],
     )
-    trainer = Trainer(config)
-    try:
-        result = trainer.train()
-    finally:
-        trainer.close()
+    trainer, result = run_trainer(config)
     return trainer, result.final_dir
 
 

@@ -6,9 +6,9 @@ import json
 
 import pytest
 import torch
+from tiny_runs import run_trainer
 
 from longgen.training.config import load_config
-from longgen.training.loop import Trainer
 
 
 @pytest.fixture(scope="module")
@@ -41,11 +41,7 @@ def test_lora_loads_into_the_stock_pipeline_and_matches_the_adapter(tmp_path, cl
             "optim.warmup_steps=0",
         ],
     )
-    trainer = Trainer(config)
-    try:
-        result = trainer.train()
-    finally:
-        trainer.close()
+    trainer, result = run_trainer(config)
     weights = f"{result.final_dir}/pytorch_lora_weights.safetensors"
     with safe_open(weights, framework="pt") as f:
         keys = list(f.keys())
@@ -93,11 +89,7 @@ def test_lora_of_every_family_loads_into_its_stock_pipeline(family, tmp_path, cl
             "optim.warmup_steps=0",
         ],
     )
-    trainer = Trainer(config)
-    try:
-        result = trainer.train()
-    finally:
-        trainer.close()
+    trainer, result = run_trainer(config)
     trained = trainer.adapter
     stock = build_tiny(family, seed=0)  # the same base weights as the trainer's model.tiny_seed=0
     generator = torch.Generator().manual_seed(3)

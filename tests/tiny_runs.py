@@ -1,4 +1,4 @@
-"""Helpers of the training tests (imported as ``from tiny_runs import ...``; pytest puts this folder on sys.path)."""
+"""Helpers of the training tests (``from tiny_runs import ...``: tests/conftest.py puts tests/ on sys.path)."""
 
 from __future__ import annotations
 
