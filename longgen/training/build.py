@@ -365,6 +365,14 @@ def latent_cache_index(config: Config) -> dict[str, Any] | None:
             if not os.path.exists(data.cache_dir)
             else f"holds no finished cache ({INDEX_NAME})"
         )
+        from .methods import data_cache_command
+
+        command = data_cache_command(config.objective.method)
+        if command is not None:  # a method that reads its own kind of cache (ode_regression: ODE pairs)
+            raise ValueError(
+                f"data.cache_dir={data.cache_dir} {state}: objective.method={config.objective.method} trains on "
+                f"the cache that `{command}` builds into data.cache_dir; run it first"
+            )
         raise ValueError(
             f"data.cache_dir={data.cache_dir} {state}: build it with longgen precompute (--num-frames "
             f"{data.num_frames}), or set data.cache_dir=null to decode the videos of data.source"
