@@ -139,6 +139,21 @@ def _sample_noise(seed: int, index: int, shape: tuple[int, ...]) -> torch.Tensor
     return torch.randn(shape, generator=generator)
 
 
+def _check_teacher_family(config, teacher_family: str) -> None:
+    """The teacher must be of the student's family (its latents and conds are what the student reads)."""
+    from ..backbones import adapter_class_for_pipeline, read_model_index
+
+    model = config.model
+    student = model.tiny if model.path is None else adapter_class_for_pipeline(
+        read_model_index(model.path)["_class_name"]).family
+    if student != teacher_family:
+        raise ValueError(
+            f"the teacher ode.teacher_path={config.ode.teacher_path} is a {teacher_family!r} model but the student "
+            f"(model.*) is {student!r}: ODE regression needs a teacher of the student's family and latent space; "
+            "set ode.teacher_path to such a model, or null to use the student's own weights as the teacher"
+        )
+
+
 def load_teacher(config):
     """The bidirectional teacher: ``ode.teacher_path``, else the student's model (path or tiny), on its device."""
     from ..backbones import build_tiny, load_adapter
@@ -202,6 +217,7 @@ def build_ode_pairs(config, *, max_shards: int | None = None, show_progress: boo
     prompts = read_prompts(config)
     num_samples = config.ode.num_samples or len(prompts)
     adapter = load_teacher(config)
+    _check_teacher_family(config, adapter.family)
     data = config.data
     latent_shape = list(adapter.latent_shape(data.num_frames, data.height, data.width)[1:])
     sigmas = adapter.sigmas(config.ode.num_steps, shift=config.ode.shift).float()
