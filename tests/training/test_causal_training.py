@@ -206,6 +206,8 @@ def test_ode_regression_lowers_the_regression_loss(ode_cache, clips, tmp_path):
     _, recipe, cache = ode_cache
     config = load_config(str(recipe), [
         f"train.output_dir={tmp_path}", "train.steps=30", "optim.lr=3e-3", "lora.rank=8",
+        "validation.at_end=true", "validation.sampler=causal", "validation.num_frames=13",
+        "validation.sampler_options={chunk_size: 1, denoising_steps: '1000,600,400'}",
     ])  # fmt: skip
     trainer = Trainer(config)
     try:
@@ -217,6 +219,10 @@ def test_ode_regression_lowers_the_regression_loss(ode_cache, clips, tmp_path):
         trainer.close()
     assert after < 0.8 * before, (before, after, result.losses)
     assert os.path.isfile(tmp_path / "final" / "pytorch_lora_weights.safetensors")
+    # validation streamed the causal sampler through the training mask's hooks (not a second set of them)
+    from longgen.io import read_video
+
+    assert read_video(result.validation_videos[0]).shape[0] == 13
 
 
 # --- bad inputs -------------------------------------------------------------------------------------------------
