@@ -287,7 +287,7 @@ def sample_causal(
 def causal_hooks(adapter, knobs: dict) -> Iterator[dict]:
     """The model hooks the ``causal`` sampler runs under (its spec's ``hooks``): block-causal attention with a
     KV cache from the knobs, removed when sampling ends; yields the ``cache`` argument of the sampler."""
-    from ..extend.causal import BlockCausalConfig, apply_block_causal, applied_block_causal
+    from ..extend.causal import BlockCausalConfig, applied_block_causal, apply_block_causal
 
     config = BlockCausalConfig(
         chunk_size=knobs["chunk_size"], local_attn_size=knobs["local_attn_size"], sink_size=knobs["sink_size"],

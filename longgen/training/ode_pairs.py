@@ -193,7 +193,7 @@ def _shard(adapter, config, prompts: list[str], sigmas, samples: range, latent_s
         )
         guided = GuidedDenoiser(adapter, cond, uncond, guidance)
         noise = torch.stack([_sample_noise(ode.seed, i, tuple(latent_shape)) for i in batch]).to(adapter.device)
-        states, x0 = ode_trajectory(lambda x, s: guided(x, s), noise, sigmas, list(ode.keep_steps))
+        states, x0 = ode_trajectory(guided, noise, sigmas, list(ode.keep_steps))
         stored = _tensor_items(cond, set())
         dtype = adapter.dtype
         for j, i in enumerate(batch):
