@@ -690,8 +690,22 @@ def _add_ode_pairs_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides, e.g. ode.num_samples=64")
     p.add_argument("--max-shards", type=positive_int, default=None,
                    help="stop after writing this many new shards (time-sliced jobs; rerun to continue)")
+    p.add_argument("--worker", type=_worker, default=None, metavar="K/N",
+                   help="this process builds every N-th shard from K (N processes share the folder; default: "
+                   "RANK/WORLD_SIZE under torchrun or accelerate launch, else 0/1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_ode_pairs)
+
+
+def _worker(text: str) -> tuple[int, int]:
+    """``--worker 1/4`` -> (1, 4)."""
+    try:
+        rank, world = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected K/N such as 0/4, got {text!r}") from None
+    if not 0 <= rank < world:
+        raise argparse.ArgumentTypeError(f"need 0 <= K < N, got {text!r}")
+    return rank, world
 
 
 def cmd_ode_pairs(args: argparse.Namespace) -> int:
@@ -699,11 +713,13 @@ def cmd_ode_pairs(args: argparse.Namespace) -> int:
     from .training.ode_pairs import build_ode_pairs
 
     config = load_config(args.config, args.overrides)
-    build = build_ode_pairs(config, max_shards=args.max_shards, show_progress=False if args.no_progress else None)
-    done = len(build.written) + len(build.skipped)
+    worker = args.worker or (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
+    build = build_ode_pairs(config, max_shards=args.max_shards, worker=worker,
+                            show_progress=False if args.no_progress else None)  # fmt: skip
     if build.index is None:
-        print(f"ode-pairs: wrote {len(build.written)} shards ({done}/{build.num_shards} done) in {build.out_dir}; "
-              "rerun the same command to continue")
+        print(f"ode-pairs: worker {worker[0]}/{worker[1]} wrote {len(build.written)} shards "
+              f"({len(build.skipped)} were there) of {build.num_shards} in {build.out_dir}; the index is written once "
+              "every shard is there: rerun the same command (and any other workers) to continue")
         return 0
     with open(build.index) as fh:
         ode = json.load(fh)["ode"]

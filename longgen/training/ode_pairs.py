@@ -10,6 +10,9 @@ end as ``"<i>/latents"``, the prompt's cond as ``"<i>/cond/<key>"`` (the trainer
 the kept states ``"<i>/ode_states"`` ``[K, C, f, h, w]`` (listed in the index's ``sample_keys``); the index's
 ``ode`` entry holds the kept flow sigmas (the student's few-step levels), their timesteps and the settings.
 
+Several processes (one per GPU) share a build with ``worker=(k, n)`` (``longgen ode-pairs --worker k/n``, or
+under ``torchrun`` / ``accelerate launch`` from ``RANK`` / ``WORLD_SIZE``): each takes every n-th shard.
+
 Resumable: sample ``i``'s noise comes from ``(ode.seed, i)`` and shard ``n`` holds samples
 ``[n * shard_size, (n + 1) * shard_size)``, written atomically, so an interrupted build rerun with the same
 settings skips the finished shards and ends with the same cache as an uninterrupted one. ``ode_pairs.json`` holds
@@ -22,12 +25,20 @@ import json
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
 
-from ..data.cache import CACHE_FORMAT, CACHE_VERSION, INDEX_NAME, _save_atomic, _tensor_items, dtype_name
+from ..data.cache import (
+    CACHE_FORMAT,
+    CACHE_VERSION,
+    INDEX_NAME,
+    _progress,
+    _save_atomic,
+    _tensor_items,
+    dtype_name,
+)
 from ..files import write_json_atomic
 from ..schedules import ddim_step
 from .causal_methods import ODE_STATES_KEY
@@ -89,13 +100,14 @@ def read_prompts(config) -> list[str]:
 
 @dataclass
 class ODEBuild:
-    """What :func:`build_ode_pairs` did: ``index`` is None when it stopped early (``max_shards``)."""
+    """What :func:`build_ode_pairs` did: ``index`` is None when shards are still missing (``max_shards``, or
+    other workers not finished)."""
 
     out_dir: str
     num_shards: int
-    written: list[str]
-    skipped: list[str]
-    index: str | None
+    written: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    index: str | None = None
 
 
 def _settings(config, family: str, latent_shape: list[int], sigmas: torch.Tensor, num_samples: int) -> dict:
@@ -205,15 +217,24 @@ def _shard(adapter, config, prompts: list[str], sigmas, samples: range, latent_s
     return tensors, captions
 
 
-def build_ode_pairs(config, *, max_shards: int | None = None, show_progress: bool | None = False) -> ODEBuild:
+def build_ode_pairs(
+    config,
+    *,
+    max_shards: int | None = None,
+    worker: tuple[int, int] = (0, 1),
+    show_progress: bool | None = False,
+) -> ODEBuild:
     """Sample the teacher's ODE trajectories into ``config.data.cache_dir`` (see the module docstring).
 
-    ``max_shards``: stop after writing that many new shards (a time-sliced job; rerun to continue)."""
-    from ..data.cache import _progress
-
+    ``max_shards``: stop after writing that many new shards (a time-sliced job; rerun to continue).
+    ``worker = (k, n)``: this process builds the shards ``i`` with ``i % n == k`` (``n`` processes, e.g. one per
+    GPU, share one folder); whichever finds every shard on disk at its end writes ``index.json``."""
     out_dir = config.data.cache_dir
     if out_dir is None:
         raise ValueError(f"set data.cache_dir: {BUILD_COMMAND} writes the ODE-pair cache there")
+    rank, world = worker
+    if not 0 <= rank < world:
+        raise ValueError(f"worker must be K/N with 0 <= K < N, got {rank}/{world}")
     prompts = read_prompts(config)
     num_samples = config.ode.num_samples or len(prompts)
     adapter = load_teacher(config)
@@ -225,24 +246,35 @@ def build_ode_pairs(config, *, max_shards: int | None = None, show_progress: boo
     _check_settings(out_dir, settings)
     size = config.ode.shard_size
     num_shards = -(-num_samples // size)
-    written: list[str] = []
-    skipped: list[str] = []
-    with _progress(num_samples, "ode-pairs", show_progress) as bar:
-        for n in range(num_shards):
-            name = f"shard_{n:05d}.safetensors"
+    build = ODEBuild(out_dir, num_shards, [], [], None)
+    mine = [n for n in range(num_shards) if n % world == rank]
+    with _progress(sum(len(_shard_samples(n, size, num_samples)) for n in mine), "ode-pairs", show_progress) as bar:
+        for n in mine:
+            name = _shard_name(n)
             path = os.path.join(out_dir, name)
-            samples = range(n * size, min(num_samples, (n + 1) * size))
             if os.path.isfile(path):  # shards are atomic: a file under its name is complete
-                skipped.append(name)
+                build.skipped.append(name)
+            elif max_shards is not None and len(build.written) >= max_shards:
+                logger.info("ode-pairs: stopped after %d new shards; rerun to continue", len(build.written))
+                return build
             else:
-                if max_shards is not None and len(written) >= max_shards:
-                    logger.info("ode-pairs: stopped after %d new shards; rerun to continue", len(written))
-                    return ODEBuild(out_dir, num_shards, written, skipped, None)
-                tensors, texts = _shard(adapter, config, prompts, sigmas, samples, latent_shape)
+                tensors, texts = _shard(adapter, config, prompts, sigmas, _shard_samples(n, size, num_samples),
+                                        latent_shape)  # fmt: skip
                 _save_atomic(tensors, path, metadata={"captions": json.dumps(texts)})
-                written.append(name)
-            bar.update(len(samples))
-    return ODEBuild(out_dir, num_shards, written, skipped, _write_index(out_dir, settings, num_shards))
+                build.written.append(name)
+            bar.update(len(_shard_samples(n, size, num_samples)))
+    if all(os.path.isfile(os.path.join(out_dir, _shard_name(n))) for n in range(num_shards)):
+        build.index = _write_index(out_dir, settings, num_shards)
+    return build
+
+
+def _shard_name(n: int) -> str:
+    return f"shard_{n:05d}.safetensors"
+
+
+def _shard_samples(n: int, size: int, num_samples: int) -> range:
+    """The samples of shard ``n``: ``[n * size, (n + 1) * size)`` (the last shard may be shorter)."""
+    return range(n * size, min(num_samples, (n + 1) * size))
 
 
 def _write_index(out_dir: str, settings: dict, num_shards: int) -> str:
@@ -251,7 +283,7 @@ def _write_index(out_dir: str, settings: dict, num_shards: int) -> str:
 
     shards, samples, cond_keys = [], [], []
     for n in range(num_shards):
-        name = f"shard_{n:05d}.safetensors"
+        name = _shard_name(n)
         with safe_open(os.path.join(out_dir, name), framework="pt") as fh:
             texts = json.loads(fh.metadata()["captions"])
             if not cond_keys:

@@ -156,6 +156,16 @@ def test_ode_pairs_resume_to_the_uninterrupted_cache(ode_cache, clips, tmp_path,
         assert got.keys() == want.keys()
         for key in want:
             torch.testing.assert_close(got[key], want[key], rtol=0, atol=0)
+    # two workers share one build (every 2nd shard each); the last to finish writes the index: the same cache
+    shared = load_config(str(recipe), [f"data.cache_dir={tmp_path / 'shared'}"])
+    first = ode_pairs.build_ode_pairs(shared, worker=(1, 2))
+    assert first.written == ["shard_00001.safetensors"] and first.index is None
+    second = ode_pairs.build_ode_pairs(shared, worker=(0, 2))
+    assert second.written == ["shard_00000.safetensors"] and second.index is not None
+    assert json.loads((tmp_path / "shared" / "index.json").read_text()) == index
+    for name in ("shard_00000.safetensors", "shard_00001.safetensors"):
+        got, want = load_file(tmp_path / "shared" / name), load_file(cache / name)
+        assert all(torch.equal(got[key], want[key]) for key in want) and got.keys() == want.keys()
     # a rerun with other settings is refused, by name
     with pytest.raises(ValueError, match=r"other settings \(.*num_steps.*new folder"):
         ode_pairs.build_ode_pairs(load_config(str(recipe), [f"data.cache_dir={cache}", "ode.num_steps=8"]))
