@@ -526,6 +526,9 @@ def check_resume_config(checkpoint: str, config: Config) -> None:
     with open(path) as fh:
         saved = _flat(yaml.safe_load(fh) or {})
     current = _flat(config.to_dict())
+    # a key the checkpoint's config lacks (a section added since it was written) had its default then
+    defaults = _flat(Config().to_dict())
+    saved = {**{k: v for k, v in defaults.items() if k not in saved and k in current}, **saved}
     changed = [
         key
         for key in sorted(set(saved) | set(current))

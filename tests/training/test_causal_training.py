@@ -59,6 +59,28 @@ def test_the_loss_of_a_chunk_has_no_gradient_from_later_chunks(family):
     assert torch.all(grad[1:] > 0), (family, grad)
 
 
+def test_the_dense_mask_path_is_causal_in_training_too():
+    adapter = tiny_adapter("wan")
+    method = _method(adapter, "causal.attention=mask")
+    grad = chunk_input_gradients(method.denoiser, adapter, 0)
+    assert torch.all(grad[1:] == 0) and grad[0] > 0, grad
+
+
+def test_a_checkpoint_written_before_the_causal_sections_still_resumes(tmp_path):
+    """Checkpoint configs without the causal / ode sections (older runs) resume: missing keys had the defaults."""
+    import yaml
+
+    from longgen.training.build import check_resume_config
+
+    config = load_config(None, [f"train.output_dir={tmp_path}"])
+    old = config.to_dict()
+    del old["causal"], old["ode"]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))
+    check_resume_config(str(tmp_path), config)
+    with pytest.raises(ConfigError, match="causal.chunk_size: 3 -> 1"):
+        check_resume_config(str(tmp_path), load_config(None, [f"train.output_dir={tmp_path}", "causal.chunk_size=1"]))
+
+
 def test_teacher_forcing_loss_is_on_the_current_chunk_with_clean_context(clips, tmp_path, monkeypatch):
     """Teacher forcing feeds the clean context chunks (sigma exactly causal.context_noise) and the current chunk
     at its level, nothing after it, and weights only the current chunk."""
