@@ -665,6 +665,15 @@ CausalRope = Literal["absolute", "window"]
 CausalAttention = Literal["chunked", "mask"]
 
 
+_CAUSAL_FLAG_KEYS = {
+    "--local-attn-size": "causal.local_attn_size",
+    "--sink-size": "causal.sink_size",
+    "--chunk-size": "causal.chunk_size",
+    "--causal-rope": "causal.rope_positions",
+    "--causal-attention": "causal.attention",
+}
+
+
 @dataclass
 class CausalConfig:
     """Block-causal attention for training (``objective.method`` causal_forcing / ode_regression).
@@ -695,11 +704,11 @@ class CausalConfig:
         )
         try:
             self.block_causal()
-        except ValueError as err:  # BlockCausalConfig names its CLI flags; these are the causal.* keys
-            raise ConfigError(
-                f"causal: {err} (the keys here: causal.chunk_size, local_attn_size, sink_size, rope_positions, "
-                "attention)"
-            ) from None
+        except ValueError as err:  # BlockCausalConfig names the sampler's flags; here they are causal.* keys
+            text = str(err)
+            for flag, key in _CAUSAL_FLAG_KEYS.items():
+                text = text.replace(flag, key)
+            raise ConfigError(text) from None
 
     def block_causal(self):
         """The :class:`~longgen.extend.configs.BlockCausalConfig` these settings describe."""

@@ -271,6 +271,8 @@ def test_causal_training_refuses_a_chunk_that_does_not_divide_the_clip():
         _method(adapter, "causal.chunk_size=2", "objective.causal_block_size=2")
     with pytest.raises(ConfigError, match="objective.causal_block_size=3"):
         load_config(None, ["objective.method=causal_forcing", "causal.chunk_size=3"])
+    with pytest.raises(ConfigError, match=r"use causal.local_attn_size >= 3"):  # the window's rule, by config key
+        load_config(None, ["causal.local_attn_size=2"])
 
 
 def test_ode_regression_refuses_a_missing_or_wrong_cache(tmp_path, clips, ode_cache):
