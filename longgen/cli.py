@@ -675,6 +675,61 @@ def _add_convert_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_convert)
 
 
+def _add_ode_pairs_parser(sub: argparse._SubParsersAction) -> None:
+    """``longgen ode-pairs --config RECIPE [key=value ...]`` (torch-free until it runs)."""
+    p = sub.add_parser(
+        "ode-pairs",
+        help="sample a bidirectional teacher's ODE trajectories into a cache for causal ODE regression (CausVid)",
+        description="Run the teacher (ode.teacher_path, else model.*) for ode.num_steps Euler steps per prompt and "
+        "keep the states at ode.keep_steps plus the clean end, as safetensors shards in data.cache_dir; then train "
+        "the causal student with objective.method=ode_regression on the same recipe. Resumable: rerun the same "
+        "command after an interruption and it continues from the finished shards.",
+        formatter_class=HelpFormatter,
+    )
+    p.add_argument("--config", required=True, help="training recipe YAML (its ode, model and data sections)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides, e.g. ode.num_samples=64")
+    p.add_argument("--max-shards", type=positive_int, default=None,
+                   help="stop after writing this many new shards (time-sliced jobs; rerun to continue)")
+    p.add_argument("--worker", type=_worker, default=None, metavar="K/N",
+                   help="this process builds every N-th shard from K (N processes share the folder; default: "
+                   "RANK/WORLD_SIZE under torchrun or accelerate launch, else 0/1)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_ode_pairs)
+
+
+def _worker(text: str) -> tuple[int, int]:
+    """``--worker 1/4`` -> (1, 4)."""
+    try:
+        rank, world = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected K/N such as 0/4, got {text!r}") from None
+    if not 0 <= rank < world:
+        raise argparse.ArgumentTypeError(f"need 0 <= K < N, got {text!r}")
+    return rank, world
+
+
+def cmd_ode_pairs(args: argparse.Namespace) -> int:
+    from .training.config import load_config
+    from .training.ode_pairs import build_ode_pairs
+
+    config = load_config(args.config, args.overrides)
+    worker = args.worker or (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
+    build = build_ode_pairs(config, max_shards=args.max_shards, worker=worker,
+                            show_progress=False if args.no_progress else None)  # fmt: skip
+    if build.index is None:
+        print(f"ode-pairs: worker {worker[0]}/{worker[1]} wrote {len(build.written)} shards "
+              f"({len(build.skipped)} were there) of {build.num_shards} in {build.out_dir}; the index is written once "
+              "every shard is there: rerun the same command (and any other workers) to continue")
+        return 0
+    with open(build.index) as fh:
+        ode = json.load(fh)["ode"]
+    steps = ",".join(f"{t:g}" for t in ode["timesteps"])
+    print(f"ode-pairs: {ode['num_samples']} trajectories in {build.num_shards} shards at {build.out_dir} "
+          f"({len(build.written)} written now, {len(build.skipped)} already there); student levels: timesteps "
+          f"{steps} (longgen generate --sampler causal --denoising-steps {steps})")
+    return 0
+
+
 def _add_info_parser(sub: argparse._SubParsersAction) -> None:
     """``longgen info``."""
     p = sub.add_parser("info", help="print what longgen knows about a model folder (adapter, shapes, layers)")
@@ -706,6 +761,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         else:
             sub.add_parser(name, help=text)
     _add_convert_parser(sub)
+    _add_ode_pairs_parser(sub)
     _add_info_parser(sub)
     return parser
 

@@ -7,6 +7,8 @@ the fly; both are frozen, so ``longgen precompute`` runs them once. The cache fo
   and ``"<i>/cond/<key>"`` (each tensor of ``adapter.encode_prompt``'s cond, batch dim removed);
 * ``null_cond.safetensors``: the cond of the empty prompt (for caption dropout / CFG training), when the
   model has a text encoder;
+* optionally further per-sample tensors ``"<i>/<key>"`` for the keys the index lists in ``sample_keys`` (an
+  ODE-pair cache of :mod:`longgen.training.ode_pairs`: ``ode_states``);
 * ``index.json``: format and ``version``, model ``family``, clip ``num_frames`` and ``clip_shape``, latent
   ``dtype`` and shape, cond keys, sample -> shard, captions, source paths. It is written last, so a folder
   without it is an unfinished precompute (shards are written atomically too, with the umask's mode).
@@ -298,6 +300,8 @@ class LatentCacheDataset(torch.utils.data.Dataset):
         self.family: str = self.index.get("family", "")
         self.num_frames: int | None = self.index.get("num_frames")
         self.dtype: str | None = self.index.get("dtype")
+        self.sample_keys: list[str] = list(self.index.get("sample_keys", []))
+        """Further per-sample tensors ``"<i>/<key>"`` (an ODE-pair cache's ``ode_states``), returned by key."""
         if family is not None:
             self.require_family(family)
 
@@ -305,11 +309,11 @@ class LatentCacheDataset(torch.utils.data.Dataset):
         """Raise a clear error when the cache was encoded by another model family than ``family`` (its
         latents and text embeddings mean nothing to that model, and its cond keys differ)."""
         if self.family and family and self.family != family:
+            command = self.index.get("built_by", "longgen precompute --model MODEL --data SOURCE --out DIR")
             raise ValueError(
                 f"the latent cache {self.root!r} was encoded with a {self.family!r} model, but the model "
                 f"being trained is {family!r} (cond keys {self.cond_keys}); rebuild the cache for this model "
-                "with `longgen precompute --model MODEL --data SOURCE --out DIR`, or point data.cache_dir at "
-                f"a {family!r} cache"
+                f"with `{command}`, or point data.cache_dir at a {family!r} cache"
             )
 
     def __len__(self) -> int:
@@ -331,7 +335,8 @@ class LatentCacheDataset(torch.utils.data.Dataset):
         f = handles[key]
         latents = f.get_tensor(f"{i}/latents")
         cond = {name: f.get_tensor(f"{i}/cond/{name}") for name in self.cond_keys}
-        return {"latents": latents, "cond": cond, "caption": sample["caption"]}
+        extra = {name: f.get_tensor(f"{i}/{name}") for name in self.sample_keys}
+        return {"latents": latents, "cond": cond, "caption": sample["caption"], **extra}
 
     def __getstate__(self) -> dict:
         # open shard handles do not pickle (DataLoader workers under spawn): each process reopens its own
@@ -354,10 +359,12 @@ def collate_latents(items: Sequence[dict]) -> dict:
         raise ValueError(
             f"cached latents in one batch differ in shape {sorted(shapes)}: use batch size 1 or one clip size"
         )
+    extra = [k for k, v in items[0].items() if isinstance(v, torch.Tensor) and k != "latents"]  # sample_keys
     return {
         "latents": torch.stack([item["latents"] for item in items]),
         "cond": {key: torch.stack([item["cond"][key] for item in items]) for key in items[0]["cond"]},
         "caption": [item.get("caption", "") for item in items],
+        **{key: torch.stack([item[key] for item in items]) for key in extra},
     }
 
 

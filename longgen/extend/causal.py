@@ -67,6 +67,7 @@ __all__ = [
     "BlockCausalHandle",
     "KVCache",
     "apply_block_causal",
+    "applied_block_causal",
     "block_causal_mask",
 ]
 
@@ -333,6 +334,14 @@ class BlockCausalHandle:
 
 _APPLIED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 """adapter -> its BlockCausalHandle (the registry removes by adapter)."""
+
+
+def applied_block_causal(adapter: BackboneAdapter) -> BlockCausalHandle | None:
+    """The handle of block-causal attention already on ``adapter`` (or on the adapter a training view wraps,
+    :class:`~longgen.training.denoiser.AdapterView`), else None: causal training keeps its mask on, and its
+    validation samples through the same hooks."""
+    handle = _APPLIED.get(getattr(adapter, "_adapter", adapter))
+    return None if handle is None or handle._removed else handle
 
 
 def remove_block_causal(adapter: BackboneAdapter) -> None:

@@ -287,16 +287,37 @@ def sample_causal(
 def causal_hooks(adapter, knobs: dict) -> Iterator[dict]:
     """The model hooks the ``causal`` sampler runs under (its spec's ``hooks``): block-causal attention with a
     KV cache from the knobs, removed when sampling ends; yields the ``cache`` argument of the sampler."""
-    from ..extend.causal import BlockCausalConfig, apply_block_causal
+    from ..extend.causal import BlockCausalConfig, applied_block_causal, apply_block_causal
 
-    handle = apply_block_causal(adapter, BlockCausalConfig(
+    config = BlockCausalConfig(
         chunk_size=knobs["chunk_size"], local_attn_size=knobs["local_attn_size"], sink_size=knobs["sink_size"],
         rope_positions=knobs["causal_rope"], attention=knobs["causal_attention"],
-    ))
+    )
+    existing = applied_block_causal(adapter)
+    if existing is not None:  # causal training keeps its mask on: its validation streams through those hooks
+        _check_same_causal_layout(existing.config, config)
+        try:
+            yield {"cache": existing.cache}
+        finally:
+            existing.cache.clear()
+        return
+    handle = apply_block_causal(adapter, config)
     try:
         yield {"cache": handle.cache}
     finally:
         handle.remove()
+
+
+def _check_same_causal_layout(applied, requested) -> None:
+    """Sampling through block-causal hooks already on the model needs their chunk, window, sink and positions."""
+    keys = ("chunk_size", "local_attn_size", "sink_size", "rope_positions")
+    differ = [k for k in keys if getattr(applied, k) != getattr(requested, k)]
+    if differ:
+        got = ", ".join(f"{k}={getattr(applied, k)!r} (asked {getattr(requested, k)!r})" for k in differ)
+        raise ValueError(
+            f"the model already runs block-causal attention (causal training) with {got}: sample with the same "
+            "settings (validation.sampler_options chunk_size, local_attn_size, sink_size, causal_rope)"
+        )
 
 
 def schedule_sigmas(sigmas: torch.Tensor, denoising_steps: str | None, warp: bool, shift: float) -> torch.Tensor:

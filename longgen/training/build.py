@@ -365,6 +365,14 @@ def latent_cache_index(config: Config) -> dict[str, Any] | None:
             if not os.path.exists(data.cache_dir)
             else f"holds no finished cache ({INDEX_NAME})"
         )
+        from .methods import data_cache_command
+
+        command = data_cache_command(config.objective.method)
+        if command is not None:  # a method that reads its own kind of cache (ode_regression: ODE pairs)
+            raise ValueError(
+                f"data.cache_dir={data.cache_dir} {state}: objective.method={config.objective.method} trains on "
+                f"the cache that `{command}` builds into data.cache_dir; run it first"
+            )
         raise ValueError(
             f"data.cache_dir={data.cache_dir} {state}: build it with longgen precompute (--num-frames "
             f"{data.num_frames}), or set data.cache_dir=null to decode the videos of data.source"
@@ -518,6 +526,9 @@ def check_resume_config(checkpoint: str, config: Config) -> None:
     with open(path) as fh:
         saved = _flat(yaml.safe_load(fh) or {})
     current = _flat(config.to_dict())
+    # a key the checkpoint's config lacks (a section added since it was written) had its default then
+    defaults = _flat(Config().to_dict())
+    saved = {**{k: v for k, v in defaults.items() if k not in saved and k in current}, **saved}
     changed = [
         key
         for key in sorted(set(saved) | set(current))

@@ -412,8 +412,11 @@ class Config:
     ema: EMAConfig = field(default_factory=EMAConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     extension: ExtensionConfig = field(default_factory=ExtensionConfig)
+    causal: CausalConfig = field(default_factory=lambda: CausalConfig())
+    ode: ODEConfig = field(default_factory=lambda: ODEConfig())
 
     def __post_init__(self) -> None:
+        check_causal_config(self)
         if not self.lora.enabled:
             _check(
                 self.model.dtype == "fp32",
@@ -654,7 +657,173 @@ def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] 
     return _build_config(tree)
 
 
+# --- causal training (block-causal student) and the ODE-pair cache ----------------------------------
+CAUSAL_METHODS = ("causal_forcing", "ode_regression")
+"""Training methods that train under block-causal attention (the ``causal`` section applies to them)."""
+CausalForcing = Literal["diffusion", "teacher"]
+CausalRope = Literal["absolute", "window"]
+CausalAttention = Literal["chunked", "mask"]
+
+
+_CAUSAL_FLAG_KEYS = {
+    "--local-attn-size": "causal.local_attn_size",
+    "--sink-size": "causal.sink_size",
+    "--chunk-size": "causal.chunk_size",
+    "--causal-rope": "causal.rope_positions",
+    "--causal-attention": "causal.attention",
+}
+
+
+@dataclass
+class CausalConfig:
+    """Block-causal attention for training (``objective.method`` causal_forcing / ode_regression).
+
+    The mask is :func:`longgen.extend.causal.apply_block_causal`, the hooks the ``causal`` sampler streams
+    through: train and generate with the same ``chunk_size`` (``longgen generate --sampler causal --chunk-size``).
+    """
+
+    chunk_size: int = 3
+    """Latent frames per causal chunk (Self-Forcing / CausVid: 3); must divide the clip's latent frames."""
+    local_attn_size: int = -1
+    """Latent frames a chunk attends to, sink and own chunk included (-1: all earlier frames; LongLive 12)."""
+    sink_size: int = 0
+    """First latent frames every chunk keeps attending to (with a rolling window; LongLive 3)."""
+    rope_positions: CausalRope = "absolute"
+    attention: CausalAttention = "chunked"
+    """Full-clip calls as per-chunk SDPA calls (flash-capable) or one dense mask through the stock processor."""
+    forcing: CausalForcing = "diffusion"
+    """causal_forcing only: ``diffusion`` (independent noise level per chunk, the objective.mode levels) or
+    ``teacher`` (clean context chunks, one noisy current chunk, the loss on it)."""
+    context_noise: float = 0.0
+    """Teacher forcing: flow sigma of the context chunks (the causal sampler's --context-noise; 0 = clean)."""
+
+    def __post_init__(self) -> None:
+        _check(self.chunk_size >= 1, f"causal.chunk_size must be >= 1 latent frame, got {self.chunk_size}")
+        _check(
+            0.0 <= self.context_noise < 1.0, f"causal.context_noise is a flow sigma in [0, 1), got {self.context_noise}"
+        )
+        try:
+            self.block_causal()
+        except ValueError as err:  # BlockCausalConfig names the sampler's flags; here they are causal.* keys
+            text = str(err)
+            for flag, key in _CAUSAL_FLAG_KEYS.items():
+                text = text.replace(flag, key)
+            raise ConfigError(text) from None
+
+    def block_causal(self):
+        """The :class:`~longgen.extend.configs.BlockCausalConfig` these settings describe."""
+        from ..extend.configs import BlockCausalConfig
+
+        return BlockCausalConfig(
+            chunk_size=self.chunk_size,
+            local_attn_size=self.local_attn_size,
+            sink_size=self.sink_size,
+            rope_positions=self.rope_positions,
+            attention=self.attention,
+        )
+
+
+@dataclass
+class ODEConfig:
+    """ODE pairs from a bidirectional teacher (CausVid's ODE initialisation; ``longgen ode-pairs --config``).
+
+    ``longgen ode-pairs`` writes them into ``data.cache_dir`` (a latent cache whose samples also hold the kept
+    trajectory states); ``objective.method=ode_regression`` then trains the causal student on that cache.
+    """
+
+    teacher_path: str | None = None
+    """Local diffusers pipeline folder of the teacher (null: the student's model.path / model.tiny)."""
+    prompts_file: str | None = None
+    """Text file, one prompt per line (null: the captions of data.source)."""
+    num_samples: int | None = None
+    """Trajectories to sample (null: one per prompt); prompts are cycled."""
+    num_steps: int = 50
+    """Teacher Euler steps (CausVid: 50)."""
+    shift: float = 8.0
+    """Flow shift of the teacher's schedule (CausVid: 8)."""
+    keep_steps: list[int] = field(default_factory=lambda: [0, 36, 44])
+    """Indices into the teacher's schedule whose states are kept (the student's few-step levels; the clean
+    end is always kept). CausVid keeps 0/36/44/50 of 50 steps at shift 8: t = 1000/757/522/0."""
+    guidance_scale: float | None = 6.0
+    """Teacher classifier-free guidance (CausVid: 6; null: the model's default)."""
+    negative_prompt: str = ""
+    seed: int = 0
+    """Sample i's noise is drawn from (seed, i): a resumed build continues with the same trajectories."""
+    batch_size: int = 1
+    """Trajectories per teacher call."""
+    shard_size: int = 16
+    """Samples per safetensors shard (the unit of resume)."""
+    device: str | None = None
+    """Device of the teacher (null: cuda when available, else cpu)."""
+
+    def __post_init__(self) -> None:
+        _check(self.num_steps >= 1, f"ode.num_steps must be >= 1, got {self.num_steps}")
+        _check(self.shift > 0, f"ode.shift must be positive, got {self.shift}")
+        _check(len(self.keep_steps) >= 1, "ode.keep_steps is empty: list teacher step indices, e.g. [0, 36, 44]")
+        _check(
+            list(self.keep_steps) == sorted(set(self.keep_steps)) and 0 <= self.keep_steps[0]
+            and self.keep_steps[-1] < self.num_steps,
+            f"ode.keep_steps must be ascending distinct step indices in [0, ode.num_steps={self.num_steps}), "
+            f"got {list(self.keep_steps)}",
+        )
+        _check(
+            self.num_samples is None or self.num_samples >= 1, f"ode.num_samples must be >= 1, got {self.num_samples}"
+        )
+        _check(self.batch_size >= 1, f"ode.batch_size must be >= 1, got {self.batch_size}")
+        _check(self.shard_size >= 1, f"ode.shard_size must be >= 1, got {self.shard_size}")
+
+
+def _unet_family(config: Config) -> str | None:
+    """The family of a UNet model (no block-causal attention), else None (read from the folder, no weights)."""
+    if config.model.path is None:
+        family = config.model.tiny
+    else:
+        index = os.path.join(config.model.path, "model_index.json")
+        if not os.path.isfile(index):
+            return None
+        import json
+
+        with open(index) as fh:
+            names = json.dumps(json.load(fh))
+        family = "animatediff" if "AnimateDiff" in names else "svd" if "StableVideoDiffusion" in names else None
+    return family if family in ("animatediff", "svd") else None
+
+
+def check_causal_config(config: Config) -> None:
+    """Cross-section checks of causal training (called by :class:`Config`)."""
+    obj, causal = config.objective, config.causal
+    if obj.method not in CAUSAL_METHODS:
+        return
+    unet = _unet_family(config)
+    if unet is not None:
+        raise ConfigError(
+            f"objective.method={obj.method} trains with block-causal attention, which UNet motion-module models "
+            f"({unet}) do not have: use a DiT backbone (Wan, SkyReels-V2, LTX-Video, CogVideoX, HunyuanVideo), or "
+            "objective.method=denoising"
+        )
+    if obj.method == "causal_forcing" and causal.forcing == "diffusion":
+        _check(
+            obj.mode != "clip",
+            "causal diffusion forcing draws a noise level per chunk: set objective.mode=diffusion_forcing (or "
+            "ar_diffusion), or causal.forcing=teacher",
+        )
+        _check(
+            obj.causal_block_size == causal.chunk_size,
+            f"objective.causal_block_size={obj.causal_block_size} differs from causal.chunk_size={causal.chunk_size}: "
+            "the causal sampler runs one noise level per chunk, so set objective.causal_block_size="
+            f"{causal.chunk_size}",
+        )
+    if obj.method == "ode_regression":
+        _check(
+            config.data.cache_dir is not None,
+            "objective.method=ode_regression trains on the ODE-pair cache: set data.cache_dir to the folder "
+            "`longgen ode-pairs --config CONFIG` writes (the same key: it builds into data.cache_dir)",
+        )
+
+
 __all__ = [
+    "CAUSAL_METHODS",
+    "CausalConfig",
     "Config",
     "ConfigError",
     "DataConfig",
@@ -662,6 +831,7 @@ __all__ = [
     "ExtensionConfig",
     "LoraConfig",
     "ModelConfig",
+    "ODEConfig",
     "ObjectiveConfig",
     "OptimConfig",
     "SyntheticDataConfig",

@@ -176,3 +176,11 @@ class DenoisingMethod:
 
 
 register_method(DenoisingMethod.name, DenoisingMethod)
+
+
+def data_cache_command(name: str) -> str | None:
+    """The command that builds the ``data.cache_dir`` method ``name`` reads (None: ``longgen precompute``)."""
+    return getattr(_METHODS.get(name), "data_cache_command", None)
+
+
+from . import causal_methods  # noqa: E402,F401  (registers causal_forcing and ode_regression)
