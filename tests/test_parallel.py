@@ -8,7 +8,8 @@ One ``torchrun`` launch checks several things, each against a one-process comput
   ``train.ring_degree``): the same x0 as one process, and the ranks' gradients sum to the one-process ones;
 * ``longgen generate --context-parallel ring|ulysses|windows`` (the CLI entry point, sliding and fifo): the
   clip's latents equal a one-process run's, only rank 0 writes (mp4 + latents, nothing else in the folder);
-* a size that the processes cannot split is a clear error, on every rank, before any file is written.
+* a size that the processes cannot split is a clear error, on every rank, before any file is written;
+* a two-step ``train.ring_degree=2`` LoRA run gives the one-process losses and weights.
 
 Errors that need no second process (no torchrun, a family without a plan, heads, sampler) run in-process.
 """
@@ -30,7 +31,7 @@ import torch.distributed as dist
 from longgen.cli import main
 from longgen.parallel import enable_context_parallel, ring_attention
 
-out_dir, model, runs = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+out_dir, model, runs, train_overrides = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), sys.argv[4:]
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
 report = {}
@@ -87,10 +88,26 @@ for name, flags in runs.items():
         code = main(["generate", "--model", model, "--out", f"{out_dir}/{name}/clip.mp4", "--quiet", *flags])
     report[name] = {"code": code, "stdout": stdout.getvalue(), "stderr": stderr.getvalue(), "calls": calls[0]}
     dist.barrier()
+
+# 4. the trainer with train.ring_degree=2 (Accelerate joins the same process group)
+from longgen.training.config import load_config
+from longgen.training.loop import Trainer
+trainer = Trainer(load_config(None, train_overrides + ["train.ring_degree=2"]))
+report["train_losses"] = {str(k): v for k, v in trainer.train().losses.items()}
 with open(f"{out_dir}/rank{rank}.json", "w") as fh:
     json.dump(report, fh)
-dist.destroy_process_group()
+dist.barrier()
+trainer.close()
+if dist.is_initialized():
+    dist.destroy_process_group()
 """
+
+
+def _train_overrides(clips, out) -> list[str]:
+    """Two LoRA steps on the tiny Wan; Adam's eps = 1 makes the update scale with the gradient, so a wrong
+    ring gradient changes the second loss and the weights."""
+    return [f"data.source={clips}", "data.num_frames=9", f"train.output_dir={out}", "train.steps=2",
+            "train.batch_size=1", "lora.rank=4", "optim.lr=0.5", "optim.eps=1.0", "optim.warmup_steps=0"]
 
 BASE = ["--prompt", "a red ball", "--seed", "3", "--save-latents"]
 RUNS = {  # name -> flags; each also run in one process (without --context-parallel) for reference
@@ -139,9 +156,13 @@ def test_two_processes_give_the_one_process_clip(saved, tmp_path, monkeypatch):
     runs = {name: BASE + flags for name, flags in {**RUNS, **BAD}.items()}
     worker = tmp_path / "parallel_worker.py"
     worker.write_text(WORKER)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    from longgen.data.synthetic import write_synthetic_dataset
+
+    clips = write_synthetic_dataset(tmp_path / "clips", num_videos=2, num_frames=9, height=32, width=32)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "ACCELERATE_USE_CPU": "true"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           str(worker), str(tmp_path / "cp"), model, json.dumps(runs)]  # fmt: skip
+           str(worker), str(tmp_path / "cp"), model, json.dumps(runs),
+           *_train_overrides(clips, tmp_path / "cp" / "train")]  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     reports = [json.load(open(tmp_path / "cp" / f"rank{r}.json")) for r in (0, 1)]
@@ -177,6 +198,19 @@ def test_two_processes_give_the_one_process_clip(saved, tmp_path, monkeypatch):
         assert bad["code"] == 2 and "does not divide the 3 latent frames" in bad["stderr"], bad
         assert "multiple of 2" in bad["stderr"], bad
     assert not (tmp_path / "cp" / "bad_frames").exists() or not os.listdir(tmp_path / "cp" / "bad_frames")
+
+    from tiny_runs import run_trainer
+
+    from longgen.training.config import load_config
+
+    _, single_run = run_trainer(load_config(None, _train_overrides(clips, tmp_path / "train_single")))
+    for report in reports:
+        assert {int(k): v for k, v in report["train_losses"].items()} == pytest.approx(single_run.losses, abs=1e-5)
+    got = load_file(tmp_path / "cp" / "train" / "final" / "pytorch_lora_weights.safetensors")
+    want = load_file(tmp_path / "train_single" / "final" / "pytorch_lora_weights.safetensors")
+    assert got.keys() == want.keys()
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], atol=1e-5, rtol=0, msg=key)
 
 
 def test_context_parallel_without_torchrun_is_explained(saved, tmp_path, capsys, monkeypatch):
