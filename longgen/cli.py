@@ -408,70 +408,71 @@ def load_finetuned_pipeline(args: argparse.Namespace, loras: list[tuple[str, flo
     return pipe
 
 
-def _generate_one(pipe, args: argparse.Namespace, seed: int, prompt, out: str | None, image):
-    """One clip of ``longgen generate`` (``out=None``: sample only, a non-writing rank of a parallel launch)."""
-    return pipe.generate(
-        prompt=prompt,
-        prompt_frames=args.prompt_frames,
-        prompt_transition=args.prompt_transition,
-        noise=args.noise,
-        noise_window=args.noise_window,
-        noise_stride=args.noise_stride,
-        negative_prompt=args.negative_prompt,
-        image=image,
-        num_frames=args.num_frames,
-        height=args.height,
-        width=args.width,
-        num_inference_steps=args.steps,
-        guidance_scale=args.guidance,
-        shift=args.shift,
-        seed=seed,
-        sampler=args.sampler,
-        sampler_options=sampler_options(args),
-        output_path=out,
-        fps=args.fps,
-        decode_chunk_latent_frames=args.decode_chunk,
-        show_progress=not args.quiet and out is not None,
-        save_latents=args.save_latents and out is not None,
-    )
-
-
 def cmd_generate(args: argparse.Namespace) -> int:
+    """``longgen generate``; with ``--context-parallel`` this process first joins torchrun's process group."""
+    parallel = None
+    if args.context_parallel:  # each rank on its own device (cuda -> cuda:LOCAL_RANK)
+        from .parallel import GenerationParallel
+
+        parallel, args.device = GenerationParallel.from_environment(args.context_parallel, args.device)
+    try:
+        return _generate(args, parallel)
+    finally:
+        if parallel is not None:
+            parallel.close()
+
+
+def _generate(args: argparse.Namespace, parallel) -> int:
+    """The clips of ``longgen generate``; under ``--context-parallel`` every rank samples, rank 0 writes."""
     import torch
 
     from .io import check_video_path
 
     check_attention_backend(args.attention_backend)
     check_video_path(args.out)  # before the model loads: a bad --out fails at once
-    parallel = None
-    if args.context_parallel:  # under torchrun: join the process group, each rank on its own device
-        from .parallel import GenerationParallel
-
-        parallel, args.device = GenerationParallel.from_environment(args.context_parallel, args.device)
-    try:
-        check_device(args.device)
-        loras = _check_finetune_args(args)
-        jobs = _generate_jobs(args)
-        image = read_image(args.image) if args.image else None
-        start = time.perf_counter()
-        pipe = load_finetuned_pipeline(args, loras)
-        if parallel is not None:
-            parallel.apply(pipe, args.sampler)
-        writes = parallel is None or parallel.is_writer  # every rank samples the same clip; rank 0 writes it
-        for seed, prompt, out in jobs:
-            result = _generate_one(pipe, args, seed, prompt, out if writes else None, image)
-            if not writes:
-                continue
-            elapsed = time.perf_counter() - start
-            peak = ""
-            if torch.cuda.is_available() and str(args.device).startswith("cuda"):
-                peak = f", peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB"
-            saved = f" (latents: {result.latents_paths[0]})" if result.latents_paths else ""
-            ranks = f" over {parallel.world_size} processes ({parallel.mode})" if parallel is not None else ""
-            print(f"wrote {result.path}: {result.num_frames} frames in {elapsed:.1f} s{ranks}{peak}{saved}")
-    finally:
-        if parallel is not None:
-            parallel.close()
+    check_device(args.device)
+    loras = _check_finetune_args(args)
+    jobs = _generate_jobs(args)
+    image = read_image(args.image) if args.image else None
+    start = time.perf_counter()
+    pipe = load_finetuned_pipeline(args, loras)
+    if parallel is not None:
+        parallel.apply(pipe, args.sampler)
+    writes = parallel is None or parallel.is_writer  # every rank samples the same clip; only rank 0 writes it
+    for seed, prompt, out in jobs:
+        result = pipe.generate(
+            prompt=prompt,
+            prompt_frames=args.prompt_frames,
+            prompt_transition=args.prompt_transition,
+            noise=args.noise,
+            noise_window=args.noise_window,
+            noise_stride=args.noise_stride,
+            negative_prompt=args.negative_prompt,
+            image=image,
+            num_frames=args.num_frames,
+            height=args.height,
+            width=args.width,
+            num_inference_steps=args.steps,
+            guidance_scale=args.guidance,
+            shift=args.shift,
+            seed=seed,
+            sampler=args.sampler,
+            sampler_options=sampler_options(args),
+            output_path=out if writes else None,
+            fps=args.fps,
+            decode_chunk_latent_frames=args.decode_chunk,
+            show_progress=not args.quiet and writes,
+            save_latents=args.save_latents and writes,
+        )
+        if not writes:
+            continue
+        elapsed = time.perf_counter() - start
+        peak = ""
+        if torch.cuda.is_available() and str(args.device).startswith("cuda"):
+            peak = f", peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB"
+        saved = f" (latents: {result.latents_paths[0]})" if result.latents_paths else ""
+        ranks = f" over {parallel.world_size} processes ({parallel.mode})" if parallel is not None else ""
+        print(f"wrote {result.path}: {result.num_frames} frames in {elapsed:.1f} s{ranks}{peak}{saved}")
     return 0
 
 
