@@ -135,30 +135,63 @@ def ring_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
 _NATIVE_ORIGINAL: dict[str, Callable[..., Any]] = {}
 
 
+def gathered_key_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor,
+                           group, scale: float | None = None) -> torch.Tensor:
+    """Masked attention of this rank's queries over every rank's keys, by all-gathering K, V and the mask.
+
+    The all-gather fallback for masked calls under context parallel (LTX-Video's cross-attention shards the text
+    and its padding mask; diffusers' Ulysses does not reshard a mask and its ring needs a GPU kernel). K/V are
+    gathered whole, so memory is that of the keys: meant for short key sequences such as text. ``attn_mask``:
+    boolean or additive, its last dimension over this rank's keys ``(B, S_k_local)`` or ``(..., S_k_local)``.
+    Differentiable (``torch.distributed.nn`` all-gather: the backward reduce-scatters the K/V gradients).
+    """
+    from torch.distributed.nn.functional import all_gather
+
+    if attn_mask.shape[-1] != key.shape[1]:
+        raise ValueError(f"context parallel: an attention mask of shape {tuple(attn_mask.shape)} is not over the "
+                         f"{key.shape[1]} local keys; only key-padding masks can be sharded")
+    key, value = (torch.cat(all_gather(t.contiguous(), group=group), dim=1) for t in (key, value))
+    masks = [torch.empty_like(attn_mask) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(masks, attn_mask.contiguous(), group=group)
+    mask = torch.cat(masks, dim=-1)
+    mask = mask[:, None, None, :] if mask.ndim == 2 else mask  # (B, S_k) -> (B, 1, 1, S_k) for SDPA
+    out = torch.nn.functional.scaled_dot_product_attention(
+        *(t.transpose(1, 2) for t in (query, key, value)), attn_mask=mask, scale=scale
+    )  # (B, H, S_q, D)
+    return out.transpose(1, 2)
+
+
 def _native_attention_with_ring(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                                 enable_gqa=False, return_lse=False, _parallel_config=None):
-    """diffusers' native backend, with :func:`ring_attention` when the call is context parallel with a ring."""
+    """diffusers' native backend, with longgen's kernels where diffusers' context parallel cannot run on it.
+
+    A ring (``ring_degree > 1``) runs :func:`ring_attention`; a masked call under any context parallel runs
+    :func:`gathered_key_attention`; everything else goes to diffusers' own native function unchanged.
+    """
     cp = None if _parallel_config is None else _parallel_config.context_parallel_config
-    if cp is None or cp.ring_degree == 1:
+    if cp is None or (cp.ring_degree == 1 and attn_mask is None):
         return _NATIVE_ORIGINAL["native"](
             query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
             enable_gqa=enable_gqa, return_lse=return_lse, _parallel_config=_parallel_config,
         )
-    unsupported = {"attn_mask": attn_mask is not None, "is_causal": is_causal, "dropout_p": bool(dropout_p),
-                   "enable_gqa": enable_gqa, "return_lse": return_lse, "ulysses_degree > 1": cp.ulysses_degree > 1}
+    unsupported = {"is_causal": is_causal, "dropout_p": bool(dropout_p), "enable_gqa": enable_gqa,
+                   "return_lse": return_lse,
+                   "ring with ulysses_degree > 1": cp.ring_degree > 1 and cp.ulysses_degree > 1 and attn_mask is None}
     if any(unsupported.values()):
         names = ", ".join(name for name, used in unsupported.items() if used)
         raise ValueError(
-            f"longgen's ring attention (native backend) does not support {names}; use a ring_degree of 1, or a "
-            "GPU attention backend that returns the LSE (flash, _native_cudnn) for diffusers' own ring"
+            f"longgen's context-parallel attention (native backend) does not support {names}; use a ring_degree "
+            "of 1, or a GPU attention backend that returns the LSE (flash, _native_cudnn) for diffusers' own ring"
         )
+    if attn_mask is not None:
+        return gathered_key_attention(query, key, value, attn_mask, cp._flattened_mesh.get_group(), scale)
     return ring_attention(query, key, value, cp._ring_mesh.get_group(), scale)
 
 
 def install_ring_attention() -> None:
     """Route diffusers' native backend through :func:`_native_attention_with_ring` (process-wide, idempotent).
 
-    Calls that are not ring context parallel go to diffusers' own native function unchanged, so installing it
+    Calls that are not context parallel, and unmasked Ulysses calls, go to diffusers' own native function unchanged, so installing it
     changes nothing else. diffusers has no public way to add a backend; this replaces one registry entry.
     """
     from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
@@ -215,14 +248,15 @@ def enable_context_parallel(model: torch.nn.Module, ulysses_degree: int, ring_de
     backward yields only its share of the gradients: the group's gradients *sum* to the full ones (a wrapper
     that averages over all processes, DDP or FSDP, needs the loss scaled by the CP degree; the trainer does
     this). ``cp_plan``: the adapter's plan (None: the model's ``_cp_plan``). With the native backend a ring
-    runs :func:`ring_attention`; ring and Ulysses together need a GPU backend that returns the LSE.
+    runs :func:`ring_attention` and masked calls :func:`gathered_key_attention`; ring and Ulysses together need
+    a GPU backend that returns the LSE.
     """
     from diffusers import ContextParallelConfig
     from torch.distributed.device_mesh import init_device_mesh
 
     check_heads(model, ulysses_degree)
-    if ring_degree > 1 and _attention_backend(model) == "native":
-        if ulysses_degree > 1:
+    if _attention_backend(model) == "native":
+        if ring_degree > 1 and ulysses_degree > 1:
             raise ValueError(
                 f"ring_degree {ring_degree} with ulysses_degree {ulysses_degree} needs an attention backend that "
                 "returns the LSE (flash, _native_cudnn: GPU); with the native backend use one of the two"

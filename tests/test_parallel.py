@@ -29,7 +29,7 @@ import contextlib, io, json, sys
 import torch
 import torch.distributed as dist
 from longgen.cli import main
-from longgen.parallel import enable_context_parallel, ring_attention
+from longgen.parallel import enable_context_parallel, gathered_key_attention, ring_attention
 
 out_dir, model, runs, train_overrides = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), sys.argv[4:]
 dist.init_process_group("gloo")
@@ -48,6 +48,20 @@ ring = ring_attention(*local, dist.group.WORLD)
 ring.backward(grad_out[:, share])
 report["kernel_forward"] = (ring - dense[:, share]).abs().max().item()
 report["kernel_grads"] = max((a.grad - b.grad[:, share]).abs().max().item() for a, b in zip(local, (q, k, v)))
+
+# 1b. masked calls (LTX's sharded text + padding mask): the all-gather fallback against dense masked SDPA
+for t in (q, k, v):
+    t.grad = None
+mask = torch.zeros(2, 10)
+mask[0, 7:] = -10000.0  # the second half of sample 0's keys is padding, as LTX's additive mask writes it
+dense = torch.nn.functional.scaled_dot_product_attention(
+    *(t.transpose(1, 2) for t in (q, k, v)), attn_mask=mask[:, None, None, :]).transpose(1, 2)
+dense.backward(grad_out)
+local = [t.detach()[:, share].clone().requires_grad_(True) for t in (q, k, v)]
+masked = gathered_key_attention(*local, mask[:, share], dist.group.WORLD)
+masked.backward(grad_out[:, share])
+report["masked_forward"] = (masked - dense[:, share]).abs().max().item()
+report["masked_grads"] = max((a.grad - b.grad[:, share]).abs().max().item() for a, b in zip(local, (q, k, v)))
 
 # 2. ring context parallel on the tiny Wan (the trainer's path): x0 and summed gradients
 from longgen.backbones import build_tiny
@@ -117,6 +131,11 @@ RUNS = {  # name -> flags; each also run in one process (without --context-paral
                      "--context-parallel", "ulysses"],
     "windows_fifo": ["--sampler", "fifo", "--num-frames", "17", "--window", "2", "--num-partitions", "3",
                      "--context-parallel", "windows"],
+    # LTX-Video's plan also shards the text and its padding mask (cross-attention under context parallel)
+    "ltx_ring": ["--model", "{ltx}", "--sampler", "sliding", "--steps", "2", "--num-frames", "33", "--window", "2",
+                 "--stride", "1", "--context-parallel", "ring"],
+    "ltx_ulysses": ["--model", "{ltx}", "--sampler", "full", "--steps", "2", "--num-frames", "17",
+                    "--context-parallel", "ulysses"],
     "windows_sliding": ["--sampler", "sliding", "--steps", "3", "--num-frames", "21", "--window", "3", "--stride", "1",
                         "--context-parallel", "windows"],
 }
@@ -153,7 +172,7 @@ def test_two_processes_give_the_one_process_clip(saved, tmp_path, monkeypatch):
     from longgen.cli import main
 
     model = saved("wan")
-    runs = {name: BASE + flags for name, flags in {**RUNS, **BAD}.items()}
+    runs = {name: BASE + [f.format(ltx=saved("ltx")) for f in flags] for name, flags in {**RUNS, **BAD}.items()}
     worker = tmp_path / "parallel_worker.py"
     worker.write_text(WORKER)
     from longgen.data.synthetic import write_synthetic_dataset
@@ -169,6 +188,7 @@ def test_two_processes_give_the_one_process_clip(saved, tmp_path, monkeypatch):
 
     for report in reports:
         assert report["kernel_forward"] < 1e-5 and report["kernel_grads"] < 1e-5, report
+        assert report["masked_forward"] < 1e-5 and report["masked_grads"] < 1e-5, report
         assert report["model_forward"] < 1e-5, report
         assert report["model_grads"] < 1e-5 * max(1.0, report["grad_scale"]), report
 
@@ -183,7 +203,8 @@ def test_two_processes_give_the_one_process_clip(saved, tmp_path, monkeypatch):
         assert sorted(os.listdir(folder)) == ["clip.latents.safetensors", "clip.mp4"], name
         single = tmp_path / "single" / name / "clip.mp4"
         calls[0] = 0
-        assert main(["generate", "--model", model, "--out", str(single), "--quiet", *BASE, *_single_flags(flags)]) == 0
+        single_flags = [f.format(ltx=saved("ltx")) for f in _single_flags(flags)]
+        assert main(["generate", "--model", model, "--out", str(single), "--quiet", *BASE, *single_flags]) == 0
         if mode == "windows":  # each rank denoised its share of the windows (plus fifo's initial clip, on both)
             assert first["calls"] < calls[0] and second["calls"] < calls[0], (name, first, second, calls)
             assert first["calls"] + second["calls"] >= calls[0], (name, first, second, calls)
