@@ -239,6 +239,28 @@ def check_token_split(latent_shape: tuple[int, ...], patch_size: tuple[int, int,
         )
 
 
+def check_sharded_inputs(model: torch.nn.Module, plan: dict, degree: int, what: str) -> Any:
+    """A forward pre-hook: the model inputs the plan shards at the root (LTX: ``encoder_hidden_states`` and its
+    mask, text tokens) must split evenly, else a clear error instead of diffusers' assertion. Returns the handle."""
+    from diffusers.models._modeling_parallel import ContextParallelInput
+
+    root = {name: spec for name, spec in (plan.get("") or {}).items()
+            if isinstance(name, str) and isinstance(spec, ContextParallelInput)}
+
+    def check(module, args, kwargs):
+        for name, spec in root.items():
+            value = kwargs.get(name)
+            if isinstance(value, torch.Tensor) and value.ndim == spec.expected_dims and value.shape[spec.split_dim] % degree:
+                raise ValueError(
+                    f"{what} {degree} does not divide the model input {name} along dimension {spec.split_dim} "
+                    f"(size {value.shape[spec.split_dim]}, shape {tuple(value.shape)}), which the context-parallel "
+                    f"plan splits over the processes: launch a number of processes that divides it"
+                    + (" (for text: a prompt length / max sequence length that it divides)" if "encoder" in name else "")
+                )
+
+    return model.register_forward_pre_hook(check, with_kwargs=True) if root and degree > 1 else None
+
+
 def enable_context_parallel(model: torch.nn.Module, ulysses_degree: int, ring_degree: int = 1,
                             device_type: str = "cuda", dp_size: int = 1, cp_plan: dict | None = None) -> None:
     """Split the model's token sequence over ``ulysses_degree x ring_degree`` processes (diffusers CP).
@@ -266,6 +288,8 @@ def enable_context_parallel(model: torch.nn.Module, ulysses_degree: int, ring_de
         device_type, (dp_size, ring_degree, ulysses_degree), mesh_dim_names=("dp", "ring", "ulysses")
     )
     cp_config = ContextParallelConfig(ring_degree=ring_degree, ulysses_degree=ulysses_degree, mesh=mesh)
+    check_sharded_inputs(model, cp_plan if cp_plan is not None else (model._cp_plan or {}),
+                         ring_degree * ulysses_degree, "context-parallel degree")
     if device_type == "cpu" and torch.accelerator.device_count() == 0:
         # diffusers picks the device as rank % device_count(), which divides by zero on CPU-only hosts.
         original = torch.accelerator.device_count

@@ -270,6 +270,17 @@ def test_unsupported_family_heads_and_sampler_are_explained(saved):
     with pytest.raises(ValueError, match=r"2 does not divide the 3 latent frames of a model call \(3 x 1 x 1 = 3 tokens"):
         check_token_split((1, 4, 3, 2, 2), (1, 2, 2), 2)
 
+    # inputs the plan shards at the model's root (LTX-Video: the text and its mask) are checked before diffusers
+    from longgen.parallel import check_sharded_inputs
+
+    ltx = LongVideoPipeline.from_pretrained(saved("ltx")).adapter
+    handle = check_sharded_inputs(ltx.model, ltx.context_parallel_plan(), 3, "--context-parallel ring over")
+    text = torch.zeros(1, 7, ltx.model.config.caption_channels)
+    with pytest.raises(ValueError, match=r"ring over 3 does not divide the model input encoder_hidden_states along "
+                       r"dimension 1 \(size 7.*max sequence length"):
+        ltx.model(hidden_states=torch.zeros(1, 6, 128), encoder_hidden_states=text, timestep=torch.zeros(1))
+    handle.remove()
+
 
 def test_help_explains_the_flag(capsys):
     from longgen.cli import build_parser
