@@ -421,7 +421,9 @@ class GenerationParallel:
                 "--context-parallel windows with --sampler sliding or fifo"
             )
         ulysses, ring = (self.world_size, 1) if self.mode == "ulysses" else (1, self.world_size)
-        experts = adapter.experts() if hasattr(adapter, "experts") else [adapter.model]
+        from .backbones import MixtureOfExperts
+
+        experts = adapter.experts() if isinstance(adapter, MixtureOfExperts) else [adapter.model]  # Wan 2.2 MoE
         for model in experts:
             check_heads(model, ulysses, what=f"--context-parallel ulysses over {self.world_size} processes:")
         for model in experts:

@@ -103,6 +103,13 @@ for name, flags in runs.items():
     report[name] = {"code": code, "stdout": stdout.getvalue(), "stderr": stderr.getvalue(), "calls": calls[0]}
     dist.barrier()
 
+# 3b. every expert of a Wan 2.2 MoE is split, not only the first
+from longgen.parallel import GenerationParallel
+from longgen.pipeline import LongVideoPipeline
+moe = LongVideoPipeline.from_pretrained(runs["moe_ring"][runs["moe_ring"].index("--model") + 1])
+GenerationParallel("ring", rank, world).apply(moe, "full")
+report["moe_experts_split"] = [e._parallel_config is not None for e in moe.adapter.experts()]
+
 # 4. the trainer with train.ring_degree=2 (Accelerate joins the same process group)
 from longgen.training.config import load_config
 from longgen.training.loop import Trainer
@@ -136,6 +143,9 @@ RUNS = {  # name -> flags; each also run in one process (without --context-paral
                  "--stride", "1", "--context-parallel", "ring"],
     "ltx_ulysses": ["--model", "{ltx}", "--sampler", "full", "--steps", "2", "--num-frames", "17",
                     "--context-parallel", "ulysses"],
+    # Wan 2.2 MoE: both experts are split (the high-noise one serves the first steps, the low-noise one the rest)
+    "moe_ring": ["--model", "{moe}", "--sampler", "full", "--steps", "4", "--num-frames", "9",
+                 "--context-parallel", "ring"],
     "windows_sliding": ["--sampler", "sliding", "--steps", "3", "--num-frames", "21", "--window", "3", "--stride", "1",
                         "--context-parallel", "windows"],
 }
@@ -169,10 +179,14 @@ def _single_flags(flags: list[str]) -> list[str]:
 def test_two_processes_give_the_one_process_clip(saved, tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
+    from longgen.backbones.wan import WanAdapter
     from longgen.cli import main
 
     model = saved("wan")
-    runs = {name: BASE + [f.format(ltx=saved("ltx")) for f in flags] for name, flags in {**RUNS, **BAD}.items()}
+    moe = tmp_path / "wan_moe"
+    WanAdapter(WanAdapter.tiny_pipeline(seed=0, two_experts=True), WanAdapter.tiny_video_size).save_pretrained(moe)
+    models = {"ltx": saved("ltx"), "moe": str(moe)}
+    runs = {name: BASE + [f.format(**models) for f in flags] for name, flags in {**RUNS, **BAD}.items()}
     worker = tmp_path / "parallel_worker.py"
     worker.write_text(WORKER)
     from longgen.data.synthetic import write_synthetic_dataset
@@ -193,6 +207,7 @@ def test_two_processes_give_the_one_process_clip(saved, tmp_path, monkeypatch):
         assert report["model_grads"] < 1e-5 * max(1.0, report["grad_scale"]), report
 
     calls = _count_model_calls(monkeypatch)
+    assert all(report["moe_experts_split"] == [True, True] for report in reports), reports
     for name, flags in RUNS.items():
         first, second = reports[0][name], reports[1][name]
         assert first["code"] == 0 and second["code"] == 0, (name, first, second)
@@ -203,7 +218,7 @@ def test_two_processes_give_the_one_process_clip(saved, tmp_path, monkeypatch):
         assert sorted(os.listdir(folder)) == ["clip.latents.safetensors", "clip.mp4"], name
         single = tmp_path / "single" / name / "clip.mp4"
         calls[0] = 0
-        single_flags = [f.format(ltx=saved("ltx")) for f in _single_flags(flags)]
+        single_flags = [f.format(**models) for f in _single_flags(flags)]
         assert main(["generate", "--model", model, "--out", str(single), "--quiet", *BASE, *single_flags]) == 0
         if mode == "windows":  # each rank denoised its share of the windows (plus fifo's initial clip, on both)
             assert first["calls"] < calls[0] and second["calls"] < calls[0], (name, first, second, calls)
