@@ -264,6 +264,12 @@ def test_context_parallel_without_torchrun_is_explained(saved, tmp_path, capsys,
     assert "launch 2 or more processes" in capsys.readouterr().err
     assert not out.exists()
 
+    from longgen.parallel import rank_device
+
+    assert rank_device("cuda", 3) == "cuda:3" and rank_device("cpu", 3) == "cpu"  # one GPU per rank
+    with pytest.raises(ValueError, match="pass --device cuda"):
+        rank_device("cuda:0", 1)
+
 
 def test_unsupported_family_heads_and_sampler_are_explained(saved):
     """Checked before any collective runs, so one process (rank 0 of a pretend two) shows each error."""
