@@ -107,6 +107,19 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
         help="attention kernel through diffusers' dispatch: native = torch SDPA (default); flash / xformers / "
         "sage need their packages installed; any name of diffusers' AttentionBackendName",
     )
+    g.add_argument(
+        "--context-parallel",
+        choices=("ulysses", "ring", "windows"),
+        default=None,
+        help="run one clip over the processes of `torchrun --nproc-per-node N -m longgen generate ...` (N >= 2; "
+        "without torchrun this is an error): ulysses / ring split every model call's tokens over the N ranks "
+        "through diffusers' ContextParallelConfig (families with a context-parallel plan: Wan, LTX-Video; "
+        "ulysses needs N to divide the attention heads, both need N to divide each call's tokens, i.e. latent "
+        "frames x token rows x columns; ring with the native backend runs longgen's own ring attention, with "
+        "flash / _native_cudnn diffusers' ring); windows gives each rank a share of the independent windows "
+        "of every step (--sampler sliding or fifo, any family). The clip equals a one-process run; rank 0 "
+        "writes the mp4",
+    )
     _add_finetune_args(p)
     _add_clip_args(p)
     add_sampler_args(p)
@@ -396,6 +409,21 @@ def load_finetuned_pipeline(args: argparse.Namespace, loras: list[tuple[str, flo
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    """``longgen generate``; with ``--context-parallel`` this process first joins torchrun's process group."""
+    parallel = None
+    if args.context_parallel:  # each rank on its own device (cuda -> cuda:LOCAL_RANK)
+        from .parallel import GenerationParallel
+
+        parallel, args.device = GenerationParallel.from_environment(args.context_parallel, args.device)
+    try:
+        return _generate(args, parallel)
+    finally:
+        if parallel is not None:
+            parallel.close()
+
+
+def _generate(args: argparse.Namespace, parallel) -> int:
+    """The clips of ``longgen generate``; under ``--context-parallel`` every rank samples, rank 0 writes."""
     import torch
 
     from .io import check_video_path
@@ -408,6 +436,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     image = read_image(args.image) if args.image else None
     start = time.perf_counter()
     pipe = load_finetuned_pipeline(args, loras)
+    if parallel is not None:
+        parallel.apply(pipe, args.sampler)
+    writes = parallel is None or parallel.is_writer  # every rank samples the same clip; only rank 0 writes it
     for seed, prompt, out in jobs:
         result = pipe.generate(
             prompt=prompt,
@@ -427,18 +458,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
             seed=seed,
             sampler=args.sampler,
             sampler_options=sampler_options(args),
-            output_path=out,
+            output_path=out if writes else None,
             fps=args.fps,
             decode_chunk_latent_frames=args.decode_chunk,
-            show_progress=not args.quiet,
-            save_latents=args.save_latents,
+            show_progress=not args.quiet and writes,
+            save_latents=args.save_latents and writes,
         )
+        if not writes:
+            continue
         elapsed = time.perf_counter() - start
         peak = ""
         if torch.cuda.is_available() and str(args.device).startswith("cuda"):
             peak = f", peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB"
         saved = f" (latents: {result.latents_paths[0]})" if result.latents_paths else ""
-        print(f"wrote {result.path}: {result.num_frames} frames in {elapsed:.1f} s{peak}{saved}")
+        ranks = f" over {parallel.world_size} processes ({parallel.mode})" if parallel is not None else ""
+        print(f"wrote {result.path}: {result.num_frames} frames in {elapsed:.1f} s{ranks}{peak}{saved}")
     return 0
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Protocol
@@ -101,6 +101,24 @@ def current_window_key() -> str | None:
     return _WINDOW_KEY.get()
 
 
+_WINDOW_SPREADER: ContextVar[Callable | None] = ContextVar("longgen_window_spreader", default=None)
+
+
+@contextmanager
+def window_spreader(spread: Callable) -> Iterator[None]:
+    """Inside, :class:`WindowBatcher` hands each step's windows to ``spread(xs, sigmas, offsets, run)``.
+
+    ``run(xs, sigmas, offsets)`` denoises a subset as the batcher would; ``spread`` returns every window's x0 in
+    order. :func:`longgen.parallel.spread_windows` uses it to share windows between processes, keeping
+    samplers free of any distributed code.
+    """
+    token = _WINDOW_SPREADER.set(spread)
+    try:
+        yield
+    finally:
+        _WINDOW_SPREADER.reset(token)
+
+
 def _is_out_of_memory(error: BaseException) -> bool:
     if isinstance(error, torch.OutOfMemoryError):
         return True
@@ -131,6 +149,12 @@ class WindowBatcher:
 
     def __call__(self, xs: list[torch.Tensor], sigmas: list[torch.Tensor], offsets: list[int]) -> list[torch.Tensor]:
         """x0 of every window (in order); window ``i`` is ``xs[i]`` at ``sigmas[i]``, first frame ``offsets[i]``."""
+        spread = _WINDOW_SPREADER.get()
+        if spread is not None:
+            return spread(xs, sigmas, offsets, self._denoise_all)
+        return self._denoise_all(xs, sigmas, offsets)
+
+    def _denoise_all(self, xs: list[torch.Tensor], sigmas: list[torch.Tensor], offsets: list[int]) -> list[torch.Tensor]:
         out: list[torch.Tensor] = []
         i = 0
         while i < len(xs):

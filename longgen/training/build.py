@@ -19,6 +19,7 @@ import torch
 
 from ..backbones import MixtureOfExperts
 from ..dtypes import torch_dtype
+from ..parallel import check_heads, check_token_split, enable_context_parallel
 from .config import Config, ConfigError
 from .denoiser import EncodedPrompts
 
@@ -301,49 +302,24 @@ def enable_gradient_checkpointing(adapter) -> None:
     model.enable_gradient_checkpointing()
 
 
-def enable_context_parallel(
-    model: torch.nn.Module,
-    ulysses_degree: int,
-    ring_degree: int = 1,
-    device_type: str = "cuda",
-    dp_size: int = 1,
-) -> None:
-    """Split the model's token sequence over ``ulysses_degree x ring_degree`` processes (diffusers CP).
-
-    The device mesh is ``(dp, ring, ulysses)`` over all processes, with the ranks of one context-parallel
-    group adjacent, so data parallelism runs across groups. Every rank of a group sees the gathered
-    output, but its backward yields only its share of the gradients: the group's gradients *sum* to the
-    full ones. A data-parallel wrapper that averages over all processes (DDP, FSDP) therefore needs the
-    loss scaled by the CP degree (the trainer does this).
-    """
-    from diffusers import ContextParallelConfig
-    from torch.distributed.device_mesh import init_device_mesh
-
-    mesh = init_device_mesh(
-        device_type, (dp_size, ring_degree, ulysses_degree), mesh_dim_names=("dp", "ring", "ulysses")
-    )
-    cp_config = ContextParallelConfig(ring_degree=ring_degree, ulysses_degree=ulysses_degree, mesh=mesh)
-    if device_type == "cpu" and torch.accelerator.device_count() == 0:
-        # diffusers picks the device as rank % device_count(), which divides by zero on CPU-only hosts.
-        original = torch.accelerator.device_count
-        torch.accelerator.device_count = lambda: 1
-        try:
-            model.enable_parallelism(config=cp_config)
-        finally:
-            torch.accelerator.device_count = original
-    else:
-        model.enable_parallelism(config=cp_config)
-
-
 def setup_context_parallel(adapter, config: Config, accelerator, dp_size: int) -> None:
-    if adapter.context_parallel_plan() is None:
+    """Context parallel over ``train.ulysses_degree x train.ring_degree`` processes, with the adapter's plan.
+
+    The degree must divide the model's heads (Ulysses) and the clip's token sequence; a ring on the native backend runs longgen's :func:`~longgen.parallel.ring_attention`.
+    """
+    plan = adapter.context_parallel_plan()
+    if plan is None:
         raise ValueError(
             f"{type(adapter.model).__name__} has no context-parallel plan (_cp_plan); set train.ulysses_degree=1 "
             "and train.ring_degree=1 (Wan and LTX support context parallel)"
         )
     cfg = config.train
+    check_heads(adapter.model, cfg.ulysses_degree, what="train.ulysses_degree")
+    shape = adapter.latent_shape(config.data.num_frames, config.data.height, config.data.width)
+    check_token_split(shape, adapter.patch_size, cfg.ulysses_degree * cfg.ring_degree,
+                      what="train.ulysses_degree x train.ring_degree =")
     enable_context_parallel(
-        adapter.model, cfg.ulysses_degree, cfg.ring_degree, accelerator.device.type, dp_size=dp_size
+        adapter.model, cfg.ulysses_degree, cfg.ring_degree, accelerator.device.type, dp_size=dp_size, cp_plan=plan
     )
 
 

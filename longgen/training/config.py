@@ -254,7 +254,10 @@ class TrainConfig:
     """Context parallel: processes that split one clip's tokens (Ulysses all-to-all attention, diffusers'
     ``ContextParallelConfig``); needs a backbone with a ``_cp_plan`` (Wan, LTX). Data parallel over the rest."""
     ring_degree: int = 1
-    """Context parallel ring attention degree (needs a GPU attention kernel that returns the LSE)."""
+    """Context parallel ring attention: processes that pass K/V blocks around a ring (diffusers' ring with a GPU
+    kernel that returns the LSE, e.g. flash; longgen's own ``longgen.parallel.ring_attention`` with the native
+    backend, CPU included). Ring and Ulysses together need the GPU kernel. The product
+    ``ulysses_degree x ring_degree`` must divide the clip's tokens (latent frames x token rows x columns)."""
     seed: int = 0
     checkpoint_every: int = 0
     """Save a resumable checkpoint every N steps (0: only at the end, so a finished run can be extended)."""
