@@ -355,3 +355,50 @@ def latent_frames_covering(num_pixel_frames: int, temporal_compression: int, cau
     """Latent frames that hold pixel frames ``0 .. num_pixel_frames - 1`` (the last may be partly covered)."""
     return latent_index(num_pixel_frames - 1, temporal_compression, causal) + 1 if num_pixel_frames > 0 else 0
 
+
+
+# --- what the pipeline does with them -------------------------------------------------------------
+def prepare_conditioning(
+    adapter: Any, conditioning: FrameConditioning | GivenFrames | None, latent_shape: Sequence[int], sampler_fn: Any,
+    sampler_name: str = "this sampler",
+) -> dict[str, FrameConditioning]:
+    """The ``conditioning=`` argument of a sampler call ({} without given frames): pixel :class:`GivenFrames`
+    encoded once, checked against the clip's latent shape, on the adapter's device."""
+    if conditioning is None:
+        return {}
+    import inspect
+
+    if "conditioning" not in inspect.signature(sampler_fn).parameters:
+        raise ValueError(
+            f"sampler {sampler_name!r} takes no given frames (its function has no conditioning= argument); use "
+            "full, sliding, fifo, df or causal"
+        )
+    if isinstance(conditioning, GivenFrames):
+        height = latent_shape[3] * adapter.spatial_compression
+        width = latent_shape[4] * adapter.spatial_compression
+        if tuple(conditioning.frames.shape[1:3]) != (height, width):
+            raise ValueError(
+                f"given frames are {conditioning.frames.shape[2]}x{conditioning.frames.shape[1]} but the clip is "
+                f"{width}x{height}: resize them to the generation's --width/--height"
+            )
+        conditioning = encode_given_frames(adapter, conditioning, latent_shape[2])
+    if not isinstance(conditioning, FrameConditioning):
+        raise TypeError(f"conditioning must be FrameConditioning or GivenFrames, got {type(conditioning).__name__}")
+    conditioning.check(latent_shape[2], latent_shape)
+    return {"conditioning": conditioning.to(adapter.device)}
+
+
+@dataclass
+class OutputFraming:
+    """What an mp4 holds around the generated frames: ``head`` frames written first (the input clip before a
+    continuation), the first ``skip`` generated frames dropped (its context, already in ``head``), and ``tail``
+    frames written last (the rest of a transition's end clip). ``head``/``tail``: uint8 ``[n, H, W, 3]``."""
+
+    head: Any = None
+    skip: int = 0
+    tail: Any = None
+
+    def total(self, num_generated: int) -> int:
+        """Frames in the mp4 for ``num_generated`` generated frames."""
+        n = lambda a: 0 if a is None else len(a)  # noqa: E731
+        return n(self.head) + num_generated - self.skip + n(self.tail)
