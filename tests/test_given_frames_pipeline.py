@@ -10,7 +10,13 @@ import torch
 
 from longgen.backbones.base import BackboneAdapter
 from longgen.cli import main
-from longgen.conditioning import FrameConditioning, GivenFrames, OutputFraming, encode_given_frames, latent_index
+from longgen.conditioning import (
+    FrameConditioning,
+    GivenFrames,
+    OutputFraming,
+    encode_given_frames,
+    latent_index,
+)
 from longgen.data.synthetic import render_clip, sample_world
 from longgen.eval.seams import seam_report
 from longgen.eval.synthetic_score import score_clip
