@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from longgen.backbones import FAMILIES, build_tiny
 from longgen.backbones.base import BackboneAdapter
 from longgen.cli import main
 from longgen.conditioning import (
@@ -267,3 +268,46 @@ def test_generate_help_explains_the_given_frame_flags(capsys):
     for flag in ("--video", "--end-video", "--context-frames", "--keep-input", "--frames-at", "--mask",
                  "--mask-image", "--mask-box", "--outpaint", "--resample-steps", "--given-level"):
         assert flag in text, flag
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_backbone_keeps_given_pixel_frames(family):
+    """Each family's VAE encodes the given frames once and its denoiser runs with them: the output latents at the
+    given positions are those encodings exactly (two steps of the plain sampler, the model's native clip)."""
+    adapter = build_tiny(family)
+    pipe = LongVideoPipeline(adapter, device="cpu")
+    n, h, w = adapter.native_video_size
+    frames = torch.rand(2, h, w, 3, generator=torch.Generator().manual_seed(0))
+    given = GivenFrames(frames, [0, n - 1])
+    image = None
+    if adapter.requires_image_condition:
+        from PIL import Image
+
+        image = Image.new("RGB", (w, h), (200, 40, 40))
+    out = pipe.generate("a ball", image=image, num_inference_steps=2, conditioning=given, show_progress=False)
+    with torch.no_grad():
+        expected = encode_given_frames(adapter, given)
+    assert expected.positions == (0, adapter.num_latent_frames(n) - 1)
+    torch.testing.assert_close(out.latents[:, :, list(expected.positions)], expected.latents, atol=0, rtol=0)
+
+
+def test_image_to_video_windows_pin_the_image_in_the_first_window_only():
+    """Wan I2V on long clips: the clip's first-frame mask and image latents, cut to each window."""
+    from longgen.backbones.wan import CONDITION_LATENTS, WanAdapter
+
+    adapter = WanAdapter(WanAdapter.tiny_pipeline(image_to_video=True), native_video_size=(9, 32, 32))
+    from PIL import Image
+
+    cond, _ = adapter.encode_prompt(["a ball"], None, image=Image.new("RGB", (32, 32), (200, 40, 40)),
+                                    do_classifier_free_guidance=False, num_frames=17, height=32, width=32)
+    full = cond[CONDITION_LATENTS]  # [B, tc + C, 5, h, w]: frame 0's mask channels set
+    tc = adapter.temporal_compression
+    first, later = adapter.window_cond(cond, 0, 3), adapter.window_cond(cond, 2, 3)
+    assert torch.equal(first[CONDITION_LATENTS], full[:, :, 0:3]) and torch.equal(later[CONDITION_LATENTS], full[:, :, 2:5])
+    assert first[CONDITION_LATENTS][:, :tc, 0].eq(1).all() and later[CONDITION_LATENTS][:, :tc].eq(0).all()
+    assert adapter.window_cond(cond, 0, 5) is cond
+    pipe = LongVideoPipeline(adapter, device="cpu")  # a long clip with windows runs (it used to be refused)
+    out = pipe.generate("a ball", image=Image.new("RGB", (32, 32), (200, 40, 40)), num_frames=17, sampler="sliding",
+                        num_inference_steps=1, show_progress=False)
+    assert out.latents.shape[2] == 5
