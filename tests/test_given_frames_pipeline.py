@@ -157,6 +157,9 @@ def test_continuing_a_synthetic_clip_keeps_its_objects(sampler, options, resampl
 def test_pipeline_refuses_bad_given_frames():
     data = torch.zeros(2, 3, 8, 8, 8)
     pipe = LongVideoPipeline(PixelOracle(data, window=8), device="cpu")
+    given = FrameConditioning(torch.rand(1, 3, 2, 8, 8), (0, 5))  # the diffusers-style call takes them too
+    latents = pipe(num_frames=8, conditioning=given, output_type="latent", show_progress=False).frames
+    assert torch.equal(latents[:, :, [0, 5]], given.latents)
     with pytest.raises(ValueError, match="outside the clip"):
         pipe.generate(num_frames=8, conditioning=FrameConditioning(torch.zeros(1, 3, 1, 8, 8), (8,)),
                       show_progress=False)
