@@ -138,25 +138,11 @@ def sample_fifo(
     batch = init_clip.shape[0]
     context = window // 2 if lookahead else 0
     warmup = queue_length - window
-
-    # Slot levels never change: frames move through them. Context slots sit at the smallest nonzero level.
-    real_levels = torch.arange(num_steps - 1, -1, -1, device=device)  # [L]: slot i at S - 1 - i
-    levels = torch.cat([real_levels.new_full((context,), num_steps - 1), real_levels])  # [Q]
+    levels, queue = _initial_queue(init_clip, sigmas, context, warmup, generator)
     slot_sigma = sigmas[levels].view(1, 1, -1, 1, 1)
     slot_sigma_next = sigmas[levels + 1].view(1, 1, -1, 1, 1)
 
-    # Initial queue: clip frame max(0, i - warmup) re-noised to slot i's level (context: clip frame 0).
-    clip_index = (torch.arange(-context, queue_length, device=device) - warmup).clamp_min(0)  # [Q]
-    clean = init_clip[:, :, clip_index]  # [B, C, Q, H, W]
-    eps = gaussian_noise(clean.shape, generator, device, clean.dtype)
-    queue = (1.0 - slot_sigma) * clean + slot_sigma * eps
-
-    if lookahead:
-        starts = [r * (window // 2) for r in range(2 * num_partitions)]
-        keep = window // 2  # only the noisier half of each window is written back
-    else:
-        starts = [r * window for r in range(num_partitions)]
-        keep = window
+    starts, keep = _window_layout(window, num_partitions, lookahead)
 
     batcher = WindowBatcher(denoise, window_batch)
     pieces: list[torch.Tensor] = []
@@ -201,3 +187,25 @@ def sample_fifo(
         queue = torch.cat([updated[:, :, 1:], fresh], dim=2)  # pop the head, push noise at the tail
     progress.close()
     return torch.cat(pieces, dim=2) if return_latents else None
+
+
+def _window_layout(window: int, num_partitions: int, lookahead: bool) -> tuple[list[int], int]:
+    """The windows' queue starts and how many of each window's last frames are written back (lookahead:
+    ``2 * num_partitions`` windows at stride ``window // 2``, only their noisier half written back)."""
+    if lookahead:
+        return [r * (window // 2) for r in range(2 * num_partitions)], window // 2
+    return [r * window for r in range(num_partitions)], window
+
+
+def _initial_queue(init_clip, sigmas, context, warmup, generator):
+    """Slot levels ``[Q]`` (fixed: frames move through them; context slots at the smallest nonzero level) and
+    the initial queue: clip frame ``max(0, i - warmup)`` re-noised to slot ``i``'s level."""
+    device = init_clip.device
+    num_steps = len(sigmas) - 1
+    real_levels = torch.arange(num_steps - 1, -1, -1, device=device)  # [L]: slot i at S - 1 - i
+    levels = torch.cat([real_levels.new_full((context,), num_steps - 1), real_levels])  # [Q]
+    slot_sigma = sigmas[levels].view(1, 1, -1, 1, 1)
+    clip_index = (torch.arange(-context, num_steps, device=device) - warmup).clamp_min(0)  # [Q]
+    clean = init_clip[:, :, clip_index]  # [B, C, Q, H, W]
+    eps = gaussian_noise(clean.shape, generator, device, clean.dtype)
+    return levels, (1.0 - slot_sigma) * clean + slot_sigma * eps
