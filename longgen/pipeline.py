@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from .backbones import BackboneAdapter, CausalBlockMask, Cond, cat_conds, load_adapter
 from .backbones.base import StreamingDecoder
+from .conditioning import prepare_conditioning
 from .io import VideoWriter
 from .noise import freenoise_noise
 from .prompts import PromptSchedule
@@ -86,6 +87,10 @@ class _Run:
     show_progress: bool
     save_latents: bool
     sigmas: torch.Tensor | None = None
+    conditioning: Any = None
+    """Given frames (:class:`~longgen.conditioning.FrameConditioning` or ``GivenFrames``), or None."""
+    framing: Any = None
+    """:class:`~longgen.conditioning.OutputFraming` of the mp4 (input frames around the generated ones), or None."""
 
 
 def frames_as(frames: torch.Tensor, output_type: str):
@@ -147,11 +152,17 @@ class _FrameSink:
     """Receives finished latent frames: keeps them, and decodes + streams every sample to its own mp4."""
 
     def __init__(self, adapter: BackboneAdapter, paths: list[str] | None, fps: float, decode_chunk: int,
-                 total: int, show_progress: bool, keep_frames: bool = False):
+                 total: int, show_progress: bool, keep_frames: bool = False, framing: Any = None):
         self.kept: list[torch.Tensor] = []
         self.frames: list[torch.Tensor] | None = [] if keep_frames else None
         """Decoded ``[B, n, H, W, 3]`` blocks in order when the caller wants the frames in memory."""
-        self.writers = [VideoWriter(p, fps=fps, total_frames=total) for p in paths] if paths else []
+        self.framing = framing  # OutputFraming: input frames written around the generated ones (mp4s only)
+        self.to_skip = framing.skip if framing is not None else 0
+        file_total = framing.total(total) if framing is not None else total
+        self.writers = [VideoWriter(p, fps=fps, total_frames=file_total) for p in paths] if paths else []
+        if framing is not None and framing.head is not None:
+            for writer in self.writers:
+                writer.write(framing.head)
         self.decoder = StreamingDecoder(adapter, decode_chunk)
         self.total, self.show_progress = total, show_progress
         self.bar = None
@@ -174,14 +185,20 @@ class _FrameSink:
         for block in blocks:
             if self.frames is not None:
                 self.frames.append(block.cpu())
+            drop = min(self.to_skip, block.shape[1])
+            self.to_skip -= drop
             for writer, frames in zip(self.writers, block):
-                writer.write(frames)
+                if frames.shape[0] > drop:
+                    writer.write(frames[drop:])
             self.bar.update(block.shape[1])
 
     def finish(self) -> None:
         if self.decodes:
             self.open_bar("decoding")
             self._write(self.decoder.flush())
+        if self.framing is not None and self.framing.tail is not None:
+            for writer in self.writers:
+                writer.write(self.framing.tail)
 
     def close(self) -> None:
         """Publish every clip under its final name (each writer checks FFmpeg and the frame count)."""
@@ -237,16 +254,23 @@ class GuidedDenoiser:
         return self.cond.switches if isinstance(self.cond, PromptSchedule) else []
 
     def cond_for(self, frame_offset: int, num_latent_frames: int) -> Cond:
-        """The cond of a window (a callable cond gives multi-prompt conditioning per frame range)."""
-        return self.cond(frame_offset, num_latent_frames) if callable(self.cond) else self.cond
+        """The cond of a window (a callable cond gives multi-prompt conditioning per frame range; per-frame inputs
+        such as an image-to-video first frame are cut to the window by ``adapter.window_cond``)."""
+        cond = self.cond(frame_offset, num_latent_frames) if callable(self.cond) else self.cond
+        return self.adapter.window_cond(cond, frame_offset, num_latent_frames)
+
+    def uncond_for(self, frame_offset: int, num_latent_frames: int) -> Cond:
+        """The negative cond of a window (see :meth:`cond_for`)."""
+        return self.adapter.window_cond(self.uncond, frame_offset, num_latent_frames)
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, frame_offset: int = 0) -> torch.Tensor:
         self.num_calls += 1
         cond = self.cond_for(frame_offset, x.shape[2])
         if self.uncond is None or self.guidance_scale == 1.0:
             return self.adapter.denoise(x, sigma, cond)
+        uncond = self.uncond_for(frame_offset, x.shape[2])
         x0_uncond, x0_cond = self.adapter.denoise(
-            torch.cat([x, x]), torch.cat([sigma, sigma]), cat_conds([self.uncond, cond])
+            torch.cat([x, x]), torch.cat([sigma, sigma]), cat_conds([uncond, cond])
         ).chunk(2)
         return x0_uncond + self.guidance_scale * (x0_cond - x0_uncond)
 
@@ -260,8 +284,9 @@ class GuidedDenoiser:
         x, sigma, cond = torch.cat(xs), torch.cat(sigmas), cat_conds(conds)
         if self.uncond is None or self.guidance_scale == 1.0:
             return list(self.adapter.denoise(x, sigma, cond).chunk(n))
+        unconds = [self.uncond_for(offset, x.shape[2]) for offset, x in zip(frame_offsets, xs)]
         x0_uncond, x0_cond = self.adapter.denoise(
-            torch.cat([x, x]), torch.cat([sigma, sigma]), cat_conds([self.uncond] * n + conds)
+            torch.cat([x, x]), torch.cat([sigma, sigma]), cat_conds(unconds + conds)
         ).chunk(2)
         return list((x0_uncond + self.guidance_scale * (x0_cond - x0_uncond)).chunk(n))
 
@@ -561,6 +586,8 @@ class LongVideoPipeline:
         decode_chunk_latent_frames: int = 4,
         show_progress: bool = True,
         save_latents: bool = False,
+        conditioning: Any = None,
+        framing: Any = None,
     ) -> GenerationResult:
         """Generate clips; with ``output_path`` frames are decoded in chunks and streamed to mp4s.
 
@@ -571,12 +598,18 @@ class LongVideoPipeline:
         video: prompt i starts at pixel frame ``prompt_frames[i]``, blended over ``prompt_transition``
         latent frames. ``save_latents`` also writes each sample's final latents next to its mp4
         (:func:`latents_path`). For frames in memory (diffusers-style), call the pipeline itself.
+
+        ``conditioning``: given frames every sampler keeps fixed (continuation, transitions, keyframes, repainting):
+        a :class:`~longgen.conditioning.FrameConditioning` of latents, or pixel
+        :class:`~longgen.conditioning.GivenFrames` encoded once here (see :mod:`longgen.conditioning`).
+        ``framing``: an :class:`~longgen.conditioning.OutputFraming` putting input frames around the generated ones
+        in the mp4 (``--keep-input``); the returned latents and ``num_frames`` are the generated clip's.
         """
         prompts, negatives = _prompt_lists(prompt, negative_prompt, multi_prompt=prompt_frames is not None)
         run = _Run(
             prompts, negatives, image, num_frames, height, width, num_inference_steps, guidance_scale, shift,
             sampler, sampler_options, prompt_frames, prompt_transition, output_path, fps,
-            decode_chunk_latent_frames, show_progress, save_latents,
+            decode_chunk_latent_frames, show_progress, save_latents, conditioning=conditioning, framing=framing,
         )
         noise_fn = partial(self.make_noise, seed=seed, noise=noise, window=noise_window, stride=noise_stride)
         result, _ = self._sample(run, noise_fn, renoise_seed=seed + 1, noise_name=noise)
@@ -606,6 +639,7 @@ class LongVideoPipeline:
             run.prompts, run.negatives, run.prompt_frames, shape[2], run.prompt_transition, image=run.image,
             do_classifier_free_guidance=guidance != 1.0, num_frames=num_frames, height=height, width=width,
         )
+        given = prepare_conditioning(adapter, run.conditioning, shape, spec.function(), spec.name)
         x_noise = noise_fn(shape)
         sigmas = run.sigmas if run.sigmas is not None else adapter.sigmas(steps, shift=run.shift)
         denoiser = GuidedDenoiser(adapter, cond, uncond, guidance)
@@ -615,11 +649,12 @@ class LongVideoPipeline:
         )
         total = adapter.num_pixel_frames(shape[2])
         paths = output_paths(run.output_path, batch) if run.output_path is not None else None
-        sink = _FrameSink(adapter, paths, run.fps, run.decode_chunk, total, run.show_progress, keep_frames)
+        sink = _FrameSink(adapter, paths, run.fps, run.decode_chunk, total, run.show_progress, keep_frames,
+                          run.framing)
         try:
             with spec.model_hooks(adapter, knobs) as hook_arguments:  # e.g. the causal sampler's KV cache
-                self._run_sampler(spec, denoiser, x_noise, sigmas, {**knobs, **hook_arguments}, sink, renoise_seed,
-                                  run.show_progress)
+                self._run_sampler(spec, denoiser, x_noise, sigmas, {**knobs, **hook_arguments, **given}, sink,
+                                  renoise_seed, run.show_progress)
             sink.finish()
         except KeyboardInterrupt:
             written = sink.writers[0].num_frames if sink.writers else 0
@@ -631,9 +666,10 @@ class LongVideoPipeline:
         latents = torch.cat(sink.kept, dim=2)
         result = GenerationResult(latents=latents, num_frames=adapter.num_pixel_frames(latents.shape[2]))
         result.stats["model_calls"] = denoiser.num_calls
+        expected = run.framing.total(total) if run.framing is not None else total
         for writer in sink.writers:
-            if writer.num_frames != total:
-                raise RuntimeError(f"wrote {writer.num_frames} frames, expected {total}")
+            if writer.num_frames != expected:
+                raise RuntimeError(f"wrote {writer.num_frames} frames, expected {expected}")
         if paths:
             result.path, result.paths = paths[0], paths
         if run.save_latents:
@@ -667,6 +703,7 @@ class LongVideoPipeline:
         decode_chunk_latent_frames: int = 4,
         show_progress: bool = True,
         save_latents: bool = False,
+        conditioning: Any = None,
     ) -> LongVideoPipelineOutput | tuple:
         """Generate like a diffusers video pipeline (``WanPipeline.__call__``), with a long sampler.
 
@@ -676,7 +713,7 @@ class LongVideoPipeline:
         same generator gives the same noise. ``output_type``: ``np`` (``[B, F, H, W, 3]`` float in [0, 1]),
         ``pt`` (``[B, F, 3, H, W]``), ``pil`` (a list of lists of PIL images) or ``latent`` (the latents).
         ``sigmas`` overrides the noise levels (descending, ending at 0). With ``output_path`` every sample is
-        also streamed to an mp4 (``output.paths``). Returns :class:`LongVideoPipelineOutput`, or the tuple
+        also streamed to an mp4 (``output.paths``). ``conditioning``: given frames, as in :meth:`generate`. Returns :class:`LongVideoPipelineOutput`, or the tuple
         ``(frames,)`` with ``return_dict=False``.
         """
         if output_type not in OUTPUT_TYPES:
@@ -696,7 +733,7 @@ class LongVideoPipeline:
         run = _Run(
             prompts, negatives, image, num_frames, height, width, num_inference_steps, guidance_scale, shift,
             sampler, sampler_options, None, 0.0, output_path, fps, decode_chunk_latent_frames, show_progress,
-            save_latents, sigmas,
+            save_latents, sigmas, conditioning=conditioning,
         )
         noise_fn = partial(self._call_noise, generator=generator, latents=latents)
         result, frames = self._sample(run, noise_fn, renoise_seed=_generator_seed(generator) + 1,

@@ -262,6 +262,15 @@ class BackboneAdapter(ABC):
             )
         check_sigma(sigma)
 
+    def window_cond(self, cond: Cond, frame_offset: int, num_latent_frames: int) -> Cond:
+        """The cond of the latent frames ``[frame_offset, frame_offset + num_latent_frames)`` of a clip whose cond
+        was encoded for the whole clip (windowed and streaming samplers call the model on parts of it).
+
+        The default returns ``cond`` (nothing in it is per frame). Families whose cond holds per-frame inputs
+        (image-to-video: the conditioning image sits at latent frame 0 of the clip, not of every window) return
+        the window's part. ``frame_offset`` may be negative (FIFO's warm-up frames: copies of frame 0)."""
+        return cond
+
     @abstractmethod
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Decode latents ``[B, C, f, h, w]`` to frames ``[B, num_pixel_frames(f), H, W, 3]`` in [0, 1]."""

@@ -365,6 +365,15 @@ class LTXAdapter(BackboneAdapter, TemporalRopeScale, WindowAttention, ImageCondi
             tokens, "b (f h w) (c pt p q) -> b c (f pt) (h p) (w q)", f=f, h=h, w=w, pt=pt, p=p, q=q
         )
 
+    def window_cond(self, cond: Cond, frame_offset: int, num_latent_frames: int) -> Cond:
+        """Image-to-video on a window: the image is pinned as latent frame 0 of the clip, so only a window starting
+        there pins it (as the first frame of a window of its length); other windows get no image."""
+        if IMAGE_LATENTS not in cond or (frame_offset == 0 and cond[IMAGE_CLIP_FRAMES] == num_latent_frames):
+            return cond
+        if frame_offset == 0:
+            return {**cond, IMAGE_CLIP_FRAMES: num_latent_frames}
+        return {k: v for k, v in cond.items() if k not in (IMAGE_LATENTS, IMAGE_CLIP_FRAMES)}
+
     def denoise(self, x: torch.Tensor, sigma: torch.Tensor, cond: Cond) -> torch.Tensor:
         """x0 for latents ``x`` ``[B, C, F, H, W]`` at per-frame flow sigmas ``[B, F]``, via per-token timesteps."""
         self.check_denoise_inputs(x, sigma)

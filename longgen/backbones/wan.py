@@ -348,6 +348,15 @@ class WanAdapter(BackboneAdapter, TemporalRopeFrequencies, WindowAttention, Mixt
         cond[CONDITION_LATENTS] = condition.to(self.dtype)  # (B, tc + C, f, h, w)
         return cond
 
+    def window_cond(self, cond: Cond, frame_offset: int, num_latent_frames: int) -> Cond:
+        """Image-to-video on a window: the clip's first-frame mask and image latents for the window's frames (the
+        image's mask is only set in the window holding frame 0; warm-up frames before 0 copy frame 0)."""
+        condition = cond.get(CONDITION_LATENTS)
+        if condition is None or (frame_offset == 0 and condition.shape[2] == num_latent_frames):
+            return cond
+        index = (torch.arange(num_latent_frames) + frame_offset).clamp(0, condition.shape[2] - 1)
+        return {**cond, CONDITION_LATENTS: condition[:, :, index.to(condition.device)]}
+
     def denoise(self, x: torch.Tensor, sigma: torch.Tensor, cond: Cond) -> torch.Tensor:
         """x0 from the velocity: ``x0 = x - sigma * v``, the model seeing ``t = sigma * 1000`` per frame."""
         self.check_denoise_inputs(x, sigma)

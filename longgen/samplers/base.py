@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Protocol
@@ -10,6 +10,8 @@ from typing import Protocol
 import torch
 
 from ..windows import window_starts  # noqa: F401  (one implementation, shared with longgen.extend)
+
+from ..conditioning import FrameConditioning, GivenWindow, renoise_up  # noqa: F401  (samplers import them here)
 
 
 class Denoiser(Protocol):
@@ -81,6 +83,37 @@ def ddim_eta_step(
     z = gaussian_noise(x.shape, generator, x.device, x.dtype)
     out = (1.0 - sigma_next) * x0 + (sigma_next**2 - c**2).clamp_min(0.0).sqrt() * eps + c * z
     return torch.where(sigma > 0, out, x)
+
+
+def repaint_step(
+    x: torch.Tensor,
+    sigma: torch.Tensor,
+    sigma_next: torch.Tensor,
+    predict_x0: Callable[[torch.Tensor], torch.Tensor],
+    given: GivenWindow | None = None,
+    resample: int = 1,
+    eta: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One DDIM step of a synchronous sampler that keeps given frames (RePaint, Lugmayr et al. 2022, Alg. 1).
+
+    ``predict_x0(x)`` is the sampler's x0 prediction (one model call, or fused windows). With ``given`` the
+    given region of ``x`` is first replaced by the given latents re-noised to ``sigma``
+    (:meth:`~longgen.conditioning.GivenWindow.impose`) and x0 is clamped to them there; ``resample = U > 1``
+    repeats the step U times, taking the result back up to ``sigma`` in between
+    (:func:`~longgen.conditioning.renoise_up`). Without ``given`` and with U = 1 this is exactly
+    ``ddim_eta_step(x, predict_x0(x), ...)``. Returns (x at ``sigma_next``, x0, the ``x`` the model saw).
+    """
+    for u in range(resample if given is not None else 1):
+        if given is not None:
+            x = given.impose(x, sigma, generator)
+        x0 = predict_x0(x)
+        if given is not None:
+            x0 = given.clamp(x0)
+        x_next = ddim_eta_step(x, x0, sigma, sigma_next, eta, generator)
+        if u < resample - 1 and given is not None:
+            x = renoise_up(x_next, sigma_next, sigma, generator)
+    return x_next, x0, x
 
 
 # --- windows of one step as batched model calls ---------------------------------------------------

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from ..extend.causal import KVCache
 from ..noise import NoiseSource, gaussian_noise, noise_frames
 from ..schedules import ddim_step, shift_sigma
-from .base import Denoiser
+from .base import Denoiser, FrameConditioning
 
 __all__ = ["SELF_FORCING_TIMESTEPS", "CausalSamplerConfig", "sample_causal", "warped_sigmas"]
 
@@ -188,6 +188,32 @@ def _recache(run: _Run, prompt_at: int) -> None:
             run.denoise(ctx, level, frame_offset=prompt_at)
 
 
+def _given_chunks(run: _Run, conditioning: FrameConditioning | None, noise, num_latent_frames: int,
+                  on_frames: FramesHook | None, pieces: list[torch.Tensor] | None) -> int:
+    """Leading fully given chunks as clean history: output and cached as given; returns how many."""
+    if conditioning is None:
+        return 0
+    conditioning.check(num_latent_frames)
+    num_given = conditioning.given_prefix(num_latent_frames) // run.chunk
+    batch = noise_frames(noise, 0, 1, run.generator).shape[0]
+    for j in range(num_given):
+        x0 = conditioning.window(j * run.chunk, (j + 1) * run.chunk).known.float()
+        x0 = x0.expand(batch, -1, -1, -1, -1).contiguous()
+        if on_frames is not None:
+            on_frames(j * run.chunk, x0)
+        if pieces is not None:
+            pieces.append(x0)
+        _finish(run, j * run.chunk, x0)
+    return num_given
+
+
+def _impose_given(run: _Run, conditioning: FrameConditioning | None, working: dict, j: int, level: int) -> None:
+    """Replace the given region of chunk ``j`` by the given latents at the chunk's current level."""
+    given = conditioning.window(j * run.chunk, (j + 1) * run.chunk) if conditioning is not None else None
+    if given is not None:
+        working[j] = given.impose(working[j], run.sigmas[level], run.generator)
+
+
 def sample_causal(
     denoise: Denoiser,
     noise: torch.Tensor | NoiseSource,
@@ -199,6 +225,7 @@ def sample_causal(
     num_latent_frames: int | None = None,
     prompt_switches: Sequence[int] = (),
     generator: torch.Generator | None = None,
+    conditioning: FrameConditioning | None = None,
     on_frames: FramesHook | None = None,
     callback: Callable[[dict], None] | None = None,
     return_latents: bool = True,
@@ -222,6 +249,11 @@ def sample_causal(
     context level) with the block-causal mask; with a cache the result is the same up to float error, single prompt.
     Memory with a rolling window (``local_attn_size``) is constant in the clip length unless ``return_latents``.
     ``renoise`` steps and ``context_noise > 0`` draw noise from ``generator``.
+
+    ``conditioning`` (:class:`~longgen.conditioning.FrameConditioning`): given frames. Leading fully given chunks
+    are clean history: output as given and written to the cache by the context pass, with no denoising steps.
+    In later chunks the given region is replaced at the chunk's level before every model call and x0 is clamped
+    to the given latents, so the output equals them where given.
     """
     config = config or CausalSamplerConfig()
     chunk = int(chunk_size or (cache.config.chunk_size if cache is not None else 0))
@@ -248,18 +280,24 @@ def sample_causal(
     working: dict[int, torch.Tensor] = {}  # chunk -> current noisy latents
     pieces: list[torch.Tensor] = []
     progress = tqdm(total=num_chunks, disable=disable, desc="causal (chunks)", leave=False)
-    for i, call in enumerate(_calls(num_chunks, num_steps, config.rolling_window > 1)):
+    first = _given_chunks(run, conditioning, noise, num_latent_frames, on_frames, pieces if return_latents else None)
+    progress.update(first)
+    for i, call in enumerate(_calls(num_chunks - first, num_steps, config.rolling_window > 1)):
+        call = [(j + first, level) for j, level in call]
         for j, level in call:
             if level == 0:  # the chunk enters
                 if cache is not None and config.recache and j * chunk in switches and j > 0:
                     _recache(run, j * chunk)
                 working[j] = noise_frames(noise, j * chunk, (j + 1) * chunk, generator).float() * sigmas[0]
+            _impose_given(run, conditioning, working, j, level)
         x = torch.cat([working[j] for j, _ in call], dim=2)
         device = x.device
         levels = torch.tensor([lv for _, lv in call], device=device).repeat_interleave(chunk)
         sigma = sigmas.to(device)[levels].expand(x.shape[0], -1)
         start = call[0][0] * chunk
-        x0 = _denoise(run, x, sigma, start, start).float()
+        given = conditioning.window(start, start + x.shape[2]) if conditioning is not None else None
+        x0 = _denoise(run, x, given.levels(sigma) if given is not None else sigma, start, start).float()
+        x0 = given.clamp(x0) if given is not None else x0
         if callback is not None:
             callback({"i": i, "x": x, "x0": x0, "frame_offset": start, "levels": levels})
         for n, (j, level) in enumerate(call):
@@ -339,6 +377,7 @@ def sample_causal_streaming(
     timestep_shift: float,
     prompt_switches: Sequence[int] = (),
     generator: torch.Generator | None = None,
+    conditioning: FrameConditioning | None = None,
     on_frames: FramesHook | None = None,
     return_latents: bool = True,
     disable: bool | None = None,
@@ -354,5 +393,6 @@ def sample_causal_streaming(
     return sample_causal(
         denoise, noise, schedule_sigmas(sigmas, denoising_steps, warp_denoising_step, timestep_shift),
         cache=cache, chunk_size=chunk_size, config=config, prompt_switches=prompt_switches,
-        generator=generator, on_frames=on_frames, return_latents=return_latents, disable=disable,
+        generator=generator, conditioning=conditioning, on_frames=on_frames, return_latents=return_latents,
+        disable=disable,
     )

@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 from ..noise import NoiseSource, gaussian_noise, noise_frames
 from ..plans import min_ar_step, plan_windows, pyramid_plan, update_mask
 from ..schedules import ddim_step
-from .base import Denoiser
+from .base import Denoiser, FrameConditioning
 
 if TYPE_CHECKING:
     from diffusers import SchedulerMixin
@@ -34,6 +34,7 @@ def sample_diffusion_forcing(
     addnoise_condition: float = 0.0,
     solver: str | SchedulerMixin = "ddim",
     generator: torch.Generator | None = None,
+    conditioning: FrameConditioning | None = None,
     on_frames: FramesHook | None = None,
     callback: Callable[[dict], None] | None = None,
     return_latents: bool = True,
@@ -68,6 +69,12 @@ def sample_diffusion_forcing(
     ``UniPCMultistepScheduler``. ``generator`` draws the history re-noising (the global RNG when None,
     as diffusers uses). Finished frames go to ``on_frames(start, latents)`` as soon as they are final;
     the whole clip ``[B, C, F, H, W]`` is returned unless ``return_latents=False``.
+
+    ``conditioning`` (:class:`~longgen.conditioning.FrameConditioning`): given frames. A fully given prefix
+    (whole causal blocks, shorter than the model window in chunked mode) is clean history: its frames sit at
+    sigma 0 (``num_ready``) from the first iteration on and are output as given. Every other given frame is
+    replaced at its own current level before each model call and its x0 clamped to the given latents, so the
+    output equals them where given.
 
     Differences from diffusers' ``SkyReelsV2DiffusionForcingPipeline``: a history length that is not a
     multiple of ``causal_block_size`` is an error here (diffusers silently drops frames of it and
@@ -104,31 +111,56 @@ def sample_diffusion_forcing(
         progress.update(latents.shape[2])
 
     progress = tqdm(total=total, disable=disable, desc="diffusion forcing (latent frames)", leave=False)
-    if overlap_history is None or total <= base:
+    chunked = overlap_history is not None and total > base
+    prefix = _given_history(conditioning, total, base, causal_block_size, chunked)
+    history = None
+    if prefix:
+        first = noise_frames(noise, 0, 1, generator)
+        conditioning = conditioning.to(first.device)
+        history = conditioning.window(0, prefix).known.expand(first.shape[0], -1, -1, -1, -1).to(first.dtype)
+        emit(0, history.clone())
+    if not chunked:
         first = noise_frames(noise, 0, total, generator)
         sigmas = sigmas.to(first.device)
-        plan = pyramid_plan(total, num_steps, ar_step=ar_step, causal_block_size=causal_block_size)
+        x = first * sigmas[0]
+        if history is not None:
+            x[:, :, :prefix] = history
+        plan = pyramid_plan(total, num_steps, ar_step=ar_step, causal_block_size=causal_block_size, num_ready=prefix)
         windows = plan_windows(plan, num_steps, base)
         _run_plan(
             denoise,
-            first * sigmas[0],
+            x,
             plan,
             windows,
             sigmas,
             frame_solver,
             frame_offset=0,
-            num_ready=0,
+            num_ready=prefix,
             add_sigma=0.0,
             generator=generator,
             emit=emit,
             callback=callback,
+            conditioning=conditioning,
         )
     else:
         _run_chunks(denoise, noise, sigmas, frame_solver, total=total, base=base, ar_step=ar_step,
                     causal_block_size=causal_block_size, overlap_history=overlap_history, add_sigma=add_sigma,
-                    generator=generator, emit=emit, callback=callback)
+                    generator=generator, emit=emit, callback=callback, history=history, conditioning=conditioning)
     progress.close()
     return torch.cat(pieces, dim=2) if return_latents else None
+
+
+def _given_history(
+    conditioning: FrameConditioning | None, total: int, base: int, causal_block_size: int, chunked: bool
+) -> int:
+    """Leading fully given latent frames used as clean history: whole causal blocks, fewer than the clip (and, in
+    chunked mode, than one chunk) so there is something to generate."""
+    if conditioning is None:
+        return 0
+    conditioning.check(total)
+    limit = (base if chunked else total) - 1
+    prefix = conditioning.given_prefix(limit)
+    return prefix // causal_block_size * causal_block_size
 
 
 def _run_chunks(
@@ -146,14 +178,16 @@ def _run_chunks(
     generator: torch.Generator | None,
     emit: Callable[[int, torch.Tensor], None],
     callback: Callable[[dict], None] | None,
+    history: torch.Tensor | None = None,
+    conditioning: FrameConditioning | None = None,
 ) -> None:
     """SkyReels-V2's long-video mode: chunks of ``base`` frames, each starting with ``overlap_history``
-    clean frames of the clip so far (constant memory in the clip length)."""
+    clean frames of the clip so far (constant memory in the clip length); the first chunk starts with
+    ``history`` (given frames, already emitted) when there is one."""
     num_steps = len(sigmas) - 1
-    history: torch.Tensor | None = None
     chunk_start = 0
     while True:
-        num_ready = 0 if history is None else overlap_history
+        num_ready = 0 if history is None else history.shape[2]
         length = min(base, total - chunk_start)
         new = noise_frames(noise, chunk_start + num_ready, chunk_start + length, generator)
         sigmas = sigmas.to(new.device)
@@ -176,6 +210,7 @@ def _run_chunks(
             generator=generator,
             emit=emit,
             callback=callback,
+            conditioning=conditioning,
         )
         if chunk_start + length >= total:
             break
@@ -273,11 +308,13 @@ def _run_plan(
     generator: torch.Generator | None,
     emit: Callable[[int, torch.Tensor], None],
     callback: Callable[[dict], None] | None,
+    conditioning: FrameConditioning | None = None,
 ) -> torch.Tensor:
     """Run one plan over ``x`` ``[B, C, F, H, W]`` (frames ``< num_ready`` are clean history).
 
     Emits frames ``>= num_ready`` (absolute index ``frame_offset + f``) in order as they become clean
-    and returns the final ``x``.
+    and returns the final ``x``. Given frames (``conditioning``, absolute positions) are replaced at their
+    level before every model call and their x0 clamped.
     """
     num_steps = len(sigmas) - 1
     batch = x.shape[0]
@@ -289,6 +326,9 @@ def _run_plan(
         start, end = windows[i]
         levels = plan[i, start:end]  # [n]
         sigma = sigmas[levels]  # [n]
+        given = conditioning.window(frame_offset + start, frame_offset + end) if conditioning is not None else None
+        if given is not None:
+            x[:, :, start:end] = given.impose(x[:, :, start:end], sigma, generator)
         x_in = x[:, :, start:end]
         if add_sigma > 0 and start < num_ready:
             # SkyReels-V2 addnoise_condition: the model sees the history slightly noised, the history stays clean
@@ -300,7 +340,10 @@ def _run_plan(
             )
             x_in = torch.cat([x_in[:, :, :h] * (1.0 - add_sigma) + eps * add_sigma, x_in[:, :, h:]], dim=2)
             sigma = torch.cat([sigma.new_full((h,), add_sigma), sigma[h:]])
-        x0 = denoise(x_in, sigma.expand(batch, end - start), frame_offset=frame_offset + start)
+        sigma = sigma.expand(batch, end - start)
+        x0 = denoise(x_in, given.levels(sigma) if given is not None else sigma, frame_offset=frame_offset + start)
+        if given is not None:
+            x0 = given.clamp(x0)
         upd = mask[i, start:end]
         x_win = x[:, :, start:end]
         x[:, :, start:end] = frame_solver.step(x_win, x0, levels, upd, frame_offset + start)

@@ -8,7 +8,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..noise import NoiseSource, gaussian_noise, noise_frames
-from .base import Denoiser, WindowBatcher, ddim_eta_step
+from .base import Denoiser, FrameConditioning, WindowBatcher, ddim_eta_step
 from .full import sample_full
 
 FramesHook = Callable[[int, torch.Tensor], None]
@@ -67,6 +67,7 @@ def sample_fifo(
     num_latent_frames: int | None = None,
     init_clip: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    conditioning: FrameConditioning | None = None,
     on_frames: FramesHook | None = None,
     callback: Callable[[dict], None] | None = None,
     return_latents: bool = True,
@@ -103,15 +104,27 @@ def sample_fifo(
     the same queue state, so they are independent (the official code runs them on separate GPUs): ``window_batch``
     of them run as one batched model call (:class:`~longgen.samplers.base.WindowBatcher`; None: from free
     memory on CUDA, 1 on CPU), the same result to float tolerance; step caches keep one state per window.
+
+    ``conditioning`` (:class:`~longgen.conditioning.FrameConditioning`): given frames. When the first ``window``
+    latent frames are fully given they are the queue's initial clip (no warm-up generation); otherwise the
+    initial clip is generated with them (:func:`~longgen.samplers.full.sample_full`). At every iteration the given
+    region of every queue slot is replaced by the given latents re-noised to the slot's level and each window's
+    x0 is clamped to them, so output frames equal the given latents where given.
     """
     sigmas = sigmas.float()
     num_steps = len(sigmas) - 1
     queue_length = num_partitions * window
     num_latent_frames = _check_fifo(noise, num_steps, window, num_partitions, lookahead, num_latent_frames)
 
+    if conditioning is not None:
+        conditioning.check(num_latent_frames)
+    if init_clip is None and conditioning is not None and conditioning.given_prefix(window) == window:
+        init_clip = conditioning.window(0, window).known.expand(noise_frames(noise, 0, 1, generator).shape[0],
+                                                               -1, -1, -1, -1)
     if init_clip is None:
         init_clip = sample_full(
-            denoise, noise_frames(noise, 0, window, generator), sigmas, eta=eta, generator=generator, disable=True
+            denoise, noise_frames(noise, 0, window, generator), sigmas, eta=eta, generator=generator,
+            conditioning=conditioning, disable=True,
         )
     elif init_clip.shape[2] != window:
         raise ValueError(f"init_clip must have window={window} latent frames, got {init_clip.shape[2]}")
@@ -144,16 +157,24 @@ def sample_fifo(
     pieces: list[torch.Tensor] = []
     progress = tqdm(total=num_latent_frames, disable=disable, desc="fifo (latent frames)", leave=False)
     num_iterations = num_latent_frames + warmup
+    conditioning = conditioning.to(device) if conditioning is not None else None
     for it in range(num_iterations):
         offset = it - context - warmup  # absolute frame index of queue slot 0
+        given = conditioning.window(offset, offset + queue.shape[2]) if conditioning is not None else None
+        slot_levels = sigmas[levels].expand(batch, -1)  # [B, Q]
+        if given is not None:
+            queue = given.impose(queue, slot_levels, generator)
+            slot_levels = given.levels(slot_levels)
         updated = queue.clone()
         x0s = batcher(
             [queue[:, :, s : s + window] for s in starts],
-            [sigmas[levels[s : s + window]].expand(batch, window) for s in starts],
+            [slot_levels[:, s : s + window] for s in starts],
             [offset + s for s in starts],
         )
         for start, x0 in zip(starts, x0s):
             sl = slice(start, start + window)
+            if given is not None:
+                x0 = given.part(start, start + window).clamp(x0)
             stepped = ddim_eta_step(
                 queue[:, :, sl], x0, slot_sigma[:, :, sl], slot_sigma_next[:, :, sl], eta, generator
             )

@@ -21,7 +21,7 @@ from typing import Any
 
 INTERNAL_ARGUMENTS = frozenset(
     {"denoise", "noise", "sigmas", "callback", "disable", "on_frames", "return_latents", "generator",
-     "num_latent_frames", "init_clip", "cache", "prompt_switches"}
+     "num_latent_frames", "init_clip", "cache", "prompt_switches", "conditioning"}
 )
 """Sampler-function arguments the pipeline passes itself; they are never knobs."""
 
