@@ -150,7 +150,7 @@ def _clip(adapter, world, caption, seed, variant, args, out_dir) -> dict:
         "vde_brightness": (vde.get("brightness") or {}).get("vde"),
         "vde_colorfulness": (vde.get("colorfulness") or {}).get("vde"),
         "stream_t": (report.get("stream") or {}).get("stream_t"),
-        "color_hist_drift_end": report["summary"]["color_hist_drift"]["end"],
+        "color_hist_drift_end": report["metrics"]["color_hist_drift"]["summary"]["end"],
         "mean_abs_to_truth": float(np.abs(frames.astype(np.float64) - truth.astype(np.float64)).mean()),
     }
 
