@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -138,3 +139,25 @@ def test_given_frames_steer_every_chunk_to_their_clip(options):
     out = sample_extend(posterior, noise, sigmas, window=5, context_frames=2, **options)
     errors = [float((out - clips[k]).abs().max()) for k in (0, 1)]
     assert min(errors) < 1e-4, errors
+
+
+def test_pipeline_continues_given_frames_with_the_extend_sampler(tmp_path):
+    from longgen.backbones import build_tiny
+    from longgen.conditioning import FrameConditioning
+    from longgen.pipeline import LongVideoPipeline
+
+    adapter = build_tiny("wan")
+    pipe = LongVideoPipeline(adapter)
+    given = torch.randn(1, adapter.latent_channels, 2, 4, 4, generator=torch.Generator().manual_seed(6))
+    result = pipe.generate(
+        "a red ball", num_frames=adapter.num_pixel_frames(7), height=32, width=32, num_inference_steps=2,
+        sampler="extend", sampler_options={"window": 3, "context_frames": 1, "anchor_frames": 1},
+        conditioning=FrameConditioning(given, (0, 1)), output_path=tmp_path / "c.mp4", show_progress=False,
+        guidance_scale=1.0,
+    )
+    assert torch.equal(result.latents[:, :, :2].cpu(), given) and result.latents.shape[2] == 7
+    assert os.path.getsize(tmp_path / "c.mp4") > 0
+    with pytest.raises(ValueError, match="leave no frame of the 3-frame window"):
+        pipe.generate("a red ball", num_frames=adapter.num_pixel_frames(7), height=32, width=32,
+                      sampler="extend", sampler_options={"window": 3, "context_frames": 2, "anchor_frames": 1},
+                      show_progress=False, guidance_scale=1.0)
