@@ -109,6 +109,7 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     )
     _add_finetune_args(p)
     _add_clip_args(p)
+    _add_given_args(p)
     add_sampler_args(p)
     _add_noise_extension_output_args(p)
 
@@ -187,6 +188,45 @@ def _add_clip_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_given_args(p: argparse.ArgumentParser) -> None:
+    """Given frames (longgen.given_io): continue, bridge, keyframes, repaint; every sampler keeps them fixed."""
+    g = p.add_argument_group(
+        "given frames (continue, bridge, keyframes, repaint)",
+        "Frames every sampler keeps fixed while it generates the rest (encoded once with the VAE; a latent frame "
+        "is given when any of its pixel frames is, missing ones filled by the nearest given frame).",
+    )
+    g.add_argument("--video", default=None, metavar="MP4",
+                   help="continue this clip: its last --context-frames frames start the output (--num-frames counts "
+                   "them); with a mask flag, repaint it instead")
+    g.add_argument("--end-video", default=None, metavar="MP4",
+                   help="with --video: generate a transition (SEINE) from --video's last frames to this clip's first "
+                   "--context-frames frames, which end the output")
+    g.add_argument("--context-frames", type=positive_int, default=None, metavar="N",
+                   help="pixel frames of --video (and --end-video) given as context (default: a quarter of the "
+                   "model's native clip)")
+    g.add_argument("--keep-input", action="store_true",
+                   help="write the whole input, then the new frames (then the rest of --end-video) as one mp4 at the "
+                   "input's fps")
+    g.add_argument("--frames-at", nargs="+", default=None, metavar="FRAME:IMAGE",
+                   help="keyframes at output pixel frames, e.g. --frames-at 0:first.png 80:last.png (interpolation)")
+    g.add_argument("--mask", default=None, metavar="MP4",
+                   help="with --video: repaint the white region of this mask video (same size and at least as many "
+                   "frames as the video), keeping the rest; the output is as long as the video")
+    g.add_argument("--mask-image", default=None, metavar="IMAGE",
+                   help="with --video: one mask image (white = repaint, the video's size) for every frame")
+    g.add_argument("--mask-box", default=None, metavar="X0,Y0,X1,Y1",
+                   help="with --video: repaint this rectangle (output pixels) of every frame")
+    g.add_argument("--outpaint", default=None, metavar="N|L,T,R,B",
+                   help="with --video: shrink the video into the output with these pixel margins and generate the "
+                   "margins (outpainting)")
+    g.add_argument("--resample-steps", type=positive_int, default=1, metavar="U",
+                   help="RePaint resampling for full/sliding: U model passes per step so the generated region "
+                   "agrees with the given one (1 = none; U times the compute)")
+    g.add_argument("--given-level", choices=["renoise", "clean"], default="renoise",
+                   help="how full/sliding/fifo show fully given frames to the model: re-noised to the step's level "
+                   "(any model) or clean at sigma 0 (models trained with conditioning frames)")
+
+
 def _add_noise_extension_output_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("noise")
     g.add_argument(
@@ -201,7 +241,8 @@ def _add_noise_extension_output_args(p: argparse.ArgumentParser) -> None:
     add_extension_args(p)
     g = p.add_argument_group("output")
     g.add_argument("--out", default="outputs/longgen.mp4", help="output mp4 path")
-    g.add_argument("--fps", type=positive_float, default=16.0, help="frames per second of the mp4")
+    g.add_argument("--fps", type=positive_float, default=None,
+                   help="frames per second of the mp4 (default: --video's fps, else 16)")
     g.add_argument(
         "--decode-chunk",
         type=positive_int,
@@ -398,6 +439,7 @@ def load_finetuned_pipeline(args: argparse.Namespace, loras: list[tuple[str, flo
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
+    from .given_io import plan_given_frames
     from .io import check_video_path
 
     check_attention_backend(args.attention_backend)
@@ -406,8 +448,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     loras = _check_finetune_args(args)
     jobs = _generate_jobs(args)
     image = read_image(args.image) if args.image else None
+    given_inputs = _given_inputs(args)
+    _check_given_files(given_inputs)
     start = time.perf_counter()
     pipe = load_finetuned_pipeline(args, loras)
+    plan = plan_given_frames(given_inputs, pipe.adapter, args.num_frames, args.height, args.width)
+    fps = args.fps or plan.fps or 16.0
     for seed, prompt, out in jobs:
         result = pipe.generate(
             prompt=prompt,
@@ -418,9 +464,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
             noise_stride=args.noise_stride,
             negative_prompt=args.negative_prompt,
             image=image,
-            num_frames=args.num_frames,
-            height=args.height,
-            width=args.width,
+            num_frames=plan.num_frames,
+            height=plan.height if plan.given is not None else args.height,
+            width=plan.width if plan.given is not None else args.width,
             num_inference_steps=args.steps,
             guidance_scale=args.guidance,
             shift=args.shift,
@@ -428,18 +474,41 @@ def cmd_generate(args: argparse.Namespace) -> int:
             sampler=args.sampler,
             sampler_options=sampler_options(args),
             output_path=out,
-            fps=args.fps,
+            fps=fps,
             decode_chunk_latent_frames=args.decode_chunk,
             show_progress=not args.quiet,
             save_latents=args.save_latents,
+            conditioning=plan.given,
+            framing=plan.framing,
         )
         elapsed = time.perf_counter() - start
         peak = ""
         if torch.cuda.is_available() and str(args.device).startswith("cuda"):
             peak = f", peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB"
         saved = f" (latents: {result.latents_paths[0]})" if result.latents_paths else ""
-        print(f"wrote {result.path}: {result.num_frames} frames in {elapsed:.1f} s{peak}{saved}")
+        kept = ""
+        if plan.framing is not None:
+            kept = f" ({plan.framing.total(result.num_frames)} with the input kept)"
+        print(f"wrote {result.path}: {result.num_frames} frames{kept} in {elapsed:.1f} s{peak}{saved}")
     return 0
+
+
+def _given_inputs(args: argparse.Namespace):
+    from .given_io import GivenInputs
+
+    return GivenInputs(
+        video=args.video, end_video=args.end_video, frames_at=args.frames_at or (), mask=args.mask,
+        mask_image=args.mask_image, mask_box=args.mask_box, outpaint=args.outpaint, context_frames=args.context_frames,
+        keep_input=args.keep_input, resample=args.resample_steps, given_level=args.given_level,
+    )
+
+
+def _check_given_files(inputs) -> None:
+    """Missing given-frame files fail before the model loads."""
+    for flag, path in (("--video", inputs.video), ("--end-video", inputs.end_video), ("--mask", inputs.mask),
+                       ("--mask-image", inputs.mask_image)):
+        if path is not None and not os.path.isfile(path):
+            raise FileNotFoundError(f"{flag} {path!r} does not exist")
 
 
 def cmd_make_tiny(args: argparse.Namespace) -> int:

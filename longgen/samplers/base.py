@@ -9,9 +9,8 @@ from typing import Protocol
 
 import torch
 
-from ..windows import window_starts  # noqa: F401  (one implementation, shared with longgen.extend)
-
 from ..conditioning import FrameConditioning, GivenWindow, renoise_up  # noqa: F401  (samplers import them here)
+from ..windows import window_starts  # noqa: F401  (one implementation, shared with longgen.extend)
 
 
 class Denoiser(Protocol):

@@ -41,7 +41,7 @@ def sample_full(
         sigma = sigmas[i].expand(batch, num_latent_frames)
         levels = given.levels(sigma) if given is not None else sigma
         x, x0, _ = repaint_step(
-            x, sigmas[i], sigmas[i + 1], lambda x_in: denoise(x_in, levels), given, resample, eta, generator
+            x, sigmas[i], sigmas[i + 1], lambda x_in, levels=levels: denoise(x_in, levels), given, resample, eta, generator
         )
         if callback is not None:
             callback({"i": i, "x": x, "x0": x0, "sigma": sigmas[i]})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 import torch
 from tqdm.auto import trange
@@ -67,7 +68,7 @@ def sample_sliding(
         sigma = sigmas[i].expand(batch, num_latent_frames)
         levels = given.levels(sigma) if given is not None else sigma
         x, x0, _ = repaint_step(
-            x, sigmas[i], sigmas[i + 1], lambda x_in: fused_x0(x_in, levels), given, resample, eta, generator
+            x, sigmas[i], sigmas[i + 1], partial(fused_x0, levels=levels), given, resample, eta, generator
         )
         if callback is not None:
             callback({"i": i, "x": x, "x0": x0, "sigma": sigmas[i]})
