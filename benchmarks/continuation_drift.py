@@ -46,7 +46,7 @@ def _parse(argv):
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="noise seeds; seed i uses world i")
     p.add_argument("--length-factor", type=int, default=4, help="clip length in native clips")
     p.add_argument("--input-frames", type=int, default=3, help="ground-truth frames given (latent = pixel here)")
-    p.add_argument("--context-frames", type=int, default=3, help="extend --context-frames")
+    p.add_argument("--chunk-context", type=int, default=3, help="extend --chunk-context")
     p.add_argument("--steps", type=int, default=16, help="denoising steps per window")
     p.add_argument("--train-steps", type=int, default=None, help="transformer steps when training (demo default)")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
@@ -127,7 +127,7 @@ def _clip(adapter, world, caption, seed, variant, args, out_dir) -> dict:
     with torch.no_grad():
         latents = sample_extend(
             lambda x, s, offset=0: adapter.denoise(x, s, cond), noise, adapter.sigmas(args.steps),
-            window=window, context_frames=args.context_frames, anchor_frames=opts.get("anchor_frames", 0),
+            window=window, chunk_context=args.chunk_context, anchor_frames=opts.get("anchor_frames", 0),
             order=opts.get("order", "forward"), stats_anchor=opts.get("stats_anchor", 0.0),
             conditioning=conditioning, context_transform=_roundtrip(adapter) if opts.get("roundtrip") else None,
             disable=True,
@@ -137,7 +137,7 @@ def _clip(adapter, world, caption, seed, variant, args, out_dir) -> dict:
     write_video(path, iter([frames]), fps=16.0)
     known = torch.zeros(total, dtype=torch.bool)
     known[list(positions)] = True
-    seams = _boundaries(known, total, window, args.context_frames, opts.get("anchor_frames", 0),
+    seams = _boundaries(known, total, window, args.chunk_context, opts.get("anchor_frames", 0),
                         opts.get("order", "forward"))
     report = evaluate_videos([path], None, window=8, labels=[variant], worlds=[world], plots=False,
                              seams=seams, input_frames=args.input_frames)["videos"][variant]
@@ -202,7 +202,7 @@ def main(argv=None) -> int:
     md = table(results)
     meta = {
         "seeds": args.seeds, "length_factor": args.length_factor, "input_frames": args.input_frames,
-        "context_frames": args.context_frames, "steps": args.steps,
+        "chunk_context": args.chunk_context, "steps": args.steps,
         "wall_s": round(time.perf_counter() - t0, 1), "cpu_s": round(r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime, 1),
     }
     from longgen.files import write_json_atomic

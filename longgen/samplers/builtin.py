@@ -354,7 +354,7 @@ class ExtendKnobs:
     """Knobs of :func:`~longgen.samplers.extend.sample_extend`."""
 
     window: int | None = field(default=None, metadata={"help": "window in latent frames (default: native length)"})
-    context_frames: int | None = field(
+    chunk_context: int | None = field(
         default=None,
         metadata={"help": "extend: latent frames next to each new chunk given clean as its context (default: "
                   "a third of the window)"},
@@ -378,7 +378,7 @@ class ExtendKnobs:
 
     def __post_init__(self) -> None:
         _positive("window", self.window)
-        _positive("context-frames", self.context_frames)
+        _positive("chunk-context", self.chunk_context)
         if self.anchor_frames < 0:
             raise ValueError(f"--anchor-frames must be >= 0 (0 = no anchor), got {self.anchor_frames}")
         if self.order not in ("forward", "inverted"):
@@ -392,13 +392,13 @@ class ExtendKnobs:
 
 def _resolve_extend(knobs: ExtendKnobs, ctx: SamplerContext) -> ExtendKnobs:
     window = knobs.window or ctx.default_window
-    context = knobs.context_frames if knobs.context_frames is not None else max(1, window // 3)
+    context = knobs.chunk_context if knobs.chunk_context is not None else max(1, window // 3)
     if context + knobs.anchor_frames >= window:
         raise ValueError(
-            f"--context-frames {context} + --anchor-frames {knobs.anchor_frames} leave no frame of the "
+            f"--chunk-context {context} + --anchor-frames {knobs.anchor_frames} leave no frame of the "
             f"{window}-frame window to generate; lower them or raise --window"
         )
-    return dataclasses.replace(knobs, window=window, context_frames=context)
+    return dataclasses.replace(knobs, window=window, chunk_context=context)
 
 
 register_sampler(SamplerSpec(

@@ -123,7 +123,7 @@ def _plan(known: torch.Tensor, window: int, context: int, anchor: int, order: st
         if budget < 1:
             raise ValueError(
                 f"--window {window} leaves no frame to generate beside {len(given)} given frames; raise --window "
-                "or lower --context-frames / --anchor-frames"
+                "or lower --chunk-context / --anchor-frames"
             )
         plan.append((given, new))
         known[new] = True
@@ -136,7 +136,7 @@ def sample_extend(
     sigmas: torch.Tensor,
     *,
     window: int,
-    context_frames: int,
+    chunk_context: int,
     anchor_frames: int = 0,
     order: str = "forward",
     stats_anchor: float = 0.0,
@@ -159,9 +159,9 @@ def sample_extend(
     out, known = _known_from_conditioning(conditioning, noise)
     if order == "inverted" and anchor_frames > 0 and not bool(known[:anchor_frames].any()):
         # nothing to anchor to yet: the first window is generated forward, then the rest inverted
-        first = _plan(known, window, context_frames, 0, "forward")[0]
+        first = _plan(known, window, chunk_context, 0, "forward")[0]
         out, known = _fill(denoise, out, known, first, noise, sigmas, eta, generator, 0.0, context_transform)
-    for given, new in tqdm(_plan(known, window, context_frames, anchor_frames, order), disable=disable,
+    for given, new in tqdm(_plan(known, window, chunk_context, anchor_frames, order), disable=disable,
                            desc="chunks", leave=False):
         out, known = _fill(denoise, out, known, (given, new), noise, sigmas, eta, generator, stats_anchor,
                            context_transform)

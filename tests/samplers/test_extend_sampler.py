@@ -35,7 +35,7 @@ def _given(latents: torch.Tensor, positions):
 def test_one_window_without_given_frames_is_the_full_sampler():
     noise = torch.randn(2, 3, 6, 2, 2, generator=torch.Generator().manual_seed(0))
     sigmas = torch.linspace(1, 0, 7)
-    out = sample_extend(_mixing_denoise(), noise, sigmas, window=6, context_frames=2)
+    out = sample_extend(_mixing_denoise(), noise, sigmas, window=6, chunk_context=2)
     assert torch.equal(out, sample_full(_mixing_denoise(), noise, sigmas))
 
 
@@ -43,7 +43,7 @@ def test_forward_chunks_continue_from_the_previous_chunk_at_sigma_0():
     noise = torch.randn(1, 2, 10, 2, 2, generator=torch.Generator().manual_seed(1))
     prefix = torch.randn(1, 2, 2, 2, 2)
     calls: list = []
-    out = sample_extend(_mixing_denoise(calls), noise, torch.linspace(1, 0, 4), window=5, context_frames=2,
+    out = sample_extend(_mixing_denoise(calls), noise, torch.linspace(1, 0, 4), window=5, chunk_context=2,
                         conditioning=_given(prefix, [0, 1]))
     assert torch.equal(out[:, :, :2], prefix)  # given frames returned exactly
     plan = _plan(torch.tensor([True, True] + [False] * 8), 5, 2, 0, "forward")
@@ -72,7 +72,7 @@ def test_anchor_and_inverted_order_follow_framepack():
     assert all(a[0] > b[0] for a, b in zip(news, news[1:]))  # right to left
     noise = torch.randn(1, 2, 12, 2, 2, generator=torch.Generator().manual_seed(2))
     calls: list = []
-    out = sample_extend(_mixing_denoise(calls), noise, torch.linspace(1, 0, 3), window=5, context_frames=2,
+    out = sample_extend(_mixing_denoise(calls), noise, torch.linspace(1, 0, 3), window=5, chunk_context=2,
                         anchor_frames=1, order="inverted")
     assert torch.isfinite(out).all() and len(calls) == 2 * (1 + len(_plan(
         torch.tensor([True] * 5 + [False] * 7), 5, 2, 1, "inverted")))  # a first forward window, then inverted
@@ -97,7 +97,7 @@ def test_extend_knobs_reach_the_cli_and_refuse_bad_values(capsys):
         main(["generate", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "extend: chunk-by-chunk continuation" in text
-    for flag in ("--context-frames", "--anchor-frames", "--order", "--stats-anchor"):
+    for flag in ("--chunk-context", "--anchor-frames", "--order", "--stats-anchor"):
         assert flag in text
     with pytest.raises(ValueError, match="needs --anchor-frames|set --anchor-frames"):
         ExtendKnobs(order="inverted")
@@ -132,11 +132,11 @@ def test_given_frames_steer_every_chunk_to_their_clip(options):
     noise = torch.randn(1, 2, 12, 3, 3, generator=torch.Generator().manual_seed(5))
     sigmas = torch.linspace(1, 0, 9)
     for k in (0, 1):  # given frames of clip k at the start: every later chunk lands on clip k
-        out = sample_extend(posterior, noise, sigmas, window=5, context_frames=2,
+        out = sample_extend(posterior, noise, sigmas, window=5, chunk_context=2,
                             conditioning=_given(clips[k][:, :, :2], [0, 1]), **options)
         torch.testing.assert_close(out, clips[k], atol=1e-4, rtol=0)
     # nothing given: the first chunk picks a clip and the context carries it through the others
-    out = sample_extend(posterior, noise, sigmas, window=5, context_frames=2, **options)
+    out = sample_extend(posterior, noise, sigmas, window=5, chunk_context=2, **options)
     errors = [float((out - clips[k]).abs().max()) for k in (0, 1)]
     assert min(errors) < 1e-4, errors
 
@@ -151,7 +151,7 @@ def test_pipeline_continues_given_frames_with_the_extend_sampler(tmp_path):
     given = torch.randn(1, adapter.latent_channels, 2, 4, 4, generator=torch.Generator().manual_seed(6))
     result = pipe.generate(
         "a red ball", num_frames=adapter.num_pixel_frames(7), height=32, width=32, num_inference_steps=2,
-        sampler="extend", sampler_options={"window": 3, "context_frames": 1, "anchor_frames": 1},
+        sampler="extend", sampler_options={"window": 3, "chunk_context": 1, "anchor_frames": 1},
         conditioning=FrameConditioning(given, (0, 1)), output_path=tmp_path / "c.mp4", show_progress=False,
         guidance_scale=1.0,
     )
@@ -159,5 +159,5 @@ def test_pipeline_continues_given_frames_with_the_extend_sampler(tmp_path):
     assert os.path.getsize(tmp_path / "c.mp4") > 0
     with pytest.raises(ValueError, match="leave no frame of the 3-frame window"):
         pipe.generate("a red ball", num_frames=adapter.num_pixel_frames(7), height=32, width=32,
-                      sampler="extend", sampler_options={"window": 3, "context_frames": 2, "anchor_frames": 1},
+                      sampler="extend", sampler_options={"window": 3, "chunk_context": 2, "anchor_frames": 1},
                       show_progress=False, guidance_scale=1.0)
