@@ -12,7 +12,7 @@ the ``extend`` sampler (chunk by chunk, clean given context), one variant per an
 * ``inverted``: FramePack's inverted anti-drifting order from that anchor (--order inverted).
 
 Every variant uses the same noise per seed; the seeds also pick the world (video i of the data set). Scores
-(medians over seeds): the synthetic scorer's overall score (mean over windows and over the last 15% of the
+(medians over seeds; STREAM-T over 8-frame windows): the synthetic scorer's overall score (mean over windows and over the last 15% of the
 clip), the pixel seam ratio at chunk boundaries (:mod:`longgen.eval.seams`), VDE of brightness and
 colourfulness, STREAM-T, and the colour-histogram drift from the first frame (:mod:`longgen.eval.metrics`).
 
@@ -43,7 +43,7 @@ def _parse(argv):
     p.add_argument("--out", default="outputs/continuation_drift", help="output folder")
     p.add_argument("--model", help="a saved tiny demo model folder (default: train one into <out>/model)")
     p.add_argument("--data", help="the synthetic data set folder it was trained on (default: <out>/train/...)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="noise seeds; seed i uses world i")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="noise seeds; seed i uses world i")
     p.add_argument("--length-factor", type=int, default=4, help="clip length in native clips")
     p.add_argument("--input-frames", type=int, default=3, help="ground-truth frames given (latent = pixel here)")
     p.add_argument("--chunk-context", type=int, default=3, help="extend --chunk-context")
@@ -66,6 +66,8 @@ def _model(args):
         if args.train_steps:
             settings.train_steps = args.train_steps
         adapter, _, data_dir, _ = train_tiny_model(settings)
+        # training from the latent cache freed the text encoder; the demo hands it back: register it to save it
+        adapter.pipe.register_modules(text_encoder=adapter.pipe.text_encoder)
         adapter.save_pretrained(model_dir)
     return load_adapter(model_dir), data_dir
 
@@ -140,7 +142,7 @@ def _clip(adapter, world, caption, seed, variant, args, out_dir) -> dict:
     seams = _boundaries(known, total, window, args.chunk_context, opts.get("anchor_frames", 0),
                         opts.get("order", "forward"))
     report = evaluate_videos([path], None, window=8, labels=[variant], worlds=[world], plots=False,
-                             seams=seams, input_frames=args.input_frames)["videos"][variant]
+                             seams=seams, input_frames=args.input_frames, stream_window=8)["videos"][variant]
     synth = report["synthetic"]["scores"]["overall"]["summary"]
     vde = report["vde"]["metrics"] if report.get("vde") else {}
     return {
