@@ -223,8 +223,9 @@ def _add_given_args(p: argparse.ArgumentParser) -> None:
                    help="RePaint resampling for full/sliding: U model passes per step so the generated region "
                    "agrees with the given one (1 = none; U times the compute)")
     g.add_argument("--given-level", choices=["renoise", "clean"], default="renoise",
-                   help="how full/sliding/fifo show fully given frames to the model: re-noised to the step's level "
-                   "(any model) or clean at sigma 0 (models trained with conditioning frames)")
+                   help="how samplers show fully given frames to the model (besides df/causal's clean history): "
+                   "re-noised to the step's level (any model) or clean at sigma 0 (models trained with "
+                   "conditioning frames)")
 
 
 def _add_noise_extension_output_args(p: argparse.ArgumentParser) -> None:

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -126,9 +127,13 @@ class FrameConditioning:
 
     def fully_given(self) -> list[bool]:
         """Per given frame: True when its whole spatial extent is given (``keep`` all ones)."""
+        return list(self._fully_given)
+
+    @cached_property
+    def _fully_given(self) -> tuple[bool, ...]:  # computed once: samplers ask at every step
         if self.keep is None:
-            return [True] * self.num_given
-        return [bool((self.keep[:, :, i] >= 1).all()) for i in range(self.num_given)]
+            return (True,) * self.num_given
+        return tuple((self.keep >= 1).flatten(3).all(dim=3).all(dim=0).all(dim=0).tolist())
 
     def given_prefix(self, limit: int | None = None) -> int:
         """How many leading latent frames 0, 1, ... are fully given (continuation context), at most ``limit``."""

@@ -54,6 +54,17 @@ def _check_fifo(
     return num_latent_frames
 
 
+def _initial_clip(denoise, noise, sigmas, window: int, eta: float, generator, conditioning, num_latent_frames: int):
+    """The queue's first clip: the given frames when they fill the first window, else generated (with them)."""
+    if conditioning is not None and conditioning.given_prefix(window) == window:
+        batch = noise_frames(noise, 0, 1, generator).shape[0]
+        return conditioning.window(0, window).known.expand(batch, -1, -1, -1, -1)
+    return sample_full(
+        denoise, noise_frames(noise, 0, window, generator), sigmas, eta=eta, generator=generator,
+        conditioning=conditioning, disable=True,
+    )
+
+
 def sample_fifo(
     denoise: Denoiser,
     noise: torch.Tensor | NoiseSource,
@@ -118,14 +129,8 @@ def sample_fifo(
 
     if conditioning is not None:
         conditioning.check(num_latent_frames)
-    if init_clip is None and conditioning is not None and conditioning.given_prefix(window) == window:
-        init_clip = conditioning.window(0, window).known.expand(noise_frames(noise, 0, 1, generator).shape[0],
-                                                               -1, -1, -1, -1)
     if init_clip is None:
-        init_clip = sample_full(
-            denoise, noise_frames(noise, 0, window, generator), sigmas, eta=eta, generator=generator,
-            conditioning=conditioning, disable=True,
-        )
+        init_clip = _initial_clip(denoise, noise, sigmas, window, eta, generator, conditioning, num_latent_frames)
     elif init_clip.shape[2] != window:
         raise ValueError(f"init_clip must have window={window} latent frames, got {init_clip.shape[2]}")
     device = init_clip.device
