@@ -347,3 +347,65 @@ register_sampler(SamplerSpec(
     num_steps=_causal_steps,
     hooks="longgen.samplers.causal:causal_hooks",
 ))
+
+
+@dataclass(frozen=True)
+class ExtendKnobs:
+    """Knobs of :func:`~longgen.samplers.extend.sample_extend`."""
+
+    window: int | None = field(default=None, metadata={"help": "window in latent frames (default: native length)"})
+    chunk_context: int | None = field(
+        default=None,
+        metadata={"help": "extend: latent frames next to each new chunk given clean as its context (default: "
+                  "a third of the window)"},
+    )
+    anchor_frames: int = field(
+        default=0,
+        metadata={"help": "extend: the clip's first latent frames kept as given context in every window "
+                  "(FramePack-style anchor; 0 = off)"},
+    )
+    order: Literal["forward", "inverted"] = field(
+        default="forward",
+        metadata={"help": "extend: chunk order; inverted = FramePack's anti-drifting order (the last chunk "
+                  "first from the anchor, then backward; needs --anchor-frames)"},
+    )
+    stats_anchor: float = field(
+        default=0.0,
+        metadata={"help": "extend: pull each new chunk's per-channel latent mean/std toward its context's "
+                  "(0 = off, 1 = match)"},
+    )
+    eta: float = field(default=0.0, metadata={"help": _ETA_HELP})
+
+    def __post_init__(self) -> None:
+        _positive("window", self.window)
+        _positive("chunk-context", self.chunk_context)
+        if self.anchor_frames < 0:
+            raise ValueError(f"--anchor-frames must be >= 0 (0 = no anchor), got {self.anchor_frames}")
+        if self.order not in ("forward", "inverted"):
+            raise ValueError(f"--order must be 'forward' or 'inverted', got {self.order!r}")
+        if self.order == "inverted" and self.anchor_frames == 0:
+            raise ValueError("--order inverted generates backward from an anchor: set --anchor-frames >= 1")
+        if not 0.0 <= self.stats_anchor <= 1.0:
+            raise ValueError(f"--stats-anchor must be in [0, 1] (0 = off), got {self.stats_anchor}")
+        _check_eta(self.eta)
+
+
+def _resolve_extend(knobs: ExtendKnobs, ctx: SamplerContext) -> ExtendKnobs:
+    window = knobs.window or ctx.default_window
+    context = knobs.chunk_context if knobs.chunk_context is not None else max(1, window // 3)
+    if context + knobs.anchor_frames >= window:
+        raise ValueError(
+            f"--chunk-context {context} + --anchor-frames {knobs.anchor_frames} leave no frame of the "
+            f"{window}-frame window to generate; lower them or raise --window"
+        )
+    return dataclasses.replace(knobs, window=window, chunk_context=context)
+
+
+register_sampler(SamplerSpec(
+    name="extend",
+    fn="longgen.samplers.extend:sample_extend",
+    knobs=ExtendKnobs,
+    description="chunk-by-chunk continuation around given frames (clean context; FramePack-style anchor and "
+    "inverted order; statistics anchoring)",
+    resolve=_resolve_extend,
+))

@@ -403,6 +403,50 @@ class ExtensionConfig:
 
 
 @dataclass
+class ConditioningConfig:
+    """Given frames per training clip (continuation, bridges, backward prediction; ``objective.method=denoising``).
+
+    Each clip draws a task (``longgen.training.objectives.CONDITIONING_TASKS``): its given latent frames are
+    fed clean (noise level 0 in the per-frame contract, or ``context_sigma``) and left out of the loss, so a
+    LoRA learns to continue or bridge the user's clips. MCVD (Voleti et al. 2022) masks past and future
+    frames at random; SEINE (Chen et al. 2023) gives the first and/or last frame.
+    """
+
+    tasks: dict[str, float] = field(default_factory=dict)
+    """Task name -> probability, summing to 1 (empty: off). Names: none, past, future, past_future, first,
+    first_last; e.g. ``{none: 0.1, past: 0.5, future: 0.1, past_future: 0.3}``."""
+    min_context_latent_frames: int = 1
+    """Fewest given latent frames per side for past / future / past_future."""
+    max_context_latent_frames: int | None = None
+    """Most given latent frames per side (null: all but one frame to generate)."""
+    context_sigma: float = 0.0
+    """Noise level the given frames are fed at (0: clean, as samplers feed given frames; a small level such as
+    0.02 trains with noised history, like the df sampler's addnoise_condition=20)."""
+
+    def __post_init__(self) -> None:
+        from .objectives import check_conditioning_tasks
+
+        _check(
+            self.min_context_latent_frames >= 1,
+            f"conditioning.min_context_latent_frames must be >= 1, got {self.min_context_latent_frames}",
+        )
+        if self.tasks:
+            try:
+                check_conditioning_tasks(dict(self.tasks), min_context=self.min_context_latent_frames)
+            except ValueError as err:
+                raise ConfigError(f"conditioning.tasks: {err}") from None
+        _check(
+            self.max_context_latent_frames is None or self.max_context_latent_frames >= self.min_context_latent_frames,
+            f"conditioning.max_context_latent_frames ({self.max_context_latent_frames}) must be >= "
+            f"min_context_latent_frames ({self.min_context_latent_frames}) or null",
+        )
+        _check(
+            0.0 <= self.context_sigma < 1.0,
+            f"conditioning.context_sigma must be in [0, 1) (0 = clean given frames), got {self.context_sigma}",
+        )
+
+
+@dataclass
 class Config:
     """A whole training run. The defaults are the embedded tiny recipe (``configs/tiny_synthetic.yaml``)."""
 
@@ -417,6 +461,7 @@ class Config:
     extension: ExtensionConfig = field(default_factory=ExtensionConfig)
     causal: CausalConfig = field(default_factory=lambda: CausalConfig())
     ode: ODEConfig = field(default_factory=lambda: ODEConfig())
+    conditioning: ConditioningConfig = field(default_factory=ConditioningConfig)
 
     def __post_init__(self) -> None:
         check_causal_config(self)
@@ -440,6 +485,11 @@ class Config:
             raise ConfigError(
                 f"ema.update_after_step={self.ema.update_after_step} is not below train.steps={self.train.steps}: "
                 "the EMA would never update; lower it or disable ema"
+            )
+        if self.conditioning.tasks and self.objective.method != "denoising":
+            raise ConfigError(
+                f"conditioning.tasks trains given frames with objective.method=denoising; "
+                f"{self.objective.method!r} does not use them: set conditioning.tasks={{}} or method denoising"
             )
         if self.objective.mode == "clip" and self.objective.causal_block_size != 1:
             raise ConfigError(
@@ -827,6 +877,7 @@ def check_causal_config(config: Config) -> None:
 __all__ = [
     "CAUSAL_METHODS",
     "CausalConfig",
+    "ConditioningConfig",
     "Config",
     "ConfigError",
     "DataConfig",

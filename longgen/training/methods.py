@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from .denoiser import DenoiserModule
-from .objectives import sample_training_sigmas, training_loss
+from .objectives import check_conditioning_tasks, sample_given_frames, sample_training_sigmas, training_loss
 
 __all__ = [
     "DenoisingMethod",
@@ -105,7 +105,11 @@ def build_adamw_schedule(config, accelerator, params):
 
 
 class DenoisingMethod:
-    """The backbone's native denoising loss at per-frame noise levels drawn by ``objective.mode``."""
+    """The backbone's native denoising loss at per-frame noise levels drawn by ``objective.mode``.
+
+    With ``conditioning.tasks`` set, each clip also draws given frames (:func:`sample_given_frames`): fed
+    clean at noise level 0 (or ``conditioning.context_sigma``) and left out of the loss.
+    """
 
     name = "denoising"
 
@@ -113,6 +117,17 @@ class DenoisingMethod:
         self.ctx = context
         self.denoiser = DenoiserModule(context.adapter)
         self.prepared: torch.nn.Module = self.denoiser
+        cfg = context.config.conditioning
+        if cfg.tasks:  # fail before training when the clips are too short for a task
+            num_latent_frames = context.adapter.num_latent_frames(context.config.data.num_frames)
+            try:
+                check_conditioning_tasks(
+                    dict(cfg.tasks), num_latent_frames, min_context=cfg.min_context_latent_frames
+                )
+            except ValueError as err:
+                from .config import ConfigError
+
+                raise ConfigError(f"conditioning.tasks: {err}") from None
 
     def modules(self) -> list[torch.nn.Module]:
         return [self.denoiser]
@@ -163,6 +178,7 @@ class DenoisingMethod:
             device=ctx.accelerator.device,
             schedule=ctx.adapter.schedule,  # VP models' discrete schedule (eps/v), None for flow models
         )
+        given = self.given_frames(latents.shape[0], latents.shape[2], generator)
         loss, _ = training_loss(
             ctx.adapter,
             latents,
@@ -171,8 +187,24 @@ class DenoisingMethod:
             generator=generator,
             weighting=obj.weighting,
             denoise=self.prepared,
+            given=given,
+            given_sigma=ctx.config.conditioning.context_sigma,
         )
         return loss
+
+    def given_frames(self, batch_size: int, num_latent_frames: int, generator) -> torch.Tensor | None:
+        """The micro-batch's given-frame mask ``[B, F]`` (None without ``conditioning.tasks``)."""
+        cfg = self.ctx.config.conditioning
+        if not cfg.tasks:
+            return None
+        return sample_given_frames(
+            batch_size,
+            num_latent_frames,
+            dict(cfg.tasks),
+            min_context=cfg.min_context_latent_frames,
+            max_context=cfg.max_context_latent_frames,
+            generator=generator,
+        ).to(self.ctx.accelerator.device)
 
 
 register_method(DenoisingMethod.name, DenoisingMethod)

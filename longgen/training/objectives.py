@@ -29,6 +29,13 @@ edm_v       D(x) = x0 (EDM)       x0 - x0_hat                (s^2 + sd^2) / (s s
 
 The weighted per-frame errors are averaged over channels and pixels, then over frames and the batch,
 so the loss equals the native loss's plain mean over all elements exactly.
+
+**Given (conditioning) frames.** A frame the model is given rather than asked to generate sits at noise
+level 0 in the per-frame contract (DESIGN.md "Given frames are part of the contract"): it is fed clean
+(or at a small ``given_sigma``), and its loss term is dropped, so the model learns continuation, bridges
+and backward prediction from the frames beside it. :func:`sample_given_frames` draws which frames are given
+per clip: MCVD's random masking of past and future frames (Voleti et al. 2022: past / future / both /
+neither) and SEINE's first- and last-frame masks (Chen et al. 2023), in latent frames.
 """
 
 from __future__ import annotations
@@ -41,10 +48,33 @@ import torch
 from ..plans import sample_independent_timesteps, sample_nondecreasing_timesteps
 from ..schedules import VPSchedule, shift_sigma
 
-__all__ = ["MODES", "WEIGHTINGS", "loss_weights", "sample_training_sigmas", "training_loss"]
+__all__ = [
+    "CONDITIONING_TASKS",
+    "MODES",
+    "WEIGHTINGS",
+    "check_conditioning_tasks",
+    "loss_weights",
+    "sample_given_frames",
+    "sample_training_sigmas",
+    "training_loss",
+]
 
 MODES = ("clip", "diffusion_forcing", "ar_diffusion")
 WEIGHTINGS = ("native", "none", "flow", "eps", "v", "edm_v")
+CONDITIONING_TASKS = ("none", "past", "future", "past_future", "first", "first_last")
+"""Which latent frames of a clip are given (:func:`sample_given_frames`):
+
+* ``none``: no frame (plain generation; keeps the unconditioned skill);
+* ``past``: the first k frames (continuation; MCVD's future-prediction mask);
+* ``future``: the last k frames (what leads up to an ending; MCVD's past-prediction mask);
+* ``past_future``: the first k1 and the last k2 frames (bridge / interpolation; MCVD with both masked);
+* ``first``: the first frame only (SEINE's image-to-video mask);
+* ``first_last``: the first and the last frame (SEINE's transition mask).
+
+k, k1, k2 are uniform in ``[min_context, max_context]``, capped so that at least one frame is generated.
+MCVD's independent past / future masking with probability p is ``{none: (1-p)^2, past: p(1-p),
+future: p(1-p), past_future: p^2}``.
+"""
 
 
 def sample_training_sigmas(
@@ -112,6 +142,90 @@ def sample_training_sigmas(
     return sigma.float().to(device or t.device)
 
 
+def _min_frames(task: str, min_context: int) -> int:
+    """Latent frames a clip needs for ``task`` (its given frames plus one to generate)."""
+    given = {"none": 0, "past": min_context, "future": min_context, "past_future": 2 * min_context,
+             "first": 1, "first_last": 2}[task]
+    return given + 1
+
+
+def check_conditioning_tasks(
+    tasks: dict[str, float], num_latent_frames: int | None = None, *, min_context: int = 1
+) -> None:
+    """Raise ``ValueError`` naming the fix for unknown task names, bad probabilities or too short clips."""
+    import difflib
+
+    if not tasks:
+        raise ValueError(f"conditioning tasks are empty: give probabilities for some of {CONDITIONING_TASKS}")
+    for name, prob in tasks.items():
+        if name not in CONDITIONING_TASKS:
+            close = difflib.get_close_matches(str(name), CONDITIONING_TASKS, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"unknown conditioning task {name!r}{hint} choose from {list(CONDITIONING_TASKS)}")
+        if not (isinstance(prob, (int, float)) and math.isfinite(prob) and 0.0 <= prob <= 1.0):
+            raise ValueError(f"conditioning task {name!r} has probability {prob!r}; it must be in [0, 1]")
+    total = float(sum(tasks.values()))
+    if abs(total - 1.0) > 1e-6:
+        raise ValueError(
+            f"conditioning task probabilities must sum to 1, got {total:g}"
+            + (f" (add none: {1.0 - total:g} to train the other clips without given frames)" if total < 1 else "")
+        )
+    if min_context < 1:
+        raise ValueError(f"the minimum context must be >= 1 latent frame, got {min_context}")
+    if num_latent_frames is not None:
+        for name, prob in tasks.items():
+            need = _min_frames(name, min_context)
+            if prob > 0 and num_latent_frames < need:
+                raise ValueError(
+                    f"conditioning task {name!r} needs clips of >= {need} latent frames (given frames plus one "
+                    f"to generate), the training clips have {num_latent_frames}: use longer clips "
+                    "(data.num_frames) or a smaller min_context_latent_frames, or drop the task"
+                )
+
+
+def sample_given_frames(
+    batch_size: int,
+    num_latent_frames: int,
+    tasks: dict[str, float],
+    *,
+    min_context: int = 1,
+    max_context: int | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Which latent frames each clip is given: a bool mask ``[B, F]`` (True = given, kept out of the loss).
+
+    Each clip draws one task of ``tasks`` (name -> probability, :data:`CONDITIONING_TASKS`), then its
+    context lengths uniformly in ``[min_context, max_context]`` (None: as many as leave one frame to
+    generate). Draws come from ``generator`` on the CPU, so a seeded step gives the same masks on every
+    process of a context-parallel group.
+    """
+    check_conditioning_tasks(tasks, num_latent_frames, min_context=min_context)
+    if max_context is not None and max_context < min_context:
+        raise ValueError(f"max_context ({max_context}) must be >= min_context ({min_context}) or None")
+    names = [name for name, prob in tasks.items() if prob > 0]
+    probs = torch.tensor([float(tasks[name]) for name in names], dtype=torch.float64)
+    choice = torch.multinomial(probs, batch_size, replacement=True, generator=generator)
+    uniform = torch.rand(batch_size, 2, generator=generator, dtype=torch.float64)
+    given = torch.zeros(batch_size, num_latent_frames, dtype=torch.bool)
+    for b in range(batch_size):
+        task = names[int(choice[b])]
+        if task in ("first", "first_last"):
+            given[b, 0] = True
+            given[b, -1] = task == "first_last"
+            continue
+        if task == "none":
+            continue
+        sides = 2 if task == "past_future" else 1
+        cap = (num_latent_frames - 1) // sides  # leave >= 1 frame to generate
+        hi = cap if max_context is None else min(cap, max_context)
+        lengths = [min_context + int(u * (hi - min_context + 1)) for u in uniform[b, :sides].tolist()]
+        if task in ("past", "past_future"):
+            given[b, : lengths[0]] = True
+        if task in ("future", "past_future"):
+            given[b, num_latent_frames - lengths[-1] :] = True
+    return given
+
+
 def loss_weights(prediction: str, sigma: torch.Tensor, sigma_data: float = 1.0) -> torch.Tensor:
     """Per-frame weight ``w(sigma)`` that turns the x0 squared error into a native loss (module table).
 
@@ -145,6 +259,8 @@ def training_loss(
     min_sigma: float = 1e-3,
     max_sigma: float = 1.0 - 1e-4,
     denoise=None,
+    given: torch.Tensor | None = None,
+    given_sigma: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The backbone's native denoising loss at per-frame noise levels, through ``adapter.denoise``.
 
@@ -167,6 +283,11 @@ def training_loss(
     ``denoise`` is the model call ``(x, sigma, cond) -> x0_hat``; None is ``adapter.denoise``. The trainer
     passes its prepared :class:`~longgen.training.denoiser.DenoiserModule` (DDP / FSDP / DeepSpeed wrapped),
     so no adapter attribute is replaced for training.
+
+    ``given`` ``[B, F]`` (bool, :func:`sample_given_frames`) marks conditioning frames: they are fed at
+    ``given_sigma`` (0: exactly clean, ``x = x0``; not clamped) with that level as their sigma, and their
+    loss terms are dropped, so the loss is the mean over the generated frames only,
+    ``sum_{b, f not given} w * mse / #generated``. ``info["given"]`` holds the mask.
     """
     if latents.ndim != 5:
         raise ValueError(f"latents must be [B, C, F, H, W], got shape {tuple(latents.shape)}")
@@ -192,18 +313,41 @@ def training_loss(
         )
     noise = noise.to(device=x0.device, dtype=torch.float32)
     sigma = sigma.detach().to(device=x0.device, dtype=torch.float32).clamp(min_sigma, max_sigma)
+    weight = loss_weights(prediction, sigma, float(adapter.sigma_data)).float()
+    if given is not None:
+        given = _check_given(given, batch_size, num_latent_frames, given_sigma).to(x0.device)
+        sigma = torch.where(given, torch.full_like(sigma, given_sigma), sigma)  # given frames: not clamped
+        weight = torch.where(given, torch.zeros_like(weight), weight)
     s5 = sigma[:, None, :, None, None]  # [B, 1, F, 1, 1]
-    x = (1.0 - s5) * x0 + s5 * noise
+    x = (1.0 - s5) * x0 + s5 * noise  # a given frame at sigma 0 is x0 exactly
 
     x0_pred = (adapter.denoise if denoise is None else denoise)(x, sigma, cond).float()
     x0_mse = (x0_pred - x0).pow(2).mean(dim=(1, 3, 4))  # [B, F]
-    weight = loss_weights(prediction, sigma, float(adapter.sigma_data)).float()
     per_frame = weight * x0_mse
-    loss = per_frame.mean()
+    if given is None:
+        loss = per_frame.mean()
+    else:  # the mean over generated frames; given ones carry weight 0 (where, so no 0 * inf)
+        per_frame = torch.where(given, torch.zeros_like(per_frame), per_frame)
+        loss = per_frame.sum() / (~given).sum()
     info = {
         "loss_per_frame": per_frame.detach(),
         "x0_mse_per_frame": x0_mse.detach(),
         "weight": weight,
         "sigma": sigma,
     }
+    if given is not None:
+        info["given"] = given
     return loss, info
+
+
+def _check_given(given: torch.Tensor, batch_size: int, num_latent_frames: int, given_sigma: float) -> torch.Tensor:
+    if given.dtype != torch.bool or tuple(given.shape) != (batch_size, num_latent_frames):
+        raise ValueError(
+            f"given must be a bool mask of shape {(batch_size, num_latent_frames)} (True = given frame), "
+            f"got {given.dtype} {tuple(given.shape)}"
+        )
+    if bool(given.all(dim=1).any()):
+        raise ValueError("a clip has every frame given: leave at least one latent frame to generate")
+    if not 0.0 <= given_sigma < 1.0:
+        raise ValueError(f"given_sigma must be in [0, 1) (0 = clean given frames), got {given_sigma}")
+    return given
