@@ -105,6 +105,7 @@ class DMDMethod(DenoisingMethod):
                 "does not take in one run: launch with configs/accelerate/fsdp.yaml (FSDP2) or ddp.yaml"
             )
         self.cache = cache
+        self._check_lengths(config, context.adapter, cache.config.chunk_size)
         device = context.accelerator.device
         self.teacher = DenoiserModule(_score_adapter(config, context.adapter, cfg.teacher, device, "teacher"))
         critic_adapter = _score_adapter(config, context.adapter, cfg.critic or cfg.teacher, device, "critic")
@@ -120,6 +121,24 @@ class DMDMethod(DenoisingMethod):
                        else torch.tensor([*[t / 1000.0 for t in steps], 0.0]))
         self.metrics: dict[str, float] = {}
         self._null: dict[str, Any] | None = None
+
+    @staticmethod
+    def _check_lengths(config, adapter, chunk: int) -> None:
+        """The chunk size divides the rollout; the DMD window fits in it (errors name the keys to change)."""
+        data, cfg = config.data, config.dmd
+        clip = adapter.latent_shape(data.num_frames, data.height, data.width)[2]
+        frames = cfg.rollout_latent_frames or clip
+        if frames % chunk:
+            raise ValueError(
+                f"extension.options.chunk_size {chunk} does not divide the {frames} latent frames of the training "
+                f"rollout (data.num_frames / dmd.rollout_latent_frames): use a chunk size that divides {frames}"
+            )
+        window = cfg.window_latent_frames or frames
+        if window > frames or (cfg.grad_latent_frames or window) > window:
+            raise ValueError(
+                f"dmd.window_latent_frames ({window}) must fit in the {frames}-frame rollout and "
+                f"dmd.grad_latent_frames ({cfg.grad_latent_frames}) in the window"
+            )
 
     # --- the loop's interface ---------------------------------------------------------------------
     def modules(self) -> list[torch.nn.Module]:
@@ -161,12 +180,6 @@ class DMDMethod(DenoisingMethod):
         """The rollout's latent shape ``(B, C, F, H, W)`` and the batch's text cond (the clip itself is unused)."""
         latents, cond = self.encode(batch, generator)
         frames = self.ctx.config.dmd.rollout_latent_frames or latents.shape[2]
-        chunk = self.cache.config.chunk_size
-        if frames % chunk:
-            raise ValueError(
-                f"extension.options.chunk_size {chunk} does not divide the {frames} latent frames of the training "
-                f"rollout (data.num_frames / dmd.rollout_latent_frames): use a chunk size that divides {frames}"
-            )
         return (latents.shape[0], latents.shape[1], frames, *latents.shape[3:]), cond
 
     def _rollout(self, shape, cond, generator, shared, grad: bool) -> torch.Tensor:
