@@ -454,15 +454,24 @@ def prepare(accelerator, modules, optimizers, schedulers, loader, config: Config
     """``accelerator.prepare`` the method's modules, its optimizers and schedules (lists) and the data.
 
     With context parallelism the clips are sharded over the data-parallel ranks only (one clip per
-    context-parallel group). Returns ``(prepared modules, optimizers, schedulers, loader)``.
+    context-parallel group). FSDP2 takes one model per ``prepare`` call, so a method with one optimizer per
+    module (DMD's student and critic) is prepared pair by pair there. Returns ``(prepared modules,
+    optimizers, schedulers, loader)``.
     """
     n, k = len(modules), len(optimizers)
-    if dp_size == accelerator.num_processes:
+    if n > 1 and n == k and getattr(accelerator, "is_fsdp2", False):
+        pairs = [accelerator.prepare(m, o, s) for m, o, s in zip(modules, optimizers, schedulers)]
+        prepared = ([p[0] for p in pairs], [p[1] for p in pairs], [p[2] for p in pairs])
+    elif dp_size == accelerator.num_processes:
         out = accelerator.prepare(*modules, *optimizers, loader, *schedulers)
         return list(out[:n]), list(out[n : n + k]), list(out[n + k + 1 :]), out[n + k]
+    else:
+        out = accelerator.prepare(*modules, *optimizers, *schedulers)
+        prepared = (list(out[:n]), list(out[n : n + k]), list(out[n + k :]))
+    if dp_size == accelerator.num_processes:
+        return (*prepared, accelerator.prepare(loader))
     from accelerate.data_loader import prepare_data_loader
 
-    out = accelerator.prepare(*modules, *optimizers, *schedulers)
     loader = prepare_data_loader(
         loader,
         accelerator.device,
@@ -472,7 +481,7 @@ def prepare(accelerator, modules, optimizers, schedulers, loader, config: Config
         use_seedable_sampler=True,
         data_seed=config.train.seed,
     )
-    return list(out[:n]), list(out[n : n + k]), list(out[n + k :]), loader
+    return (*prepared, loader)
 
 
 # --- resume ---------------------------------------------------------------------------------------
