@@ -184,3 +184,25 @@ def test_bad_dmd_input_names_the_fix(tmp_path, clips, other_family_folders, over
                  for o in overrides]
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
         Trainer(tiny_lora_config(tmp_path, clips, *overrides))
+
+
+def test_dmd_under_deepspeed_names_the_fix(tmp_path, clips, monkeypatch):
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType
+
+    from longgen.training.loop import Trainer
+
+    monkeypatch.setattr(Accelerator, "distributed_type", property(lambda self: DistributedType.DEEPSPEED))
+    with pytest.raises(ValueError, match="configs/accelerate/fsdp.yaml"):
+        Trainer(tiny_lora_config(tmp_path, clips, *DMD))
+
+
+def test_streaming_long_tuning_rolls_past_the_native_length(tmp_path, clips):
+    """LongLive-style: a 3x rollout through a rolling window + sink, DMD on its last native window."""
+    overrides = [
+        *DMD, "extension.options={chunk_size: 1, local_attn_size: 3, sink_size: 1}", "train.steps=2",
+        "dmd.rollout_latent_frames=9", "dmd.window_latent_frames=3", "dmd.grad_latent_frames=2",
+    ]  # fmt: skip
+    trainer, result = run_trainer(tiny_lora_config(tmp_path, clips, *overrides))
+    assert sorted(result.losses) == [1, 2] and all(v == v for v in result.losses.values())
+    assert trainer.method.cache.frames == [0, 8]  # the sink and the newest frame: the window rolled (sink 1 + 2 recent, own chunk included)
