@@ -346,6 +346,9 @@ class ValidationConfig:
     fps: float = 16.0
     use_ema: bool = True
     """Validate with the EMA weights when EMA is on."""
+    drift_metrics: bool = False
+    """Score every validation clip for drift (``longgen.training.drift``: pixel drift metrics, and the synthetic
+    scorer when the prompt is a synthetic caption) and log the scalars."""
     report_to: ReportTo = "none"
     """Tracker for scalars and validation clips: none | tensorboard | wandb (WANDB_MODE=offline works)."""
     project: str = "longgen"

@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from ..files import atomic_path
 from .denoiser import DenoiserModule
 from .methods import DenoisingMethod, MethodContext, build_adamw_schedule, register_method, step_generator
 from .objectives import training_loss
@@ -174,6 +175,35 @@ class DMDMethod(DenoisingMethod):
         self._update(loss, self.critic_prepared, 1)
         self.metrics["dmd/critic_loss"] = float(loss.detach())
         return loss.detach()
+
+    @torch.no_grad()
+    def generate_validation(self, view, device, path: str | None) -> None:
+        """The validation clip as the distilled model runs at inference: streamed chunk by chunk through the
+        student's KV cache with its few-step schedule, no CFG (``longgen generate --sampler causal``). Long by
+        default (``validation.num_frames``, else twice the native length), so drift shows over training."""
+        from ..io import write_video
+        from ..samplers.causal import CausalSamplerConfig, sample_causal
+
+        config = self.ctx.config
+        vcfg, data, chunk = config.validation, config.data, self.cache.config.chunk_size
+        num_frames = vcfg.num_frames or view.num_pixel_frames(2 * view.num_latent_frames(view.native_video_size[0]))
+        height, width = vcfg.height or data.height, vcfg.width or data.width
+        shape = list(view.latent_shape(num_frames, height, width))
+        shape[2] = shape[2] // chunk * chunk or chunk  # whole chunks
+        guidance = view.default_guidance_scale if vcfg.guidance_scale is None else vcfg.guidance_scale
+        cond = view.encode_prompt(vcfg.prompt, negative_prompt=vcfg.negative_prompt, do_classifier_free_guidance=
+                                  guidance != 1.0, num_frames=num_frames, height=height, width=width)[0]
+        generator = torch.Generator("cpu").manual_seed(vcfg.seed)
+        noise = torch.randn(shape, generator=generator).to(device)
+        latents = sample_causal(
+            lambda x, sigma, frame_offset=0: view.denoise(x, sigma, cond), noise, self.sigmas.to(device),
+            cache=self.cache, config=CausalSamplerConfig(context_noise=config.dmd.context_noise),
+            generator=generator, disable=True,
+        )
+        if path is not None:
+            frames = (view.decode(latents)[0].clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+            with atomic_path(path) as tmp:
+                write_video(tmp, iter([frames]), fps=vcfg.fps)
 
     # --- parts --------------------------------------------------------------------------------------
     def _shape_and_cond(self, batch: dict, generator) -> tuple[tuple[int, ...], dict[str, Any]]:

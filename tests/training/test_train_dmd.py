@@ -206,3 +206,29 @@ def test_streaming_long_tuning_rolls_past_the_native_length(tmp_path, clips):
     trainer, result = run_trainer(tiny_lora_config(tmp_path, clips, *overrides))
     assert sorted(result.losses) == [1, 2] and all(v == v for v in result.losses.values())
     assert trainer.method.cache.frames == [0, 8]  # the sink and the newest frame: the window rolled (sink 1 + 2 recent, own chunk included)
+
+
+def test_validation_streams_a_long_clip_and_logs_drift(tmp_path, clips):
+    """In-loop validation: the student streams a long clip through its cache, scored for drift (and by the
+    synthetic scorer against the prompted world), logged to tensorboard and written beside the clip."""
+    import json
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from longgen.data.synthetic import load_manifest
+    from longgen.io import read_video
+
+    caption = load_manifest(clips)[0]["caption"]
+    overrides = [*DMD, "train.steps=2", "validation.every=2", "validation.drift_metrics=true",
+                 "validation.report_to=tensorboard", "validation.num_frames=25", f'validation.prompt="{caption}"']
+    trainer, _ = run_trainer(tiny_lora_config(tmp_path, clips, *overrides))
+    assert trainer.method.cache.frames == list(range(7))  # streamed through the student's cache, not resampled
+    clip = tmp_path / "validation" / "step_00000002.mp4"
+    assert read_video(str(clip)).shape[0] == 25  # 7 latent frames: over twice the native 3
+    scores = json.loads((tmp_path / "validation" / "step_00000002.json").read_text())
+    for key in ("synthetic/overall/mean", "synthetic/overall/end_minus_start", "drift/ssim_first/end_minus_start"):
+        assert isinstance(scores[key], float), scores
+    events = [os.path.join(r, f) for r, _, fs in os.walk(tmp_path / "logs") for f in fs if "tfevents" in f]
+    acc = EventAccumulator(os.path.dirname(events[0]), size_guidance={"scalars": 0})
+    acc.Reload()
+    assert "validation/synthetic/overall/mean" in acc.Tags()["scalars"]
