@@ -671,6 +671,9 @@ class DMDConfig:
     """Pipeline folder of the real-score model; None = the model the student is built from (``model``)."""
     critic: str | None = None
     """Pipeline folder the fake score starts from; None = the teacher's."""
+    teacher_dtype: DType | None = None
+    """Weights dtype of the frozen teacher (bf16 halves a 14B real score); None = ``model.dtype``. The critic
+    trains in ``model.dtype``."""
     guidance_scale: float = 3.0
     """CFG scale of the real score (Self-Forcing 3.0; 1 = no guidance); the fake score runs without."""
     denoising_steps: list[float] = field(default_factory=lambda: [1000.0, 750.0, 500.0, 250.0])

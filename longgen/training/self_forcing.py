@@ -28,6 +28,7 @@ checkpoints both trained networks, both optimizers and schedules (exact resume);
 from __future__ import annotations
 
 import dataclasses
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -65,12 +66,14 @@ def sample_dmd_sigmas(batch: int, cfg, generator: torch.Generator) -> torch.Tens
     return sigma.clamp(cfg.min_timestep, cfg.max_timestep).float()
 
 
-def _score_adapter(config, adapter, path: str | None, device, what: str):
+def _score_adapter(config, adapter, path: str | None, device, what: str, dtype: str | None = None):
     """A bidirectional copy of the model family for the real / fake score, checked against the student."""
     from . import build
 
     source = dataclasses.replace(config.model, path=path) if path is not None else config.model
-    other = build.build_adapter(dataclasses.replace(config, model=source), device)
+    if dtype is not None:
+        source = dataclasses.replace(source, dtype=dtype)
+    other = build.build_adapter(SimpleNamespace(model=source), device)  # reads config.model only
     if getattr(other, "model_attr", "transformer") != "transformer":
         raise ValueError(f"dmd.{what}: {other.family} is a UNet; DMD distillation needs a DiT teacher and critic")
     if other.family != adapter.family or other.latent_channels != adapter.latent_channels:
@@ -108,7 +111,8 @@ class DMDMethod(DenoisingMethod):
         self.cache = cache
         self._check_lengths(config, context.adapter, cache.config.chunk_size)
         device = context.accelerator.device
-        self.teacher = DenoiserModule(_score_adapter(config, context.adapter, cfg.teacher, device, "teacher"))
+        self.teacher = DenoiserModule(_score_adapter(config, context.adapter, cfg.teacher, device, "teacher",
+                                                    cfg.teacher_dtype))
         critic_adapter = _score_adapter(config, context.adapter, cfg.critic or cfg.teacher, device, "critic")
         critic_adapter.model.requires_grad_(True)
         critic_adapter.model.train()

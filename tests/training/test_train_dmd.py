@@ -232,3 +232,12 @@ def test_validation_streams_a_long_clip_and_logs_drift(tmp_path, clips):
     acc = EventAccumulator(os.path.dirname(events[0]), size_guidance={"scalars": 0})
     acc.Reload()
     assert "validation/synthetic/overall/mean" in acc.Tags()["scalars"]
+
+
+def test_dmd_on_a_second_family(tmp_path, clips):
+    """LTX-Video (joint text-video attention off, its own RoPE) distils through the same method, CFG on."""
+    trainer, result = run_trainer(tiny_lora_config(
+        tmp_path, clips, *DMD, "model.tiny=ltx", "train.steps=1", "dmd.generator_every=1", "dmd.guidance_scale=3",
+    ))  # fmt: skip
+    assert trainer.adapter.family == "ltx" and result.step == 1
+    assert trainer.method.metrics["dmd/generator_loss"] > 0 and trainer.method.cache.frames
