@@ -12,8 +12,13 @@ import json
 import os
 
 import pytest
-from test_train_sharded import _assert_same_lora, _cpu_launch_config, _launch, _lora
-from test_train_sharded import clips  # noqa: F401  (the module-scoped clip fixture)
+from test_train_sharded import (
+    _assert_same_lora,
+    _cpu_launch_config,
+    _launch,
+    _lora,
+    clips,  # noqa: F401  (the module-scoped clip fixture)
+)
 
 DMD = [
     "objective.method=dmd",
