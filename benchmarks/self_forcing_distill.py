@@ -50,6 +50,20 @@ def build_teacher(demo_dir: str, out_dir: str) -> str:
     return folder
 
 
+def train_demo_teacher(args) -> dict:
+    """``longgen.demo.train_tiny_model`` into ``args.demo`` at a reduced budget (VAE batch 32, 12 videos)."""
+    from longgen.demo import DemoSettings, train_tiny_model
+
+    settings = DemoSettings(out_dir=args.demo, train_steps=args.teacher_train_steps, vae_steps=args.teacher_vae_steps,
+                            vae_batch_size=32, num_videos=12)
+    start, cpu = time.perf_counter(), time.process_time()
+    _, result, _, vae = train_tiny_model(settings)
+    info = {"vae_psnr": vae.get("psnr"), "steps": result.step, "wall_s": round(time.perf_counter() - start, 1),
+            "cpu_s": round(time.process_time() - cpu, 1)}
+    print(f"teacher: {info}", flush=True)
+    return info
+
+
 def distill(teacher: str, data_dir: str, out_dir: str, args) -> tuple[str, dict]:
     """Run the trainer's DMD method; returns (student transformer folder, {losses, seconds})."""
     from longgen.training.config import load_config
@@ -173,12 +187,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--teacher-steps", type=int, default=16, help="denoising steps of the teacher's samplers")
     p.add_argument("--factors", type=int, nargs="+", default=list(FACTORS), help="clip length / native length")
     p.add_argument("--repeats", type=int, default=3, help="timed generations per method (median)")
+    p.add_argument("--train-teacher", action="store_true",
+                   help="first train the demo's model into --demo with the demo's own code, at the reduced budget "
+                        "below (when `longgen demo` at its defaults does not fit the machine)")
+    p.add_argument("--teacher-train-steps", type=int, default=300, help="with --train-teacher: transformer steps")
+    p.add_argument("--teacher-vae-steps", type=int, default=200, help="with --train-teacher: VAE steps")
     args = p.parse_args(argv)
 
     from longgen.backbones import load_adapter
     from longgen.files import write_json_atomic, write_text_atomic
 
     os.makedirs(args.out, exist_ok=True)
+    if args.train_teacher:
+        train_demo_teacher(args)
     teacher_dir = build_teacher(args.demo, args.out)
     data_dir = os.path.join(args.demo, "train", "synthetic_data")
     student_dir, train_info = distill(teacher_dir, data_dir, args.out, args)
