@@ -178,6 +178,8 @@ class DMDMethod(DenoisingMethod):
         loss = self._critic_loss(shape, cond, generator, shared)
         self._update(loss, self.critic_prepared, 1)
         self.metrics["dmd/critic_loss"] = float(loss.detach())
+        if ctx.accelerator.trackers:  # this process's values (the loop logs the averaged critic loss)
+            ctx.accelerator.log(self.metrics, step=micro_step + 1)
         return loss.detach()
 
     @torch.no_grad()
