@@ -673,7 +673,7 @@ class DMDConfig:
     """Pipeline folder the fake score starts from; None = the teacher's."""
     teacher_dtype: DType | None = None
     """Weights dtype of the frozen teacher (bf16 halves a 14B real score); None = ``model.dtype``. The critic
-    trains in ``model.dtype``."""
+    keeps fp32 master weights (it trains all of them)."""
     guidance_scale: float = 3.0
     """CFG scale of the real score (Self-Forcing 3.0; 1 = no guidance); the fake score runs without."""
     denoising_steps: list[float] = field(default_factory=lambda: [1000.0, 750.0, 500.0, 250.0])

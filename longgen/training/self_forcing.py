@@ -113,7 +113,9 @@ class DMDMethod(DenoisingMethod):
         device = context.accelerator.device
         self.teacher = DenoiserModule(_score_adapter(config, context.adapter, cfg.teacher, device, "teacher",
                                                     cfg.teacher_dtype))
-        critic_adapter = _score_adapter(config, context.adapter, cfg.critic or cfg.teacher, device, "critic")
+        # the critic trains all its weights: fp32 master weights whatever the student's base dtype (bf16 compute
+        # comes from train.mixed_precision)
+        critic_adapter = _score_adapter(config, context.adapter, cfg.critic or cfg.teacher, device, "critic", "fp32")
         critic_adapter.model.requires_grad_(True)
         critic_adapter.model.train()
         self.critic_adapter = critic_adapter
@@ -243,16 +245,15 @@ class DMDMethod(DenoisingMethod):
 
     def _generator_loss(self, shape, cond, generator, shared) -> torch.Tensor:
         x = self._rollout(shape, cond, generator, shared, grad=True)
-        window_cond = cond
         with torch.no_grad():
             x_t, sigma = self._noised(x, shared, generator)
-            x0_real = self.teacher(x_t, sigma, window_cond)
+            x0_real = self.teacher(x_t, sigma, cond)
             scale = self.ctx.config.dmd.guidance_scale
             if scale != 1.0:
-                uncond = self.teacher(x_t, sigma, self._null_cond(window_cond))
+                uncond = self.teacher(x_t, sigma, self._null_cond(cond))
                 x0_real = uncond + scale * (x0_real - uncond)
             critic = self.ctx.accelerator.unwrap_model(self.critic_prepared)
-            x0_fake = critic(x_t, sigma, window_cond)
+            x0_fake = critic(x_t, sigma, cond)
             gradient = dmd_gradient(x.float(), x0_real.float(), x0_fake.float())
         return dmd_loss(x.float(), gradient)
 
