@@ -76,6 +76,7 @@ def distill(teacher: str, data_dir: str, out_dir: str, args) -> tuple[str, dict]
         "lora.enabled=false", "objective.method=dmd",
         "extension.method=block-causal", f"extension.options={{chunk_size: {args.chunk}}}",
         f"dmd.generator_every={args.generator_every}", "dmd.guidance_scale=1.0",
+        f"dmd.warp_denoising_step={str(args.warp).lower()}",
         f"optim.lr={args.lr}", f"dmd.critic_lr={args.critic_lr}", "optim.warmup_steps=0", "optim.schedule=constant",
         "optim.betas=[0.0, 0.999]", "optim.weight_decay=0.01", "optim.grad_clip=10.0",
         f"train.steps={args.train_steps}", f"train.batch_size={args.batch_size}", "train.checkpoint_every=0",
@@ -134,7 +135,8 @@ def run_factor(teacher, student, data_dir, out_dir, factor, args) -> dict:
     os.makedirs(folder, exist_ok=True)
     runs = {}
     window = {} if factor == 1 else {"local_attn_size": native, "sink_size": args.chunk}
-    options = {"chunk_size": args.chunk, "denoising_steps": "1000,750,500,250", "causal_rope": "window", **window}
+    options = {"chunk_size": args.chunk, "denoising_steps": "1000,750,500,250", "causal_rope": "window",
+               "warp_denoising_step": args.warp, **window}
     runs["student (causal, 4 steps)"] = _generate(student, caption, os.path.join(folder, "student.mp4"), num_frames,
                                                   "causal", options, 4, args.repeats)
     ctx = LongVideoPipelineContext(teacher, latent)
@@ -183,6 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=4, help="prompts per DMD iteration")
     p.add_argument("--lr", type=float, default=1e-4, help="student learning rate")
     p.add_argument("--critic-lr", type=float, default=1e-4, help="critic learning rate")
+    p.add_argument("--warp", action=argparse.BooleanOptionalAction, default=True,
+                   help="warp the student's 4 steps 1000/750/500/250 through the shift-5 table (Self-Forcing; sigmas "
+                        "1/.94/.83/.63) or use t/1000 (CausVid; sigmas 1/.75/.5/.25)")
     p.add_argument("--chunk", type=int, default=3, help="latent frames per causal chunk")
     p.add_argument("--teacher-steps", type=int, default=16, help="denoising steps of the teacher's samplers")
     p.add_argument("--factors", type=int, nargs="+", default=list(FACTORS), help="clip length / native length")
