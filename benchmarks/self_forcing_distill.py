@@ -139,6 +139,9 @@ def run_factor(teacher, student, data_dir, out_dir, factor, args) -> dict:
                "warp_denoising_step": args.warp, **window}
     runs["student (causal, 4 steps)"] = _generate(student, caption, os.path.join(folder, "student.mp4"), num_frames,
                                                   "causal", options, 4, args.repeats)
+    # the student before DMD: the teacher's weights run the same causal 4-step streaming
+    runs["teacher causal 4 steps (student init)"] = _generate(
+        teacher, caption, os.path.join(folder, "teacher_causal.mp4"), num_frames, "causal", options, 4, args.repeats)
     ctx = LongVideoPipelineContext(teacher, latent)
     for sampler in TEACHER_SAMPLERS:
         opts, steps = options_for_steps(sampler, args.teacher_steps, ctx)
@@ -192,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--teacher-steps", type=int, default=16, help="denoising steps of the teacher's samplers")
     p.add_argument("--factors", type=int, nargs="+", default=list(FACTORS), help="clip length / native length")
     p.add_argument("--repeats", type=int, default=3, help="timed generations per method (median)")
+    p.add_argument("--student", default=None,
+                   help="a trained student's final/ folder (an earlier run's <out>/student/final): skip distillation")
     p.add_argument("--train-teacher", action="store_true",
                    help="first train the demo's model into --demo with the demo's own code, at the reduced budget "
                         "below (when `longgen demo` at its defaults does not fit the machine)")
@@ -207,7 +212,10 @@ def main(argv: list[str] | None = None) -> int:
         train_demo_teacher(args)
     teacher_dir = build_teacher(args.demo, args.out)
     data_dir = os.path.join(args.demo, "train", "synthetic_data")
-    student_dir, train_info = distill(teacher_dir, data_dir, args.out, args)
+    if args.student:
+        student_dir, train_info = args.student, {"student": args.student, "note": "trained in an earlier run"}
+    else:
+        student_dir, train_info = distill(teacher_dir, data_dir, args.out, args)
     print(f"DMD: {train_info}", flush=True)
     teacher, student = load_adapter(teacher_dir), student_adapter(teacher_dir, student_dir)
     results = {}
