@@ -64,13 +64,15 @@ def train_demo_teacher(args) -> dict:
     return info
 
 
-def distill(teacher: str, data_dir: str, out_dir: str, args) -> tuple[str, dict]:
-    """Run the trainer's DMD method; returns (student transformer folder, {losses, seconds})."""
+def distill(teacher: str, data_dir: str, out_dir: str, args, student: str | None = None, name: str = "student",
+            extra: tuple[str, ...] = (), steps: int | None = None) -> tuple[str, dict]:
+    """Run the trainer's DMD method (from ``student``'s pipeline folder, default the teacher); returns (student
+    final/ folder, {steps, seconds, critic loss first/last})."""
     from longgen.training.config import load_config
     from longgen.training.loop import Trainer
 
     overrides = [
-        f"model.path={teacher}",
+        f"model.path={student or teacher}", f"dmd.teacher={teacher}",
         f"data.source={os.path.join(data_dir, 'manifest.jsonl')}",
         "data.num_frames=9", "data.height=32", "data.width=32",
         "lora.enabled=false", "objective.method=dmd",
@@ -79,8 +81,8 @@ def distill(teacher: str, data_dir: str, out_dir: str, args) -> tuple[str, dict]
         f"dmd.warp_denoising_step={str(args.warp).lower()}",
         f"optim.lr={args.lr}", f"dmd.critic_lr={args.critic_lr}", "optim.warmup_steps=0", "optim.schedule=constant",
         "optim.betas=[0.0, 0.999]", "optim.weight_decay=0.01", "optim.grad_clip=10.0",
-        f"train.steps={args.train_steps}", f"train.batch_size={args.batch_size}", "train.checkpoint_every=0",
-        f"train.output_dir={os.path.join(out_dir, 'student')}", "validation.every=0", "ema.enabled=false",
+        f"train.steps={steps or args.train_steps}", f"train.batch_size={args.batch_size}", "train.checkpoint_every=0",
+        f"train.output_dir={os.path.join(out_dir, name)}", "validation.every=0", "ema.enabled=false", *extra,
     ]  # fmt: skip
     start, cpu = time.perf_counter(), time.process_time()
     trainer = Trainer(load_config(None, overrides))
@@ -92,6 +94,19 @@ def distill(teacher: str, data_dir: str, out_dir: str, args) -> tuple[str, dict]
             "cpu_s": round(time.process_time() - cpu, 1),
             "critic_loss_first_last": [result.losses[min(result.losses)], result.losses[max(result.losses)]]}
     return result.final_dir, info
+
+
+def long_tune(teacher_dir: str, student_dir: str, data_dir: str, args) -> tuple[str, dict]:
+    """Streaming long tuning (LongLive-style) of the DMD student: rollouts ``--long-factor`` x the native length
+    through a rolling window of the native length with a one-chunk sink, DMD on the last native window."""
+    folder = os.path.join(args.out, "student_pipeline")
+    student_adapter(teacher_dir, student_dir).save_pretrained(folder)
+    native = 9  # the demo's native clip: 9 frames = 9 latent frames (no temporal compression)
+    extra = (f"extension.options={{chunk_size: {args.chunk}, local_attn_size: {native}, sink_size: {args.chunk}, "
+             "rope_positions: window}", f"dmd.rollout_latent_frames={native * args.long_factor}",
+             f"dmd.window_latent_frames={native}", f"dmd.grad_latent_frames={native}")
+    return distill(teacher_dir, data_dir, args.out, args, student=folder, name="long_tuned", extra=extra,
+                   steps=args.long_tuning_steps)
 
 
 def student_adapter(teacher: str, student_dir: str):
@@ -139,6 +154,9 @@ def run_factor(teacher, student, data_dir, out_dir, factor, args) -> dict:
                "warp_denoising_step": args.warp, **window}
     runs["student (causal, 4 steps)"] = _generate(student, caption, os.path.join(folder, "student.mp4"), num_frames,
                                                   "causal", options, 4, args.repeats)
+    if getattr(args, "long_student", None) is not None:
+        runs["student + long tuning"] = _generate(args.long_student, caption, os.path.join(folder, "long.mp4"),
+                                                  num_frames, "causal", options, 4, args.repeats)
     # the student before DMD: the teacher's weights run the same causal 4-step streaming
     runs["teacher causal 4 steps (student init)"] = _generate(
         teacher, caption, os.path.join(folder, "teacher_causal.mp4"), num_frames, "causal", options, 4, args.repeats)
@@ -195,6 +213,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--teacher-steps", type=int, default=16, help="denoising steps of the teacher's samplers")
     p.add_argument("--factors", type=int, nargs="+", default=list(FACTORS), help="clip length / native length")
     p.add_argument("--repeats", type=int, default=3, help="timed generations per method (median)")
+    p.add_argument("--long-tuning-steps", type=int, default=0,
+                   help="then streaming long tuning of the student for this many DMD steps (0: none)")
+    p.add_argument("--long-factor", type=int, default=3, help="long tuning rollout / native length")
     p.add_argument("--student", default=None,
                    help="a trained student's final/ folder (an earlier run's <out>/student/final): skip distillation")
     p.add_argument("--train-teacher", action="store_true",
@@ -217,13 +238,19 @@ def main(argv: list[str] | None = None) -> int:
     else:
         student_dir, train_info = distill(teacher_dir, data_dir, args.out, args)
     print(f"DMD: {train_info}", flush=True)
+    long_dir = None
+    if args.long_tuning_steps:
+        long_dir, train_info["long_tuning"] = long_tune(teacher_dir, student_dir, data_dir, args)
+        print(f"long tuning: {train_info['long_tuning']}", flush=True)
     teacher, student = load_adapter(teacher_dir), student_adapter(teacher_dir, student_dir)
+    args.long_student = None if long_dir is None else student_adapter(teacher_dir, long_dir)
     results = {}
     for factor in args.factors:
         results[factor] = run_factor(teacher, student, data_dir, args.out, factor, args)
         print(f"{factor}x done", flush=True)
     text = table(results)
     print(text)
+    args.long_student = None
     write_json_atomic(os.path.join(args.out, "results.json"), {"train": train_info, "args": vars(args),
                                                               "results": results})
     write_text_atomic(os.path.join(args.out, "table.md"), text + "\n")
