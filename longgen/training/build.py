@@ -381,9 +381,8 @@ def _cache_dataset(config: Config, family: str):
 
     data = config.data
     dataset = LatentCacheDataset(data.cache_dir, family=family)  # a cache of another family: a clear error
-    null_cond = None
+    null_cond = dataset.null_cond()  # the empty prompt (caption dropout, DMD's guided real score) or None
     if data.caption_dropout > 0:
-        null_cond = dataset.null_cond()
         if null_cond is None:
             raise ValueError(
                 f"data.caption_dropout={data.caption_dropout} needs the empty prompt's cond in the cache "
@@ -435,19 +434,28 @@ def build_data(config: Config, accelerator, output_dir: str, dp_size: int, famil
     return dataset, loader, null_cond
 
 
-def prepare(accelerator, modules, optimizer, scheduler, loader, config: Config, dp_size: int, dp_rank: int):
-    """``accelerator.prepare`` the method's modules, the optimizer, the schedule and the data.
+def prepare(accelerator, modules, optimizers, schedulers, loader, config: Config, dp_size: int, dp_rank: int):
+    """``accelerator.prepare`` the method's modules, its optimizers and schedules (lists) and the data.
 
     With context parallelism the clips are sharded over the data-parallel ranks only (one clip per
-    context-parallel group). Returns ``(prepared modules, optimizer, scheduler, loader)``.
+    context-parallel group). FSDP2 takes one model per ``prepare`` call, so a method with one optimizer per
+    module (DMD's student and critic) is prepared pair by pair there. Returns ``(prepared modules,
+    optimizers, schedulers, loader)``.
     """
-    n = len(modules)
+    n, k = len(modules), len(optimizers)
+    if n > 1 and n == k and getattr(accelerator, "is_fsdp2", False):
+        pairs = [accelerator.prepare(m, o, s) for m, o, s in zip(modules, optimizers, schedulers)]
+        prepared = ([p[0] for p in pairs], [p[1] for p in pairs], [p[2] for p in pairs])
+    elif dp_size == accelerator.num_processes:
+        out = accelerator.prepare(*modules, *optimizers, loader, *schedulers)
+        return list(out[:n]), list(out[n : n + k]), list(out[n + k + 1 :]), out[n + k]
+    else:
+        out = accelerator.prepare(*modules, *optimizers, *schedulers)
+        prepared = (list(out[:n]), list(out[n : n + k]), list(out[n + k :]))
     if dp_size == accelerator.num_processes:
-        out = accelerator.prepare(*modules, optimizer, loader, scheduler)
-        return list(out[:n]), out[n], out[n + 2], out[n + 1]
+        return (*prepared, accelerator.prepare(loader))
     from accelerate.data_loader import prepare_data_loader
 
-    out = accelerator.prepare(*modules, optimizer, scheduler)
     loader = prepare_data_loader(
         loader,
         accelerator.device,
@@ -457,7 +465,7 @@ def prepare(accelerator, modules, optimizer, scheduler, loader, config: Config, 
         use_seedable_sampler=True,
         data_seed=config.train.seed,
     )
-    return list(out[:n]), out[n], out[n + 1], loader
+    return (*prepared, loader)
 
 
 # --- resume ---------------------------------------------------------------------------------------

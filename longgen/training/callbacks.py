@@ -225,13 +225,18 @@ class ValidationCallback(Callback):
         was_training = trainer.wrapped.training
         trainer.wrapped.eval()
         try:
+            view = AdapterView(trainer.adapter, denoise, self.prompts)
+            # a method may generate its own clip (a causal student streams through its own KV cache)
+            generate = getattr(trainer.method, "generate_validation", None) or self._generate
             with self.ema.averaged() if use_ema else contextlib.nullcontext():
-                self._generate(AdapterView(trainer.adapter, denoise, self.prompts), acc.device, path)
+                generate(view, acc.device, path)
         finally:
             trainer.wrapped.train(was_training)
         if path is not None:
             logger.info("validation clip of step %d: %s", step, path)
             self.log_video(acc, path, step)
+            if self.config.validation.drift_metrics:
+                self.log_drift(acc, path, step)
         if not everyone:
             acc.wait_for_everyone()
         return path
@@ -256,6 +261,18 @@ class ValidationCallback(Callback):
             fps=vcfg.fps,
             show_progress=False,
         )
+
+    def log_drift(self, accelerator, path: str, step: int) -> dict[str, float]:
+        """Score the clip for drift (:mod:`.drift`), log the scalars and write them beside it as JSON."""
+        from ..files import write_json_atomic
+        from .drift import drift_scalars, synthetic_world
+
+        world = synthetic_world(self.config, self.output_dir, self.config.validation.prompt)
+        scalars = drift_scalars(path, world)
+        write_json_atomic(os.path.splitext(path)[0] + ".json", {"step": step, **scalars})
+        if accelerator.trackers:
+            accelerator.log({f"validation/{k}": v for k, v in scalars.items()}, step=step)
+        return scalars
 
     @staticmethod
     def log_video(accelerator, path: str, step: int) -> None:

@@ -349,6 +349,9 @@ class ValidationConfig:
     fps: float = 16.0
     use_ema: bool = True
     """Validate with the EMA weights when EMA is on."""
+    drift_metrics: bool = False
+    """Score every validation clip for drift (``longgen.training.drift``: pixel drift metrics, and the synthetic
+    scorer when the prompt is a synthetic caption) and log the scalars."""
     report_to: ReportTo = "none"
     """Tracker for scalars and validation clips: none | tensorboard | wandb (WANDB_MODE=offline works)."""
     project: str = "longgen"
@@ -368,10 +371,11 @@ class ValidationConfig:
 
 
 def training_extensions() -> list[str]:
-    """Registered extensions post-tuning can train with: those that extend positions to a target length."""
+    """Registered extensions post-tuning can train with: those that extend positions to a target length, and
+    ``block-causal`` (causal students: ``objective.method=dmd``)."""
     from ..extend.registry import extension_names, get_extension
 
-    return [name for name in extension_names() if get_extension(name).needs_target_frames]
+    return [n for n in extension_names() if get_extension(n).needs_target_frames or n == "block-causal"]
 
 
 def _selects_parameters(method: str) -> bool:
@@ -462,6 +466,7 @@ class Config:
     causal: CausalConfig = field(default_factory=lambda: CausalConfig())
     ode: ODEConfig = field(default_factory=lambda: ODEConfig())
     conditioning: ConditioningConfig = field(default_factory=ConditioningConfig)
+    dmd: DMDConfig = field(default_factory=lambda: DMDConfig())
 
     def __post_init__(self) -> None:
         check_causal_config(self)
@@ -874,12 +879,80 @@ def check_causal_config(config: Config) -> None:
         )
 
 
+# --- Self-Forcing DMD distillation (objective.method=dmd; longgen.training.self_forcing) -------------
+@dataclass
+class DMDConfig:
+    """Self-Forcing DMD (Huang et al. 2025) and streaming long tuning (LongLive, Self-Forcing++): a causal
+    few-step student rolls out chunk by chunk against its KV cache; a frozen real score (the teacher, with CFG)
+    and a trained fake score (the critic) give the distribution-matching gradient. The student is ``model``
+    with ``extension.method=block-causal`` (its chunk size, window and sink); ``optim`` is the student's."""
+
+    teacher: str | None = None
+    """Pipeline folder of the real-score model; None = the model the student is built from (``model``)."""
+    critic: str | None = None
+    """Pipeline folder the fake score starts from; None = the teacher's."""
+    teacher_dtype: DType | None = None
+    """Weights dtype of the frozen teacher (bf16 halves a 14B real score); None = ``model.dtype``. The critic
+    keeps fp32 master weights (it trains all of them)."""
+    guidance_scale: float = 3.0
+    """CFG scale of the real score (Self-Forcing 3.0; 1 = no guidance); the fake score runs without."""
+    denoising_steps: list[float] = field(default_factory=lambda: [1000.0, 750.0, 500.0, 250.0])
+    """The student's per-chunk timesteps (before warping)."""
+    warp_denoising_step: bool = True
+    """Warp the timesteps through the shifted table (Self-Forcing ``warp_denoising_step``)."""
+    timestep_shift: float = 5.0
+    """Shift of the warped student steps and of the DMD / critic noise levels."""
+    min_timestep: float = 0.02
+    max_timestep: float = 0.98
+    """DMD / critic noise levels are clamped into [min, max] (Self-Forcing 20 / 980 of 1000)."""
+    context_noise: float = 0.0
+    """Flow sigma of the clean context pass that fills the KV cache after a chunk."""
+    same_exit_step: bool = False
+    """True: one random exit step for every chunk of a rollout; False: one per chunk."""
+    generator_every: int = 5
+    """Update the student every N steps (the critic every step; Self-Forcing 5)."""
+    critic_lr: float = 4e-7
+    """AdamW learning rate of the critic (betas, eps, weight decay, schedule from ``optim``)."""
+    rollout_latent_frames: int | None = None
+    """Latent frames of each rollout; None = the training clip. Longer = streaming long tuning."""
+    window_latent_frames: int | None = None
+    """Latent frames of the rollout's end window that DMD scores (the teacher's length); None = all."""
+    grad_latent_frames: int | None = None
+    """Newest latent frames that receive gradient; None = the whole DMD window."""
+
+    def __post_init__(self) -> None:
+        _check(self.guidance_scale >= 1.0, f"dmd.guidance_scale must be >= 1 (1 = no CFG), got {self.guidance_scale}")
+        _check(self.generator_every >= 1, f"dmd.generator_every must be >= 1, got {self.generator_every}")
+        _check(self.critic_lr > 0, f"dmd.critic_lr must be > 0, got {self.critic_lr}")
+        _check(self.timestep_shift > 0, f"dmd.timestep_shift must be > 0, got {self.timestep_shift}")
+        _check(
+            0.0 <= self.min_timestep < self.max_timestep <= 1.0,
+            f"need 0 <= dmd.min_timestep < dmd.max_timestep <= 1, got {self.min_timestep}, {self.max_timestep}",
+        )
+        _check(0.0 <= self.context_noise < 1.0, f"dmd.context_noise must be in [0, 1), got {self.context_noise}")
+        steps = list(self.denoising_steps)
+        _check(
+            len(steps) >= 1 and all(0 < t <= 1000 for t in steps) and all(a > b for a, b in zip(steps, steps[1:])),
+            f"dmd.denoising_steps must be strictly descending timesteps in (0, 1000], got {steps}",
+        )
+        for key in ("rollout_latent_frames", "window_latent_frames", "grad_latent_frames"):
+            value = getattr(self, key)
+            _check(value is None or value >= 1, f"dmd.{key} must be >= 1 latent frame or null, got {value}")
+        if self.window_latent_frames is not None and self.rollout_latent_frames is not None:
+            _check(
+                self.window_latent_frames <= self.rollout_latent_frames,
+                f"dmd.window_latent_frames {self.window_latent_frames} exceeds dmd.rollout_latent_frames "
+                f"{self.rollout_latent_frames}",
+            )
+
+
 __all__ = [
     "CAUSAL_METHODS",
     "CausalConfig",
     "ConditioningConfig",
     "Config",
     "ConfigError",
+    "DMDConfig",
     "DataConfig",
     "EMAConfig",
     "ExtensionConfig",

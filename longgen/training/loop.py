@@ -83,19 +83,26 @@ class Trainer:
         self._build_model()
         self.dataset, loader, null_cond = build.build_data(config, acc, self.output_dir, self.dp_size, self.adapter.family)
         self.method = get_method(
-            config.objective.method, MethodContext(config, self.adapter, acc, self.dp_rank, null_cond)
+            config.objective.method,
+            MethodContext(config, self.adapter, acc, self.dp_rank, null_cond, extension=self.extension),
         )
         modules = self.method.modules()
-        optimizer, scheduler = self.method.build_optimizer(
-            [p for m in modules for p in m.parameters() if p.requires_grad]
-        )
+        if hasattr(self.method, "build_optimizers"):  # one optimizer per module (methods.py docstring)
+            pairs = self.method.build_optimizers()
+        else:
+            pairs = [self.method.build_optimizer([p for m in modules for p in m.parameters() if p.requires_grad])]
         build.configure_deepspeed(acc, config)
-        prepared, self.optimizer, self.scheduler, self.loader = build.prepare(
-            acc, modules, optimizer, scheduler, loader, config, self.dp_size, self.dp_rank
+        prepared, self.optimizers, self.schedulers, self.loader = build.prepare(
+            acc, modules, [o for o, _ in pairs], [s for _, s in pairs], loader, config, self.dp_size, self.dp_rank
         )
+        self.optimizer, self.scheduler = self.optimizers[0], self.schedulers[0]
         self.method.bind(prepared)
+        if hasattr(self.method, "bind_optimizers"):
+            self.method.bind_optimizers(self.optimizers, self.schedulers)
         self.wrapped = prepared[0]
-        self.params = [p for m in prepared for p in acc.unwrap_model(m).parameters() if p.requires_grad]
+        # the trained denoiser's parameters (EMA, clipping); with one optimizer over all modules, all of them
+        owned = prepared[:1] if len(pairs) > 1 else prepared
+        self.params = [p for m in owned for p in acc.unwrap_model(m).parameters() if p.requires_grad]
         self._build_callbacks()
         register_trainable_state_hooks(acc)
         if self.resumed_from is not None:
@@ -187,6 +194,9 @@ class Trainer:
         for micro in range(tcfg.grad_accumulation):
             batch = next(batches)
             self._log_paths(batch, micro)
+            if hasattr(self.method, "train_step"):  # the method steps its own optimizers
+                losses.append(self.method.train_step(batch, self.state.step * tcfg.grad_accumulation + micro))
+                continue
             with acc.accumulate(self.wrapped):
                 loss = self.method.loss(batch, self.state.step * tcfg.grad_accumulation + micro)
                 acc.backward(loss * self.cp_degree if self.cp_degree > 1 else loss)

@@ -9,6 +9,12 @@ Accelerate stay the same. The loop asks a method for
 * ``loss(batch, micro_step)``: the scalar loss of one micro-batch (the loop does backward, clipping,
   the optimizer step and accumulation).
 
+A method that trains several networks with their own optimizers (DMD: a student and a critic) defines
+instead ``build_optimizers()`` -> ``[(optimizer, lr_scheduler), ...]`` (one per module, same order),
+``bind_optimizers(optimizers, schedulers)`` (the prepared ones) and ``train_step(batch, micro_step)``,
+which does its own backward passes and optimizer steps and returns the loss to log. The first module
+stays the trained denoiser (EMA, validation and export use it).
+
 Methods register by name (:func:`register_method`) and ``objective.method`` selects one. The first one,
 ``denoising``, is the backbone's native denoising loss at per-frame noise levels (clip, Diffusion
 Forcing, AR-Diffusion; :mod:`longgen.training.objectives`). Later methods (ODE regression, DMD with a
@@ -46,12 +52,14 @@ def step_generator(seed: int, process_index: int, micro_step: int) -> torch.Gene
 class MethodContext:
     """What a method is built from: the config, the adapter, the accelerator, its data-parallel rank."""
 
-    def __init__(self, config, adapter, accelerator, dp_rank: int, null_cond: dict | None):
+    def __init__(self, config, adapter, accelerator, dp_rank: int, null_cond: dict | None, extension=None):
         self.config = config
         self.adapter = adapter
         self.accelerator = accelerator
         self.dp_rank = dp_rank
         self.null_cond = null_cond
+        self.extension = extension
+        """The applied ``extension.method`` (``build.AppliedExtension``: ``.handle``), or None."""
 
 
 class TrainingMethod(Protocol):
@@ -216,3 +224,4 @@ def data_cache_command(name: str) -> str | None:
 
 
 from . import causal_methods  # noqa: E402,F401  (registers causal_forcing and ode_regression)
+from . import self_forcing  # noqa: E402, F401  (registers objective.method=dmd; imports this module's names)
