@@ -5,7 +5,8 @@ Runs ``longgen generate`` in this process on a tiny saved pipeline and samples t
 ``load`` (start-up, model, prompt encoding), ``sample`` (the sampler: model calls), ``decode`` (VAE decode of one
 chunk), ``write`` (frames to FFmpeg), ``finish`` (closing the mp4), ``other`` (the rest after start-up). Each phase's peak and its RSS when it last
 ended are printed, with the glibc heap's in-use and free bytes (``mallinfo2``) at the end of each phase, so
-allocator growth (freed memory the heap keeps) shows apart from live memory.
+allocator growth (freed memory the heap keeps) shows apart from live memory. ``LONGGEN_ALLOCATOR=default`` in
+the environment runs the stock glibc policy (see :mod:`longgen.memory`).
 
     python -m benchmarks.memory_phases --factors 2 32 --sampler sliding --height 256 --width 256
 """
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import json
 import os
 import subprocess
@@ -31,21 +31,11 @@ def rss_mib() -> float:
         return int(f.read().split()[1]) * _PAGE / 2**20
 
 
-class _MallInfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in
-                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
-                 "keepcost")]
-
-
 def heap_mib() -> dict[str, float]:
-    """glibc's heap: ``in_use`` (allocated), ``free`` (held by malloc, not returned), ``mmapped``."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallinfo2.restype = _MallInfo2
-        info = libc.mallinfo2()
-    except (OSError, AttributeError):
-        return {}
-    return {"in_use": info.uordblks / 2**20, "free": info.fordblks / 2**20, "mmapped": info.hblkhd / 2**20}
+    """glibc's heap (:func:`longgen.memory.heap_info`) in MiB: ``in_use``, ``free`` (kept by malloc), ``mmapped``."""
+    from longgen.memory import heap_info
+
+    return {k: v / 2**20 for k, v in heap_info().items()}
 
 
 class PhaseRecorder:
