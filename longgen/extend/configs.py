@@ -231,7 +231,8 @@ class SparseAttentionConfig:
     (clipped to the clip), every text token (joint families) and nothing else; text queries stay dense."""
 
     radius: int | None = field(default=None, metadata={"help": "latent frames a query tile sees on each side "
-                               "(default: half the native clip, so a tile sees about one native clip)"})
+                               "(default: the native clip - 1: every query-key distance the model was trained on, "
+                               "and exactly dense on native-length clips)"})
     tile: int = field(default=1, metadata={"help": "latent frames per query tile (larger: fewer attention calls, "
                       "more keys per query)"})
     attention: str = field(default="blocks", metadata={"help": "'blocks' computes only each tile's local key "

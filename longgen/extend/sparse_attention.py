@@ -20,9 +20,10 @@ Two ways a hooked layer runs:
   HunyuanVideo's own mask). Computes as much as dense attention; the tests use it as the reference.
 
 When one tile's window covers the whole clip (``radius >= f - 1`` with ``tile = 1``; in general when the frame
-mask is all True) the stock call runs unchanged, so the extension is exactly the dense model there. A clip
-shorter than the window (native-length windows of the sliding sampler with the default radius) is therefore
-unaffected: the pattern only acts on full-clip or long-window denoising.
+mask is all True) the stock call runs unchanged, so the extension is exactly the dense model there. The default
+radius, the native clip minus one latent frame, keeps every query-key distance the model was trained on and covers
+any native-length clip (the sliding sampler's native windows are unaffected): the pattern only acts on full-clip or
+long-window denoising.
 """
 
 from __future__ import annotations
@@ -192,7 +193,7 @@ def apply_sparse_attention(adapter: BackboneAdapter, config: SparseAttentionConf
         )
     if config.radius is None:
         native = adapter.num_latent_frames(adapter.native_video_size[0])
-        config = dataclasses.replace(config, radius=max(1, native // 2))
+        config = dataclasses.replace(config, radius=max(0, native - 1))
     register_dit_window_hooks(
         adapter, _GRID_HOOK, SPARSE_ATTENTION_HOOK, lambda site: _SparseAttentionHook(site, spec, config)
     )

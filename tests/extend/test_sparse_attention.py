@@ -130,8 +130,9 @@ def test_bad_input_is_named():
 
 @pytest.mark.slow
 def test_sparse_from_the_cli(saved, tmp_path, capsys):
-    """``longgen generate --extension sparse``: the default radius (half the native clip) changes a full-clip
-    sample; a radius covering the clip reproduces the dense latents exactly; bad flags exit 2 with the fix."""
+    """``longgen generate --extension sparse``: the default radius (native clip - 1 = 2 latent frames here)
+    leaves a native-length clip exactly dense and changes a longer full-clip sample; a radius covering the clip
+    reproduces the dense latents exactly; bad flags exit 2 with the fix."""
     base = ["generate", "--model", saved("wan"), "--num-frames", "33", "--sampler", "full", "--steps", "2",
             "--seed", "0", "--quiet", "--save-latents"]
 
@@ -144,5 +145,7 @@ def test_sparse_from_the_cli(saved, tmp_path, capsys):
     assert torch.equal(latents("cover", "--extension", "sparse", "--sparse-radius", "9"), dense)
     sparse = latents("sparse", "--extension", "sparse", "--sparse-tile", "2")
     assert (sparse - dense).abs().max() > 1e-4
+    native = ["--num-frames", "9"]  # the tiny Wan's native clip: 3 latent frames, covered by the default radius
+    assert torch.equal(latents("native_sparse", *native, "--extension", "sparse"), latents("native_dense", *native))
     assert main([*base, "--out", str(tmp_path / "x.mp4"), "--extension", "sparse", "--sparse-tile", "0"]) == 2
     assert "--sparse-tile must be >= 1" in capsys.readouterr().err
