@@ -7,6 +7,10 @@ so ratios are immune to the machine's speed.
 
     python -m benchmarks.generate_memory --family wan --factors 1 2 8 32 --samplers full sliding fifo df
 
+``--allocators bounded default`` also runs every setting with the stock glibc allocator policy
+(``LONGGEN_ALLOCATOR=default``; ``bounded`` is what `longgen generate` sets, :mod:`longgen.memory`), so the
+before/after comparison comes from one run.
+
 Every sampler gets the same step budget through the sampler registry (``options_for_steps``): fifo,
 whose step count is num_partitions * window, gets the num_partitions that comes closest to it.
 """
@@ -62,6 +66,14 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="also measure decoding the whole clip in one VAE call (no streaming) as the memory baseline",
     )
+    p.add_argument(
+        "--allocators",
+        nargs="+",
+        default=["bounded"],
+        choices=["bounded", "default"],
+        help="host allocator policies to measure: bounded (longgen generate's, longgen.memory) and/or default "
+        "(glibc's stock policy, LONGGEN_ALLOCATOR=default)",
+    )
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = p.parse_args(argv)
 
@@ -80,10 +92,11 @@ def main(argv: list[str] | None = None) -> int:
             size += ["--height", str(args.height)]
         if args.width:
             size += ["--width", str(args.width)]
-        variants = [(s, "streamed") for s in args.samplers]
+        variants = [(s, "streamed", a) for s in args.samplers for a in args.allocators]
         if args.whole_decode:
-            variants += [(s, "whole") for s in args.samplers]
-        for sampler, decode in variants:
+            variants += [(s, "whole", a) for s in args.samplers for a in args.allocators]
+        for sampler, decode, allocator in variants:
+            env = {**os.environ, "LONGGEN_ALLOCATOR": "default" if allocator == "default" else "bounded"}
             for factor in args.factors:
                 num_latent = native_latent * factor
                 num_frames = adapter.num_pixel_frames(num_latent)
@@ -94,22 +107,23 @@ def main(argv: list[str] | None = None) -> int:
                     out = subprocess.run(
                         [sys.executable, "-m", "benchmarks.generate_memory", "--_child", model, str(num_frames),
                          sampler, str(args.steps), os.path.join(tmp, "o.mp4"), *extra],
-                        check=True, capture_output=True, text=True,
+                        check=True, capture_output=True, text=True, env=env,
                     ).stdout.strip().splitlines()[-1]
                     s, m = map(float, out.split())
                     secs.append(s)
                     mems.append(m)
-                rows.append({"sampler": sampler, "decode": decode, "factor": factor, "num_frames": num_frames,
+                rows.append({"sampler": sampler, "decode": decode, "allocator": allocator, "factor": factor, "num_frames": num_frames,
                              "seconds": statistics.median(secs), "peak_rss_mib": statistics.median(mems)})
                 print(json.dumps(rows[-1]), flush=True)
     print()
     first = f"{args.factors[0]}x"
-    print(f"| sampler | decode | length | frames | s/frame | peak RSS MiB | RSS vs {first} | time vs {first} |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(f"| sampler | decode | allocator | length | frames | s/frame | peak RSS MiB | RSS vs {first} | "
+          f"time vs {first} |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        base = next(b for b in rows if (b["sampler"], b["decode"]) == (r["sampler"], r["decode"])
-                    and b["factor"] == args.factors[0])
-        print(f"| {r['sampler']} | {r['decode']} | {r['factor']}x | {r['num_frames']} | "
+        key = ("sampler", "decode", "allocator")
+        base = next(b for b in rows if all(b[k] == r[k] for k in key) and b["factor"] == args.factors[0])
+        print(f"| {r['sampler']} | {r['decode']} | {r['allocator']} | {r['factor']}x | {r['num_frames']} | "
               f"{r['seconds'] / r['num_frames']:.3f} | "
               f"{r['peak_rss_mib']:.0f} | {r['peak_rss_mib'] / base['peak_rss_mib']:.2f} | "
               f"{r['seconds'] / base['seconds']:.2f} |")

@@ -470,7 +470,9 @@ def _generate(args: argparse.Namespace, parallel) -> int:
 
     from .given_io import plan_given_frames
     from .io import check_video_path
+    from .memory import bound_heap_retention
 
+    bound_heap_retention()  # freed activations and frames go back to the OS: memory flat in the clip length
     check_attention_backend(args.attention_backend)
     check_video_path(args.out)  # before the model loads: a bad --out fails at once
     check_device(args.device)

@@ -24,6 +24,7 @@ __all__ = [
     "PEAK_BF16_FLOPS",
     "mfu",
     "peak_bf16_flops",
+    "sparse_self_attention_fraction",
     "wan_flops_breakdown",
     "wan_flops_per_token",
     "wan_num_tokens",
@@ -92,6 +93,8 @@ def wan_flops_breakdown(
     batch_size: int = 1,
     per_token_timesteps: bool = False,
     image_len: int = 257,
+    sparse_radius: int | None = None,
+    sparse_tile: int = 1,
 ) -> dict[str, int]:
     """Forward matmul FLOPs of ``WanTransformer3DModel`` by component (all blocks summed), batch included.
 
@@ -134,7 +137,8 @@ def wan_flops_breakdown(
         "condition_embedder": cond,
         "self_attn_proj": layers * 4 * mm(b * n, d, d),
         # Q K^T: (n, d_h) @ (d_h, n) per head -> 2 n^2 d over heads; A V the same.
-        "self_attn_matmul": layers * 2 * (2 * b * n * n * d),
+        "self_attn_matmul": layers * 2 * (2 * b * _self_attention_pairs(n, num_latent_frames // cfg["patch_size"][0],
+                                                                          sparse_radius, sparse_tile) * d),
         "cross_attn_proj": layers
         * (2 * mm(b * n, d, d) + 2 * mm(b * t, d, d) + 2 * mm(b * n_img, cross_kv_dim, d)),
         "cross_attn_matmul": layers * 2 * (2 * b * n * (t + n_img) * d),
@@ -142,6 +146,25 @@ def wan_flops_breakdown(
         "proj_out": mm(b * n, d, c_out * patch),
     }
     return breakdown
+
+
+def sparse_self_attention_fraction(num_frames: int, radius: int, tile: int = 1) -> float:
+    """Share of dense self-attention's ``Q K^T`` / ``A V`` FLOPs that sliding-tile sparse attention computes over a
+    ``num_frames`` (latent, token) clip: query tiles of ``tile`` frames, keys ``radius`` frames on each side."""
+    from .extend.configs import SparseAttentionConfig
+
+    config = SparseAttentionConfig(radius=radius, tile=tile)
+    return config.attended_pairs(num_frames, radius) / num_frames**2
+
+
+def _self_attention_pairs(tokens: int, frames: int, radius: int | None, tile: int) -> int:
+    """(query token, key token) pairs of the video self-attention: ``tokens ** 2``, or the sparse share of it."""
+    if radius is None:
+        return tokens * tokens
+    from .extend.configs import SparseAttentionConfig
+
+    per_frame = tokens // frames
+    return SparseAttentionConfig(radius=radius, tile=tile).attended_pairs(frames, radius) * per_frame**2
 
 
 def wan_transformer_flops(
@@ -154,6 +177,8 @@ def wan_transformer_flops(
     training: bool = False,
     per_token_timesteps: bool = False,
     image_len: int = 257,
+    sparse_radius: int | None = None,
+    sparse_tile: int = 1,
 ) -> int:
     """Model FLOPs of one ``WanTransformer3DModel`` forward (or, with ``training``, forward + backward = 3x).
 
@@ -170,6 +195,8 @@ def wan_transformer_flops(
             batch_size=batch_size,
             per_token_timesteps=per_token_timesteps,
             image_len=image_len,
+            sparse_radius=sparse_radius,
+            sparse_tile=sparse_tile,
         ).values()
     )
     return 3 * forward if training else forward

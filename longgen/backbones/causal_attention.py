@@ -73,7 +73,7 @@ from torch import nn
 if TYPE_CHECKING:
     from .base import BackboneAdapter
 
-__all__ = ["CAUSAL_FAMILIES", "CausalAttentionSpec", "causal_attention_spec"]
+__all__ = ["CAUSAL_FAMILIES", "CausalAttentionSpec", "causal_attention_spec", "joint_dense_mask"]
 
 CAUSAL_FAMILIES = ("wan", "skyreels_v2", "ltx", "cogvideox", "hunyuan_video")
 """Families whose block-causal attention and KV cache are implemented (and tested)."""
@@ -283,12 +283,14 @@ _LTX = CausalAttentionSpec(
 )
 
 # --- joint text-video attention: CogVideoX 1.0 and HunyuanVideo ---------------------------------------------
-def _joint_dense_mask(mask: torch.Tensor, num_text: int, text_order: str) -> torch.Tensor:
+def joint_dense_mask(mask: torch.Tensor, num_text: int, text_order: str, text_sees_video: bool = False) -> torch.Tensor:
     """``[N, N]`` (``N = S + L``) in the processor's token order: video rows see every text token and the
-    block-causal video ``mask`` ``[S, S]``; text rows see the text only."""
+    video ``mask`` ``[S, S]``; text rows see the text only (block-causal) or, with ``text_sees_video``, every
+    token (the stock rows; sparse attention)."""
     s = mask.shape[0]
     ones = mask.new_ones
-    video_rows, text_rows = (mask, ones(s, num_text)), (ones(num_text, s).logical_not(), ones(num_text, num_text))
+    text_video = ones(num_text, s) if text_sees_video else ones(num_text, s).logical_not()
+    video_rows, text_rows = (mask, ones(s, num_text)), (text_video, ones(num_text, num_text))
     if text_order == "text_first":  # [text; video]
         return torch.cat([torch.cat(text_rows[::-1], 1), torch.cat(video_rows[::-1], 1)], dim=0)
     return torch.cat([torch.cat(video_rows, 1), torch.cat(text_rows, 1)], dim=0)  # [video; text]
@@ -533,7 +535,7 @@ def _cogvideox_spec(adapter: BackboneAdapter) -> CausalAttentionSpec:
         attend=_dispatch_attend,
         output=_wan_output,
         # prepare_attention_mask repeats a [B, N, N] mask per head and the processor views it [B, heads, N, N]
-        dense_mask=lambda mask, batch, num_text: _joint_dense_mask(mask, num_text, "text_first").expand(batch, -1, -1),
+        dense_mask=lambda mask, batch, num_text: joint_dense_mask(mask, num_text, "text_first").expand(batch, -1, -1),
         install=_joint_install(
             ref, _cogvideox_frame_levels, remove_per_frame_timesteps, positions=adapter.rope_module() is None
         ),
@@ -565,7 +567,7 @@ def _hunyuan_spec(adapter: BackboneAdapter) -> CausalAttentionSpec:
         apply_rope=_rotate_real,
         attend=_dispatch_attend,
         output=_hunyuan_output,
-        dense_mask=lambda mask, batch, num_text: _joint_dense_mask(mask, num_text, "text_last")[None, None],
+        dense_mask=lambda mask, batch, num_text: joint_dense_mask(mask, num_text, "text_last")[None, None],
         install=_joint_install(weakref.ref(adapter), _hunyuan_frame_levels, remove_per_frame_timesteps, False),
         text="text_last",
         project_text=_hunyuan_project_text,

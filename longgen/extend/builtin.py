@@ -1,6 +1,6 @@
 """The built-in extensions' registrations (torch-free: their functions are imported on first use).
 
-Registration order is the order ``--extension`` lists them: pi, ntk, yarn, riflex, fusion, spectral, exvideo, cache.
+Registration order is the order ``--extension`` lists them: pi, ntk, yarn, riflex, fusion, spectral, exvideo, block-causal, cache, sparse.
 The option dataclasses live in :mod:`longgen.extend.configs`; ``apply`` / ``remove`` /
 ``trainable_parameters`` are ``"module:function"`` strings resolved by :class:`~longgen.extend.registry.ExtensionSpec`.
 """
@@ -13,6 +13,7 @@ from .configs import (
     ExVideoConfig,
     RiflexConfig,
     RopeExtensionConfig,
+    SparseAttentionConfig,
     SpectralBlendOptions,
     StepCacheConfig,
     WindowFusionOptions,
@@ -106,6 +107,17 @@ def _register_builtins() -> None:
             remove=f"{_STEP_CACHE}:remove_step_cache",
             description="step caching with diffusers' hooks (First Block Cache or TaylorSeer), one cache state "
             "per window of sliding/fifo; works with every sampler (DiT backbones)",
+        )
+    )
+    register_extension(
+        ExtensionSpec(
+            name="sparse",
+            config_cls=SparseAttentionConfig,
+            apply="longgen.extend.sparse_attention:apply_sparse_attention",
+            remove="longgen.extend.sparse_attention:remove_sparse_attention",
+            description="temporal sliding-tile sparse attention: each tile of --sparse-tile latent frames attends to "
+            "--sparse-radius frames on each side, computing only those key blocks; dense when the window covers "
+            "the clip (DiTs: Wan, SkyReels-V2, LTX-Video, CogVideoX 1.0, HunyuanVideo)",
         )
     )
 

@@ -21,7 +21,9 @@ __all__ = [
     "ExVideoConfig",
     "RiflexConfig",
     "RopeExtensionConfig",
+    "SPARSE_ATTENTION_MODES",
     "STEP_CACHE_KINDS",
+    "SparseAttentionConfig",
     "SpectralBlendOptions",
     "StepCacheConfig",
     "WindowFusionOptions",
@@ -216,3 +218,46 @@ class StepCacheConfig:
         for flag, value in (("interval", self.interval), ("warmup-steps", self.warmup_steps), ("order", self.order)):
             if value < 1:
                 raise ValueError(f"--cache-{flag} must be >= 1, got {value}")
+
+
+# --- temporal-local sparse attention (longgen.extend.sparse_attention) -------------------------------
+SPARSE_ATTENTION_MODES = ("blocks", "mask")
+
+
+@dataclass(frozen=True)
+class SparseAttentionConfig:
+    """Options of the ``sparse`` registry entry: temporal sliding-tile attention over latent frames. The query frames
+    are cut into tiles of ``tile`` frames; a tile ``[a, b)`` attends to the key frames ``[a - radius, b + radius)``
+    (clipped to the clip), every text token (joint families) and nothing else; text queries stay dense."""
+
+    radius: int | None = field(default=None, metadata={"help": "latent frames a query tile sees on each side "
+                               "(default: the native clip - 1: every query-key distance the model was trained on, "
+                               "and exactly dense on native-length clips)"})
+    tile: int = field(default=1, metadata={"help": "latent frames per query tile (larger: fewer attention calls, "
+                      "more keys per query)"})
+    attention: str = field(default="blocks", metadata={"help": "'blocks' computes only each tile's local key "
+                           "frames (saves FLOPs and time); 'mask' runs the stock processor with a dense boolean "
+                           "mask (the reference; saves nothing)"})
+
+    def __post_init__(self) -> None:
+        if self.radius is not None and int(self.radius) < 0:
+            raise ValueError(f"--sparse-radius must be >= 0 latent frames, got {self.radius}")
+        if int(self.tile) < 1:
+            raise ValueError(f"--sparse-tile must be >= 1 latent frame, got {self.tile}")
+        if self.attention not in SPARSE_ATTENTION_MODES:
+            raise ValueError(
+                f"--sparse-attention must be one of {', '.join(SPARSE_ATTENTION_MODES)}, got {self.attention!r}"
+            )
+
+    def key_range(self, start: int, stop: int, num_frames: int, radius: int) -> tuple[int, int]:
+        """Key frames ``[lo, hi)`` the query tile ``[start, stop)`` of a ``num_frames`` clip attends to."""
+        return max(0, start - radius), min(num_frames, stop + radius)
+
+    def tiles(self, num_frames: int) -> list[tuple[int, int]]:
+        """The query tiles ``[(start, stop), ...]`` of a ``num_frames`` clip (the last one may be shorter)."""
+        return [(a, min(a + self.tile, num_frames)) for a in range(0, num_frames, self.tile)]
+
+    def attended_pairs(self, num_frames: int, radius: int) -> int:
+        """(query frame, key frame) pairs computed: the self-attention share of ``num_frames ** 2`` that remains."""
+        return sum((b - a) * (hi - lo) for a, b in self.tiles(num_frames)
+                   for lo, hi in [self.key_range(a, b, num_frames, radius)])

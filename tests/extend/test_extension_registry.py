@@ -53,7 +53,7 @@ def test_the_registry_imports_no_torch_until_an_extension_is_applied():
 
 def test_names_specs_and_unknown_names():
     assert extension_names() == ["pi", "ntk", "yarn", "riflex", "fusion", "spectral", "exvideo", "block-causal",
-                                 "cache"]
+                                 "cache", "sparse"]
     for name in extension_names():
         spec = get_extension(name)
         assert dataclasses.is_dataclass(spec.config_cls) and spec.description
