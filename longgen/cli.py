@@ -532,7 +532,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.samplers:
         settings.samplers = tuple(args.samplers)
     if args.vae_dir:
-        settings.vae_dir = args.vae_dir
+        settings = dataclasses.replace(settings, vae_dir=args.vae_dir)  # checked again
     run_demo(settings)
     return 0
 

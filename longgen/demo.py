@@ -82,9 +82,9 @@ class DemoSettings:
     num_inference_steps: int = 16
     seed: int = 0
     eval_window: int = 8
-    vae_steps: int = 600
+    vae_steps: int = 150
     """Steps of the VAE stage (batch ``vae_batch_size`` clips); 0 keeps the random VAE."""
-    vae_batch_size: int = 64
+    vae_batch_size: int = 32
     vae_lr: float = 5e-3
     vae_num_frames: int = 1
     """Clip length of the VAE stage (``4k + 1``: the Wan encoder reads a first frame, then chunks of 4, and
@@ -131,6 +131,11 @@ class DemoSettings:
             )
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay is a decay in [0, 1) (0 = no EMA), got {self.ema_decay}")
+        if self.vae_dir and not os.path.isfile(os.path.join(self.vae_dir, "config.json")):
+            raise FileNotFoundError(
+                f"vae_dir={self.vae_dir!r} holds no VAE (config.json): give <demo out>/train/base_model/vae of "
+                "a finished demo run, or leave it unset to train one"
+            )
 
     @classmethod
     def quick(cls, out_dir: str) -> DemoSettings:
@@ -253,11 +258,6 @@ def _reuse_vae(pipe, vae_dir: str) -> dict[str, Any]:
     """Put the trained VAE saved in ``vae_dir`` into ``pipe`` (instead of the VAE stage); its report."""
     from diffusers import AutoencoderKLWan
 
-    if not os.path.isfile(os.path.join(vae_dir, "config.json")):
-        raise FileNotFoundError(
-            f"vae_dir={vae_dir!r} holds no VAE (config.json): give <demo out>/train/base_model/vae of a "
-            "finished demo run, or leave vae_dir unset to train one"
-        )
     pipe.vae = AutoencoderKLWan.from_pretrained(vae_dir).eval()
     return {"reused": vae_dir, "steps": 0, "psnr_before": None, "psnr": None, "seconds": 0.0,
             "per_frame": is_vae_per_frame(pipe.vae)}

@@ -238,7 +238,7 @@ def test_tiny_tokenizer_knows_every_word_that_describes_a_world():
         assert words and all(w in vocab for w in words), (description, [w for w in words if w not in vocab])
 
 
-def test_demo_settings_refuse_guidance_without_an_unconditional_model(tmp_path):
+def test_demo_settings_refuse_guidance_without_an_unconditional_model(tmp_path, capsys):
     from longgen.demo import DemoSettings, load_demo_model
 
     with pytest.raises(ValueError, match="caption_dropout > 0"):
@@ -247,6 +247,9 @@ def test_demo_settings_refuse_guidance_without_an_unconditional_model(tmp_path):
         DemoSettings(ema_decay=1.0)
     with pytest.raises(FileNotFoundError, match="longgen demo --out"):
         load_demo_model(str(tmp_path))
+    assert main(["demo", "--quick", "--out", str(tmp_path / "demo"), "--vae-dir", str(tmp_path)]) != 0
+    assert "holds no VAE (config.json): give <demo out>/train/base_model/vae" in capsys.readouterr().err
+    assert not (tmp_path / "demo").exists()  # refused before writing anything
 
 
 def test_demo_prompt_length_follows_the_tokenizer():
