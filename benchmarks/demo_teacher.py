@@ -20,22 +20,27 @@ import os
 
 from longgen.files import write_json_atomic
 
+CANDIDATE = {"caption_dropout": 0.1, "guidance_scale": 3.0, "text_length": 64}
+"""Caption dropout (trains the empty prompt) + guidance 3 + 64-token prompts: the candidate the others vary."""
 VARIANTS: dict[str, dict] = {
-    "before": {"caption_dropout": 0.0, "guidance_scale": 1.0, "text_length": 512},
-    "cfg": {"text_length": 512},
-    "cfg_text64": {},
-    "ema": {"ema_decay": 0.99},
-    "shift3": {"extra_overrides": ["objective.shift=3.0"]},
-    "stride1": {"cache_stride": 1},
-    "lr2e3": {"lr": 2e-3},
-    "b16": {"batch_size": 16},
-    "wide": {"transformer_kwargs": {"num_attention_heads": 4, "attention_head_dim": 32, "ffn_dim": 384, "num_layers": 4}},
-    "deep": {"transformer_kwargs": {"num_attention_heads": 4, "attention_head_dim": 24, "ffn_dim": 256, "num_layers": 6}},
-    "small": {"transformer_kwargs": {"num_attention_heads": 4, "attention_head_dim": 16, "ffn_dim": 192, "num_layers": 4}},
+    "before": {},
+    "cfg": {**CANDIDATE, "text_length": 512},
+    "cfg_text64": CANDIDATE,
+    "ema": {**CANDIDATE, "ema_decay": 0.99},
+    "shift3": {**CANDIDATE, "extra_overrides": ["objective.shift=3.0"]},
+    "stride1": {**CANDIDATE, "cache_stride": 1},
+    "lr2e3": {**CANDIDATE, "lr": 2e-3},
+    "b16": {**CANDIDATE, "batch_size": 16},
+    "wide": {**CANDIDATE, "transformer_kwargs": {
+        "num_attention_heads": 4, "attention_head_dim": 32, "ffn_dim": 384, "num_layers": 4}},
+    "deep": {**CANDIDATE, "transformer_kwargs": {
+        "num_attention_heads": 4, "attention_head_dim": 24, "ffn_dim": 256, "num_layers": 6}},
+    "small": {**CANDIDATE, "transformer_kwargs": {
+        "num_attention_heads": 4, "attention_head_dim": 16, "ffn_dim": 192, "num_layers": 4}},
 }
-"""Named changes to :class:`longgen.demo.DemoSettings`, each relative to the demo's defaults (caption dropout
-0.1, guidance 3, 64-token prompts, the caption words in the tokenizer); ``before`` undoes the first three (the
-tokenizer fix stays: the old word list is gone)."""
+"""Named changes to :class:`longgen.demo.DemoSettings` (its defaults: no caption dropout, guidance 1, 512-token
+prompts; the caption words are in the tokenizer in every variant, the old word list is gone). ``before`` is the
+demo's defaults; the others are :data:`CANDIDATE` and one change each."""
 
 
 def _score(adapter, data_dir: str, out: str, worlds: int, guidance: float, steps: int) -> dict:

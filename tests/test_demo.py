@@ -73,7 +73,8 @@ def _check_reload(out, summary):
     from longgen.io import read_video
 
     settings = summary["train"]["settings"]
-    assert settings["guidance_scale"] == DemoSettings().guidance_scale > 1 and settings["caption_dropout"] > 0
+    assert settings["guidance_scale"] == DemoSettings.quick("x").guidance_scale > 1 and settings["caption_dropout"] > 0
+    assert settings["text_length"] == 64
     adapter, data_dir, loaded = load_demo_model(str(out))
     assert loaded == summary
     again = generate_and_evaluate(
