@@ -329,10 +329,10 @@ def train_tiny_model(settings: DemoSettings):
         transformer_kwargs=settings.transformer_kwargs,
         text_length=settings.text_length,
     )
-    if settings.vae_dir:
-        vae_report = _reuse_vae(pipe, settings.vae_dir)
+    # a reused VAE goes in before the adapter reads the VAE's compression from it
+    vae_report = _reuse_vae(pipe, settings.vae_dir) if settings.vae_dir else None
     adapter = WanAdapter(pipe, native_video_size=WanAdapter.tiny_video_size)
-    if not settings.vae_dir:
+    if vae_report is None:
         vae_report = _vae_stage(settings, pipe, train_dir, data_dir)
     adapter.save_pretrained(model_dir)  # the trainer loads this folder: trained VAE + random transformer
     lap("vae")

@@ -84,6 +84,17 @@ def _check_reload(out, summary):
     np.testing.assert_array_equal(
         read_video(again["runs"]["full"]["path"]), read_video(str(out / "videos" / "1x" / "full_9f.mp4"))
     )
+    # The quality benchmark evaluates the demo's model instead of training one: same 1x score as the demo's.
+    from benchmarks.long_video_quality import main as quality_main
+
+    bench = out / "bench"
+    assert quality_main(["--from-demo", str(out), "--out", str(bench), "--factors", "2", "--samplers", "full",
+                         "--extensions", "riflex", "--steps", "4"]) == 0
+    results = json.loads((bench / "results.json").read_text())
+    assert not (bench / "train").exists()  # nothing trained
+    assert results["1x"]["samplers"]["full"]["synthetic"]["overall"] == pytest.approx(
+        summary["native"]["synthetic"]["full"]["overall"]
+    )
 
 
 def _check_native_reference(out, summary, printed):
