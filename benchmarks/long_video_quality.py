@@ -12,6 +12,9 @@ last table gives the synthetic overall score at 1x and at each factor with the r
 clip length, so at 1x it has nothing to extend).
 
     python -m benchmarks.long_video_quality --out outputs/bench_quality --train-steps 800 --factors 4 8 16
+
+With ``--from-demo <demo out>`` the model of a finished ``longgen demo`` run is evaluated as it sampled there
+(:func:`longgen.demo.load_demo_model`: its weights, prompt and guidance) instead of training one here.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     from longgen.demo import (
         DemoSettings,
         generate_and_evaluate,
+        load_demo_model,
         overall_by_label,
         ratio_table,
         summary_table,
@@ -51,34 +55,42 @@ def main(argv: list[str] | None = None) -> int:
                    "fusion / spectral with native-length windows)")
     p.add_argument("--steps", type=int, default=16, help="denoising steps")
     p.add_argument("--quick", action="store_true", help="the demo's quick settings (smoke test, ~1 min)")
+    p.add_argument("--from-demo", default=None,
+                   help="evaluate the model of this finished `longgen demo --out` folder instead of training one")
     args = p.parse_args(argv)
 
     start = time.perf_counter()
-    if args.quick:
-        settings = DemoSettings.quick(args.out)
+    if args.from_demo:
+        adapter, data_dir, summary = load_demo_model(args.from_demo)
+        guidance = float(summary["train"].get("settings", {}).get("guidance_scale", 1.0))
+        print(f"tiny model of {args.from_demo}: {summary['train']['steps']} steps, guidance {guidance}", flush=True)
     else:
-        settings = DemoSettings(out_dir=args.out, train_steps=args.train_steps, num_videos=args.num_videos)
-    adapter, train_result, data_dir, vae_report = train_tiny_model(settings)
-    print(f"tiny VAE: PSNR {vae_report['psnr_before']} -> {vae_report['psnr']} dB", flush=True)
-    print(f"stage seconds: {vae_report.get('stage_seconds')}", flush=True)
-    losses = list(train_result.losses.values())
-    print(f"tiny model: {train_result.step} steps, loss {losses[0]:.3f} -> {losses[-1]:.3f}", flush=True)
+        settings = (DemoSettings.quick(args.out) if args.quick else
+                    DemoSettings(out_dir=args.out, train_steps=args.train_steps, num_videos=args.num_videos))
+        guidance = settings.guidance_scale
+        adapter, train_result, data_dir, vae_report = train_tiny_model(settings)
+        print(f"tiny VAE: PSNR {vae_report['psnr_before']} -> {vae_report['psnr']} dB", flush=True)
+        print(f"stage seconds: {vae_report.get('stage_seconds')}", flush=True)
+        losses = list(train_result.losses.values())
+        print(f"tiny model: {train_result.step} steps, loss {losses[0]:.3f} -> {losses[-1]:.3f}", flush=True)
     native = generate_and_evaluate(adapter, data_dir, os.path.join(args.out, "1x"), 1, tuple(args.samplers),
-                                   args.steps)
+                                   args.steps, guidance_scale=guidance)
     print(f"\n### 1x native length ({native['num_frames']} frames): samplers\n\n{summary_table(native)}",
           flush=True)
     results = {"1x": _result_entry(native)}
     overall = {}
     for factor in args.factors:
         folder = os.path.join(args.out, f"{factor}x")
-        res = generate_and_evaluate(adapter, data_dir, folder, factor, tuple(args.samplers), args.steps)
+        res = generate_and_evaluate(adapter, data_dir, folder, factor, tuple(args.samplers), args.steps,
+                                    guidance_scale=guidance)
         print(f"\n### {factor}x native length ({res['num_frames']} frames): samplers\n\n{summary_table(res)}",
               flush=True)
         results[f"{factor}x"] = _result_entry(res)
         overall[factor] = overall_by_label(res)
         for extension in args.extensions:
             ext = generate_and_evaluate(adapter, data_dir, os.path.join(folder, extension), factor, ("full",),
-                                        args.steps, extension=extension, references=False)
+                                        args.steps, extension=extension, references=False,
+                                        guidance_scale=guidance)
             # the row label may carry the demo's caveat star ("| full * |" for a static clip)
             row = next(line for line in summary_table(ext).splitlines() if FULL_ROW.match(line))
             table = FULL_ROW.sub(f"| full + {extension}\\1 |", row)

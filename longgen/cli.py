@@ -637,6 +637,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         settings.length_factor = args.length_factor
     if args.samplers:
         settings.samplers = tuple(args.samplers)
+    if args.vae_dir:
+        settings = dataclasses.replace(settings, vae_dir=args.vae_dir)  # checked again
     run_demo(settings)
     return 0
 
@@ -711,6 +713,9 @@ def _add_demo_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--length-factor", type=int, default=None, help="clip length / native length (default 4)")
     p.add_argument("--samplers", nargs="+", default=None, choices=sampler_names(),
                    help="samplers to compare (default: all; full is the naive baseline)")
+    p.add_argument("--vae-dir", default=None,
+                   help="reuse the trained VAE of an earlier run (<its --out>/train/base_model/vae) instead of "
+                   "training one (the VAE stage is deterministic and the slowest; the transformer is still trained)")
     p.set_defaults(func=cmd_demo)
 
 

@@ -104,15 +104,44 @@ class DemoSettings:
     lr: float = 1e-3
     """Peak transformer learning rate (warm-up, then cosine decay)."""
     batch_size: int = 8
+    caption_dropout: float = 0.0
+    """Share of training clips given the empty caption (``data.caption_dropout``): trains the unconditional
+    model that classifier-free guidance (``guidance_scale`` > 1) needs. Off by default until the ablation
+    (``benchmarks/demo_teacher.py``) has measured it; ``--quick`` turns it on to exercise the path."""
+    guidance_scale: float = 1.0
+    """Classifier-free guidance of every generated clip (1 = none; > 1 needs ``caption_dropout`` > 0)."""
+    ema_decay: float = 0.0
+    """Sample with an exponential moving average of the transformer's weights (``ema.decay``; 0 = off)."""
+    text_length: int = 512
+    """Padded prompt tokens (the tiny tokenizer's ``model_max_length``; Wan pads to 512): a caption is about
+    40 tokens, so with 512 most of what cross-attention reads is padding; 64 is the candidate under test."""
+    vae_dir: str | None = None
+    """A trained demo VAE (``<demo out>/train/base_model/vae``) to reuse instead of the VAE stage: the
+    transformer ablations (``benchmarks/demo_teacher.py``) train on the same latents without its cost."""
     vae_kwargs: dict[str, Any] = field(default_factory=lambda: dict(DEMO_VAE))
     transformer_kwargs: dict[str, Any] = field(default_factory=lambda: dict(DEMO_TRANSFORMER))
     extra_overrides: list[str] = field(default_factory=list)
     smoke_test: bool = False
     """Say plainly in the output that the run only smoke-tests (:data:`QUICK_NOTE`); set by :meth:`quick`."""
 
+    def __post_init__(self) -> None:
+        if self.guidance_scale != 1.0 and self.caption_dropout <= 0.0:
+            raise ValueError(
+                f"guidance_scale={self.guidance_scale} needs a model trained on the empty prompt too: set "
+                "caption_dropout > 0 (e.g. 0.1), or guidance_scale=1"
+            )
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay is a decay in [0, 1) (0 = no EMA), got {self.ema_decay}")
+        if self.vae_dir and not os.path.isfile(os.path.join(self.vae_dir, "config.json")):
+            raise FileNotFoundError(
+                f"vae_dir={self.vae_dir!r} holds no VAE (config.json): give <demo out>/train/base_model/vae of "
+                "a finished demo run, or leave it unset to train one"
+            )
+
     @classmethod
     def quick(cls, out_dir: str) -> DemoSettings:
-        """A reduced run (about a minute on 2 CPU cores): the same steps, far less training."""
+        """A reduced run (about a minute on 2 CPU cores): the same steps, far less training; it also turns on
+        the options under test (caption dropout + guidance 3, 64-token prompts) so that their path runs."""
         return cls(
             out_dir=out_dir,
             train_steps=20,
@@ -123,6 +152,9 @@ class DemoSettings:
             vae_batch_size=4,
             batch_size=4,
             cache_stride=8,
+            caption_dropout=0.1,
+            guidance_scale=3.0,
+            text_length=64,
             smoke_test=True,
         )
 
@@ -139,6 +171,8 @@ def _train_overrides(settings: DemoSettings, train_dir: str) -> list[str]:
         f"train.checkpoint_every={settings.train_steps}",
         f"train.output_dir={train_dir}",
         f"train.seed={settings.seed}",
+        f"data.caption_dropout={settings.caption_dropout}",
+        *(["ema.enabled=true", f"ema.decay={settings.ema_decay}"] if settings.ema_decay > 0 else []),
         "data.num_frames=9",
         "data.height=32",
         "data.width=32",
@@ -225,6 +259,15 @@ def _vae_stage(settings: DemoSettings, pipe, train_dir: str, data_dir: str) -> d
     )
 
 
+def _reuse_vae(pipe, vae_dir: str) -> dict[str, Any]:
+    """Put the trained VAE saved in ``vae_dir`` into ``pipe`` (instead of the VAE stage); its report."""
+    from diffusers import AutoencoderKLWan
+
+    pipe.vae = AutoencoderKLWan.from_pretrained(vae_dir).eval()
+    return {"reused": vae_dir, "steps": 0, "psnr_before": None, "psnr": None, "seconds": 0.0,
+            "per_frame": is_vae_per_frame(pipe.vae)}
+
+
 def _train_transformer(
     settings: DemoSettings, model_dir: str, overrides: list[str], cache_dir: str | None, pipe
 ):
@@ -236,6 +279,8 @@ def _train_transformer(
     trainer = Trainer(load_config(None, [f"model.path={model_dir}", *overrides, *cache]))
     try:
         result = trainer.train()
+        if trainer.ema_callback is not None:  # sample with the averaged weights (also in final_ema/)
+            trainer.ema_callback.model.copy_to(trainer.ema_callback.params)
     finally:
         trainer.close()
     trained = trainer.adapter
@@ -244,6 +289,15 @@ def _train_transformer(
     if getattr(trained.pipe, "text_encoder", None) is None:
         trained.pipe.text_encoder = pipe.text_encoder
     return trained, result
+
+
+def process_cpu_seconds() -> float:
+    """User + system CPU seconds of this process and its finished children (``resource.getrusage``): the
+    demo's training cost on a shared machine, where wall time depends on the other load."""
+    import resource
+
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def train_tiny_model(settings: DemoSettings):
@@ -256,11 +310,13 @@ def train_tiny_model(settings: DemoSettings):
     from .training.config import load_config
 
     stage_seconds: dict[str, float] = {}
-    clock = [time.perf_counter()]
+    stage_cpu: dict[str, float] = {}
+    clock = [time.perf_counter(), process_cpu_seconds()]
 
     def lap(name: str) -> None:
-        now = time.perf_counter()
-        stage_seconds[name], clock[0] = round(now - clock[0], 1), now
+        now, cpu = time.perf_counter(), process_cpu_seconds()
+        stage_seconds[name], stage_cpu[name] = round(now - clock[0], 1), round(cpu - clock[1], 1)
+        clock[:] = [now, cpu]
 
     train_dir = os.path.join(settings.out_dir, "train")
     model_dir = os.path.join(os.path.abspath(train_dir), "base_model")
@@ -268,10 +324,16 @@ def train_tiny_model(settings: DemoSettings):
     data_dir = write_demo_data(load_config(None, ["model.tiny=wan", *overrides]))
     lap("data")
     pipe = WanAdapter.tiny_pipeline(
-        seed=settings.seed, vae_kwargs=settings.vae_kwargs, transformer_kwargs=settings.transformer_kwargs
+        seed=settings.seed,
+        vae_kwargs=settings.vae_kwargs,
+        transformer_kwargs=settings.transformer_kwargs,
+        text_length=settings.text_length,
     )
+    # a reused VAE goes in before the adapter reads the VAE's compression from it
+    vae_report = _reuse_vae(pipe, settings.vae_dir) if settings.vae_dir else None
     adapter = WanAdapter(pipe, native_video_size=WanAdapter.tiny_video_size)
-    vae_report = _vae_stage(settings, pipe, train_dir, data_dir)
+    if vae_report is None:
+        vae_report = _vae_stage(settings, pipe, train_dir, data_dir)
     adapter.save_pretrained(model_dir)  # the trainer loads this folder: trained VAE + random transformer
     lap("vae")
     cache_dir = None
@@ -286,7 +348,34 @@ def train_tiny_model(settings: DemoSettings):
         shutil.rmtree(cache_dir, ignore_errors=True)  # rebuilt in seconds; not worth keeping in the output
     lap("transformer")
     vae_report["stage_seconds"] = stage_seconds
+    vae_report["stage_cpu_seconds"] = stage_cpu
     return trained, result, data_dir, vae_report
+
+
+def load_demo_model(demo_dir: str):
+    """The tiny model a finished ``longgen demo`` run trained, as it sampled: ``(adapter, data_dir,
+    demo.json)``. ``<demo_dir>/train/base_model`` (trained VAE, tokenizer, text encoder) with the transformer
+    of ``demo.json``'s ``train.teacher_dir`` (``final_ema`` when the run kept an EMA, else ``final``), and
+    the synthetic data set it trained on (``<demo_dir>/train/synthetic_data``, whose first caption is the
+    prompt). Distillation and the quality benchmark start from it instead of training again."""
+    import json
+
+    from diffusers import WanTransformer3DModel
+
+    from .backbones import load_adapter
+
+    path = os.path.join(demo_dir, "demo.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} is missing: run `longgen demo --out {demo_dir}` to the end first")
+    with open(path) as fh:
+        summary = json.load(fh)
+    train = summary["train"]
+    teacher = train.get("teacher_dir") or train["final_dir"]
+    if not os.path.isabs(teacher) and not os.path.isdir(teacher):
+        teacher = os.path.join(demo_dir, "train", os.path.basename(teacher))
+    adapter = load_adapter(os.path.join(demo_dir, "train", "base_model"))
+    adapter.pipe.transformer = WanTransformer3DModel.from_pretrained(os.path.join(teacher, "transformer")).eval()
+    return adapter, os.path.join(demo_dir, "train", "synthetic_data"), summary
 
 
 REFERENCES = ("gt", "gt_vae")
@@ -322,11 +411,15 @@ def write_reference_clips(adapter, world, num_frames: int, out_dir: str) -> dict
     return paths
 
 
-def _prompted_world(data_dir: str):
-    """(caption, :class:`~longgen.data.synthetic.WorldSpec`) of the data set's first video: the demo's prompt."""
+def _prompted_world(data_dir: str, index: int = 0):
+    """(caption, :class:`~longgen.data.synthetic.WorldSpec`) of the data set's ``index``-th video (the first
+    one is the demo's prompt)."""
     from .data.synthetic import WorldSpec, load_manifest
 
-    record = load_manifest(os.path.join(data_dir, "manifest.jsonl"))[0]
+    records = load_manifest(os.path.join(data_dir, "manifest.jsonl"))
+    if not 0 <= index < len(records):
+        raise ValueError(f"world index {index} is outside the data set's {len(records)} videos in {data_dir}")
+    record = records[index]
     world = record["world"]
     return record["caption"], world if isinstance(world, WorldSpec) else WorldSpec.from_dict(world)
 
@@ -342,17 +435,21 @@ def generate_and_evaluate(
     eval_window: int = 8,
     extension: str | None = None,
     references: bool = True,
+    guidance_scale: float = 1.0,
+    world_index: int = 0,
 ) -> dict[str, Any]:
     """Generate one long clip per sampler from the first synthetic world's caption and evaluate them all.
 
     With ``references``, the world's ground truth and its VAE reconstruction (:func:`write_reference_clips`,
     labels :data:`REFERENCES`) are evaluated with them: the reconstruction is the ceiling of every sampler.
+    ``guidance_scale`` > 1 is classifier-free guidance against the empty prompt; ``world_index`` picks the
+    data set's video whose caption is the prompt (0, the demo's).
     Returns ``{"caption", "num_frames", "length_factor", "runs", "references": {label: path}, "report",
     "seconds": {"generate", "evaluate"}}``.
     """
     from .pipeline import LongVideoPipeline
 
-    caption, world = _prompted_world(data_dir)
+    caption, world = _prompted_world(data_dir, world_index)
     pipe = LongVideoPipeline(adapter)
     native_latent = adapter.num_latent_frames(adapter.native_video_size[0])
     num_frames = adapter.num_pixel_frames(native_latent * length_factor)
@@ -370,9 +467,9 @@ def generate_and_evaluate(
         start = time.perf_counter()
         result = pipe.generate(
             caption,
-            negative_prompt=None,
+            negative_prompt=None if guidance_scale == 1.0 else "",
             num_frames=num_frames,
-            guidance_scale=1.0,
+            guidance_scale=guidance_scale,
             sampler=sampler,
             num_inference_steps=steps,
             sampler_options=options,
@@ -510,6 +607,14 @@ def _summary(settings: DemoSettings, train_result, vae_report: dict, result: dic
             "first_loss": losses[0],
             "last_loss": losses[-1],
             "final_dir": train_result.final_dir,
+            "teacher_dir": train_result.ema_dir or train_result.final_dir,
+            "settings": {
+                "caption_dropout": settings.caption_dropout,
+                "guidance_scale": settings.guidance_scale,
+                "ema_decay": settings.ema_decay,
+                "text_length": settings.text_length,
+                "transformer": settings.transformer_kwargs,
+            },
         },
         "caption": result["caption"],
         "num_frames": result["num_frames"],
@@ -522,6 +627,7 @@ def _summary(settings: DemoSettings, train_result, vae_report: dict, result: dic
         "metrics_json": os.path.join(eval_dir, "metrics.json"),
         "plots": os.path.join(eval_dir, "plots"),
         "stage_seconds": {**vae_report.pop("stage_seconds", {}), **result["seconds"]},
+        "stage_cpu_seconds": vae_report.pop("stage_cpu_seconds", {}),
         "seconds": round(time.perf_counter() - start, 1),
     }
 
@@ -599,11 +705,14 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
     )
     adapter, train_result, data_dir, vae_report = train_tiny_model(settings)
     losses = list(train_result.losses.values())
-    print(
-        f"      VAE reconstruction PSNR {vae_report['psnr_before']:.1f} -> {vae_report['psnr']:.1f} dB "
-        f"({vae_report['seconds']} s)",
-        flush=True,
-    )
+    if vae_report.get("reused"):
+        print(f"      VAE reused from {vae_report['reused']}", flush=True)
+    else:
+        print(
+            f"      VAE reconstruction PSNR {vae_report['psnr_before']:.1f} -> {vae_report['psnr']:.1f} dB "
+            f"({vae_report['seconds']} s)",
+            flush=True,
+        )
     print(f"      loss {losses[0]:.3f} -> {losses[-1]:.3f}; weights in {train_result.final_dir}", flush=True)
     print(
         f"[2/3] generating {settings.length_factor}x-long clips with: {', '.join(settings.samplers)} ...",
@@ -618,6 +727,7 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
         settings.num_inference_steps,
         settings.seed,
         settings.eval_window,
+        guidance_scale=settings.guidance_scale,
     )
     print(
         f"      and {', '.join(settings.samplers)} at the native length (1x: the reference of each method) ...",
@@ -632,6 +742,7 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
         settings.num_inference_steps,
         settings.seed,
         settings.eval_window,
+        guidance_scale=settings.guidance_scale,
     )
     print("[3/3] evaluated (synthetic scorer against the prompted world + metrics over time)", flush=True)
     grid = write_demo_grid(result, settings.out_dir)

@@ -63,6 +63,38 @@ def test_quick_demo_runs_end_to_end(tmp_path, capsys):
     assert printed.count("only smoke-tests") == 2 and summary["note"].startswith("NOTE: --quick")
     _check_native_reference(out, summary, printed)
     _check_grid(out, summary, printed)
+    _check_reload(out, summary)
+
+
+def _check_reload(out, summary):
+    """load_demo_model gives back the model as it sampled (weights, tokenizer, prompt length, guidance): the 1x
+    full clip regenerated from the folder is the demo's, frame for frame."""
+    from longgen.demo import DemoSettings, generate_and_evaluate, load_demo_model
+    from longgen.io import read_video
+
+    settings = summary["train"]["settings"]
+    assert settings["guidance_scale"] == DemoSettings.quick("x").guidance_scale > 1 and settings["caption_dropout"] > 0
+    assert settings["text_length"] == 64
+    adapter, data_dir, loaded = load_demo_model(str(out))
+    assert loaded == summary
+    again = generate_and_evaluate(
+        adapter, data_dir, str(out / "reload"), 1, ("full",), 4, guidance_scale=settings["guidance_scale"],
+        references=False,
+    )
+    np.testing.assert_array_equal(
+        read_video(again["runs"]["full"]["path"]), read_video(str(out / "videos" / "1x" / "full_9f.mp4"))
+    )
+    # The quality benchmark evaluates the demo's model instead of training one: same 1x score as the demo's.
+    from benchmarks.long_video_quality import main as quality_main
+
+    bench = out / "bench"
+    assert quality_main(["--from-demo", str(out), "--out", str(bench), "--factors", "2", "--samplers", "full",
+                         "--extensions", "riflex", "--steps", "4"]) == 0
+    results = json.loads((bench / "results.json").read_text())
+    assert not (bench / "train").exists()  # nothing trained
+    assert results["1x"]["samplers"]["full"]["synthetic"]["overall"] == pytest.approx(
+        summary["native"]["synthetic"]["full"]["overall"]
+    )
 
 
 def _check_native_reference(out, summary, printed):
@@ -201,3 +233,44 @@ def test_vae_stage_resumes_exactly_from_its_checkpoint(tmp_path):
     for (name, want), got in zip(straight.state_dict().items(), again.state_dict().values()):
         torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5, msg=name)
     assert straight.config.latents_mean == pytest.approx(again.config.latents_mean, abs=1e-5)
+
+
+def test_tiny_tokenizer_knows_every_word_that_describes_a_world():
+    """The captions' count, colours, sizes, shapes and paces are tokens of the tiny tokenizer (not <unk>), so the
+    demo's prompt can tell the model which world to draw."""
+    import re
+
+    from longgen.backbones.tiny import tiny_tokenizer
+    from longgen.data.synthetic import sample_world
+
+    vocab = tiny_tokenizer(model_max_length=64, vocab_size=64).get_vocab()
+    for seed in range(40):
+        description = sample_world(seed, num_objects=(1, 3)).caption().split(".")[0]  # before the boilerplate
+        words = re.findall(r"\w+", description)
+        assert words and all(w in vocab for w in words), (description, [w for w in words if w not in vocab])
+
+
+def test_demo_settings_refuse_guidance_without_an_unconditional_model(tmp_path, capsys):
+    from longgen.demo import DemoSettings, load_demo_model
+
+    with pytest.raises(ValueError, match="caption_dropout > 0"):
+        DemoSettings(caption_dropout=0.0, guidance_scale=3.0)
+    with pytest.raises(ValueError, match="ema_decay"):
+        DemoSettings(ema_decay=1.0)
+    with pytest.raises(FileNotFoundError, match="longgen demo --out"):
+        load_demo_model(str(tmp_path))
+    assert main(["demo", "--quick", "--out", str(tmp_path / "demo"), "--vae-dir", str(tmp_path)]) != 0
+    assert "holds no VAE (config.json): give <demo out>/train/base_model/vae" in capsys.readouterr().err
+    assert not (tmp_path / "demo").exists()  # refused before writing anything
+
+
+def test_demo_prompt_length_follows_the_tokenizer():
+    """The demo's tiny tokenizer holds 64 tokens: prompts are padded to 64 (Wan's 512 otherwise) in the adapter's
+    encode_prompt, so training (the latent cache) and sampling read the same text length."""
+    from longgen.backbones.wan import WanAdapter
+
+    short = WanAdapter(WanAdapter.tiny_pipeline(seed=0, text_length=64), native_video_size=(9, 32, 32))
+    cond, uncond = short.encode_prompt(["2 shapes: a small red circle"], do_classifier_free_guidance=True)
+    assert cond["encoder_hidden_states"].shape == uncond["encoder_hidden_states"].shape == (1, 64, 32)
+    stock = WanAdapter(WanAdapter.tiny_pipeline(seed=0), native_video_size=(9, 32, 32))
+    assert stock.encode_prompt(["a red circle"])[0]["encoder_hidden_states"].shape == (1, 512, 32)

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 _WORDS = (
     "a the of and in on with to red green blue yellow white black circle square ball shape moving "
-    "bouncing fast slow video cat dog city night day sky sea light dark small large left right up down"
+    "bouncing fast slow video cat dog city night day sky sea light dark small large left right up down "
+    # the synthetic world's captions (longgen.data.synthetic: WorldSpec.caption): object count, the rest of
+    # its palette, sizes and paces, so that a caption's tokens name what the clip shows (not <unk>)
+    "1 2 3 4 shapes cyan magenta medium quickly slowly grey background"
 ).split()
+"""The word list; appended words take the ``w<i>`` fillers' ids, so earlier words keep theirs."""
 
 
 def tiny_tokenizer(model_max_length: int = 32, vocab_size: int = 64, bos: bool = False, eos: bool = True):

@@ -161,8 +161,12 @@ class WanAdapter(BackboneAdapter, TemporalRopeFrequencies, WindowAttention, Mixt
         two_experts: bool = False,
         vae_kwargs: dict[str, Any] | None = None,
         transformer_kwargs: dict[str, Any] | None = None,
+        text_length: int = 512,
     ):
         """A tiny random ``WanPipeline`` (or ``WanImageToVideoPipeline``): 2-layer DiT, small VAE, UMT5.
+
+        ``text_length``: the tokenizer's ``model_max_length``, which caps the padded prompt length of the
+        adapter's ``encode_prompt`` (512 = Wan's; the demo's short captions need far fewer).
 
         ``two_experts`` adds a ``transformer_2`` with ``boundary_ratio=0.5`` (Wan 2.2 A14B layout).
         ``vae_kwargs`` / ``transformer_kwargs`` override ``AutoencoderKLWan`` / ``WanTransformer3DModel``
@@ -179,7 +183,7 @@ class WanAdapter(BackboneAdapter, TemporalRopeFrequencies, WindowAttention, Mixt
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             vae = _tiny_wan_vae(**(vae_kwargs or {}))
-            text_encoder, tokenizer = _tiny_umt5()
+            text_encoder, tokenizer = _tiny_umt5(model_max_length=text_length)
             z_dim = vae.config.z_dim
             image_kwargs: dict[str, Any] = dict(transformer_kwargs or {})
             if image_to_video:
@@ -286,11 +290,17 @@ class WanAdapter(BackboneAdapter, TemporalRopeFrequencies, WindowAttention, Mixt
             negatives = [""] * len(prompts) if negative_prompt is None else negative_prompt
             negatives = [negatives] * len(prompts) if isinstance(negatives, str) else list(negatives)
         device = self.pipe._execution_device
+        # A tokenizer that says it holds fewer tokens (the demo's tiny one) sets the padded text length; the
+        # released tokenizers hold at least 512 (as the LTX adapter does).
+        tokenizer = getattr(self.pipe, "tokenizer", None)
+        max_len = min(
+            self.max_sequence_length, int(getattr(tokenizer, "model_max_length", self.max_sequence_length))
+        )
         embeds, negative_embeds = self.pipe.encode_prompt(
             prompt=prompts,
             negative_prompt=negatives,
             do_classifier_free_guidance=do_classifier_free_guidance,
-            max_sequence_length=self.max_sequence_length,
+            max_sequence_length=max_len,
             device=device,
             dtype=self.dtype,
         )
@@ -607,13 +617,13 @@ def _tiny_wan_vae(z_dim: int = 4, **overrides):
     return AutoencoderKLWan(**config)
 
 
-def _tiny_umt5(d_model: int = 32):
+def _tiny_umt5(d_model: int = 32, model_max_length: int = 512):
     """A 1-layer UMT5 encoder over ``tiny_tokenizer``'s 64-word vocabulary."""
     from transformers import UMT5Config, UMT5EncoderModel
 
     from .tiny import tiny_tokenizer
 
-    tokenizer = tiny_tokenizer(model_max_length=512, vocab_size=64)
+    tokenizer = tiny_tokenizer(model_max_length=model_max_length, vocab_size=64)
     config = UMT5Config(
         vocab_size=64,
         d_model=d_model,

@@ -1,0 +1,168 @@
+"""Ablation of the demo's tiny teacher: what each training change does to its clips at the native length.
+
+Every variant trains the demo's Wan transformer (``longgen.demo.train_tiny_model``) on the latents of one
+trained demo VAE (``--vae-dir``, reused so that only the transformer changes), then generates the native
+length (1x, 9 frames) with the ``full`` sampler from the captions of the first ``--worlds`` training videos
+(world 0 is the demo's prompt) at each ``--guidance`` scale, and scores every clip with the synthetic scorer
+against its world. The VAE reconstruction of each world's ground truth (``gt_vae``) is the ceiling.
+Training cost is the process CPU seconds (user + sys, ``resource.getrusage``) of the latent cache and the
+transformer stages, beside their wall seconds (on a shared machine the wall time depends on the load).
+
+    python -m benchmarks.demo_teacher --vae-dir outputs/demo/train/base_model/vae --out outputs/teacher \
+        --variants vocab cfg --guidance 1 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from longgen.files import write_json_atomic
+
+CANDIDATE = {"caption_dropout": 0.1, "guidance_scale": 3.0, "text_length": 64}
+"""Caption dropout (trains the empty prompt) + guidance 3 + 64-token prompts: the candidate the others vary."""
+VARIANTS: dict[str, dict] = {
+    "before": {},
+    "cfg": {**CANDIDATE, "text_length": 512},
+    "cfg_text64": CANDIDATE,
+    "ema": {**CANDIDATE, "ema_decay": 0.99},
+    "shift3": {**CANDIDATE, "extra_overrides": ["objective.shift=3.0"]},
+    "stride1": {**CANDIDATE, "cache_stride": 1},
+    "lr2e3": {**CANDIDATE, "lr": 2e-3},
+    "b16": {**CANDIDATE, "batch_size": 16},
+    "wide": {**CANDIDATE, "transformer_kwargs": {
+        "num_attention_heads": 4, "attention_head_dim": 32, "ffn_dim": 384, "num_layers": 4}},
+    "deep": {**CANDIDATE, "transformer_kwargs": {
+        "num_attention_heads": 4, "attention_head_dim": 24, "ffn_dim": 256, "num_layers": 6}},
+    "small": {**CANDIDATE, "transformer_kwargs": {
+        "num_attention_heads": 4, "attention_head_dim": 16, "ffn_dim": 192, "num_layers": 4}},
+}
+"""Named changes to :class:`longgen.demo.DemoSettings` (its defaults: no caption dropout, guidance 1, 512-token
+prompts; the caption words are in the tokenizer in every variant, the old word list is gone). ``before`` is the
+demo's defaults; the others are :data:`CANDIDATE` and one change each."""
+
+
+def _score(adapter, data_dir: str, out: str, worlds: int, guidance: float, steps: int) -> dict:
+    """1x ``full`` clips of worlds 0..worlds-1 at one guidance scale: per world overall / count and ceiling."""
+    from longgen.demo import generate_and_evaluate, synthetic_means
+
+    rows = []
+    for w in range(worlds):
+        res = generate_and_evaluate(adapter, data_dir, os.path.join(out, f"g{guidance:g}_w{w}"), 1, ("full",),
+                                    steps, guidance_scale=guidance, world_index=w)
+        full, ceiling = (synthetic_means(res["report"]["videos"][k]) for k in ("full", "gt_vae"))
+        rows.append({"world": w, "full": full, "gt_vae": ceiling})
+
+    def mean(key: str, score: str) -> float:
+        return sum(r[key][score] or 0.0 for r in rows) / len(rows)
+
+    return {
+        "worlds": rows,
+        "demo_overall": rows[0]["full"]["overall"],
+        "demo_count": rows[0]["full"]["count"],
+        "demo_ceiling": rows[0]["gt_vae"]["overall"],
+        "mean_overall": mean("full", "overall"),
+        "mean_count": mean("full", "count"),
+        "mean_ceiling": mean("gt_vae", "overall"),
+    }
+
+
+def run_variant(name: str, changes: dict, args) -> dict:
+    """Train one variant on the reused VAE and score it; returns its ``results.json`` entry."""
+    from longgen.demo import DemoSettings, train_tiny_model
+
+    changes = {**changes, **({"train_steps": args.train_steps} if args.train_steps else {})}
+    out = os.path.join(args.out, name)
+    settings = DemoSettings(out_dir=out, vae_dir=os.path.abspath(args.vae_dir), **changes)
+    adapter, result, data_dir, report = train_tiny_model(settings)
+    losses = list(result.losses.values())
+    entry = {
+        "changes": changes,
+        "steps": result.step,
+        "transformer_params": sum(p.numel() for p in adapter.model.parameters()),
+        "first_loss": losses[0],
+        "last_loss": sum(losses[-50:]) / len(losses[-50:]),
+        "wall_seconds": report["stage_seconds"],
+        "cpu_seconds": report["stage_cpu_seconds"],
+        "guidance": {},
+    }
+    for g in args.guidance:
+        if g != 1.0 and not settings.caption_dropout:
+            continue
+        entry["guidance"][f"{g:g}"] = _score(adapter, data_dir, out, args.worlds, g, args.steps)
+    return entry
+
+
+def score_demo_run(demo_dir: str, args) -> dict:
+    """Score a finished ``longgen demo`` run's model (:func:`longgen.demo.load_demo_model`) like a variant:
+    the row of the demo as it was trained (its own VAE, tokenizer and transformer)."""
+    from longgen.demo import load_demo_model
+
+    adapter, data_dir, summary = load_demo_model(demo_dir)
+    guidance = float(summary["train"].get("settings", {}).get("guidance_scale", 1.0))
+    return {
+        "changes": {"demo run": demo_dir},
+        "steps": summary["train"]["steps"],
+        "transformer_params": sum(p.numel() for p in adapter.model.parameters()),
+        "first_loss": summary["train"]["first_loss"],
+        "last_loss": summary["train"]["last_loss"],
+        "wall_seconds": summary["stage_seconds"],
+        "cpu_seconds": summary.get("stage_cpu_seconds", {}),
+        "guidance": {
+            f"{guidance:g}": _score(
+                adapter, data_dir, os.path.join(args.out, "demo_run"), args.worlds, guidance, args.steps
+            )
+        },
+    }
+
+
+def table(results: dict) -> str:
+    """Markdown: per variant and guidance, the demo prompt's overall / count, the mean over worlds, the
+    ceiling, and the training cost."""
+    lines = [
+        "| variant | guidance | demo overall | demo count | demo / ceiling | worlds overall | worlds count "
+        "| worlds / ceiling | final loss | transformer CPU s | wall s |",
+        "|" + "---|" * 11,
+    ]
+    for name, e in results.items():
+        cpu = e["cpu_seconds"].get("transformer", 0) + e["cpu_seconds"].get("latent_cache", 0)
+        wall = e["wall_seconds"].get("transformer", 0) + e["wall_seconds"].get("latent_cache", 0)
+        for g, s in e["guidance"].items():
+            lines.append(
+                f"| {name} | {g} | {s['demo_overall']:.3f} | {s['demo_count']:.3f} | "
+                f"{s['demo_overall'] / s['demo_ceiling']:.2f} | {s['mean_overall']:.3f} | {s['mean_count']:.3f} | "
+                f"{s['mean_overall'] / s['mean_ceiling']:.2f} | {e['last_loss']:.3f} | {cpu:.0f} | {wall:.0f} |"
+            )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--vae-dir", required=True, help="a finished demo's train/base_model/vae (reused)")
+    p.add_argument("--out", default="outputs/demo_teacher", help="output folder")
+    p.add_argument("--variants", nargs="*", default=["baseline", "cfg"], choices=sorted(VARIANTS),
+                   help="variants to train (see VARIANTS)")
+    p.add_argument("--train-steps", type=int, default=0, help="transformer steps (0: the demo's)")
+    p.add_argument("--worlds", type=int, default=4, help="training worlds whose captions are prompted")
+    p.add_argument("--guidance", type=float, nargs="+", default=[1.0, 3.0], help="guidance scales")
+    p.add_argument("--steps", type=int, default=16, help="denoising steps")
+    p.add_argument("--score-demo", default=None, help="also score this finished demo run's model (row 'demo_run')")
+    args = p.parse_args(argv)
+    path = os.path.join(args.out, "results.json")
+    results = json.load(open(path)) if os.path.exists(path) else {}
+    if args.score_demo:
+        results["demo_run"] = score_demo_run(args.score_demo, args)
+        write_json_atomic(path, results, indent=2)
+        print(table({"demo_run": results["demo_run"]}), flush=True)
+    for name in args.variants:
+        key = name + (f"@{args.train_steps}" if args.train_steps else "")
+        results[key] = run_variant(name, VARIANTS[name], args)
+        write_json_atomic(path, results, indent=2)
+        print(table({key: results[key]}), flush=True)
+    print("\n" + table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
