@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--vae-dir", required=True, help="a finished demo's train/base_model/vae (reused)")
     p.add_argument("--out", default="outputs/demo_teacher", help="output folder")
-    p.add_argument("--variants", nargs="*", default=["baseline", "cfg"], choices=sorted(VARIANTS),
+    p.add_argument("--variants", nargs="*", default=["before", "cfg_text64"], choices=sorted(VARIANTS),
                    help="variants to train (see VARIANTS)")
     p.add_argument("--train-steps", type=int, default=0, help="transformer steps (0: the demo's)")
     p.add_argument("--worlds", type=int, default=4, help="training worlds whose captions are prompted")

@@ -133,6 +133,12 @@ class BackboneAdapter(ABC):
     sigma_data: ClassVar[float] = 1.0
     """EDM's data standard deviation for loss weighting (1: unit-variance latents)."""
 
+    @property
+    def unwrapped(self) -> BackboneAdapter:
+        """The adapter itself (a training view, :class:`~longgen.training.denoiser.AdapterView`, returns the
+        adapter it wraps): the key under which extensions record what they installed."""
+        return self
+
     def __init__(self, pipe, native_video_size: tuple[int, int, int] | None = None):
         self.pipe = pipe
         if getattr(pipe, self.model_attr, None) is None:

@@ -340,7 +340,7 @@ def applied_block_causal(adapter: BackboneAdapter) -> BlockCausalHandle | None:
     """The handle of block-causal attention already on ``adapter`` (or on the adapter a training view wraps,
     :class:`~longgen.training.denoiser.AdapterView`), else None: causal training keeps its mask on, and its
     validation samples through the same hooks."""
-    handle = _APPLIED.get(getattr(adapter, "_adapter", adapter))
+    handle = _APPLIED.get(adapter.unwrapped)
     return None if handle is None or handle._removed else handle
 
 

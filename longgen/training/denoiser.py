@@ -71,6 +71,11 @@ class AdapterView:
         if encode_prompt is not None:
             self._overrides["encode_prompt"] = encode_prompt
 
+    @property
+    def unwrapped(self):
+        """The adapter this view wraps."""
+        return object.__getattribute__(self, "_adapter")
+
     def __getattr__(self, name: str) -> Any:
         overrides = object.__getattribute__(self, "_overrides")
         if name in overrides:
