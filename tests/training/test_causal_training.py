@@ -18,15 +18,23 @@ from longgen.training.config import ConfigError, load_config
 from longgen.training.methods import MethodContext, get_method
 
 
+CAUSAL = ["extension.method=block-causal", "extension.options={chunk_size: 1}"]
+"""The block-causal mask of every causal method: the extension, as for objective.method=dmd."""
+
+
 def _method(adapter, *overrides):
-    """A causal training method built on ``adapter`` as the trainer builds it (before Accelerate wraps it)."""
+    """A causal training method built on ``adapter`` as the trainer builds it: the extension applied through the
+    registry (:func:`longgen.training.build.apply_extension`), then the method (before Accelerate wraps it)."""
+    from longgen.training.build import apply_extension
+
     frames, height, width = adapter.native_video_size
     config = load_config(None, [
         f"model.tiny={adapter.family}", f"data.num_frames={frames}", f"data.height={height}", f"data.width={width}",
-        "objective.method=causal_forcing", "causal.chunk_size=1", "objective.causal_block_size=1", *overrides,
+        "objective.method=causal_forcing", *CAUSAL, "objective.causal_block_size=1", *overrides,
     ])  # fmt: skip
     cpu = types.SimpleNamespace(device=torch.device("cpu"))  # what the methods read of the accelerator
-    return get_method(config.objective.method, MethodContext(config, adapter, cpu, 0, None))
+    extension = apply_extension(adapter, config, adapter.latent_shape(frames, height, width)[2])
+    return get_method(config.objective.method, MethodContext(config, adapter, cpu, 0, None, extension=extension))
 
 
 def chunk_input_gradients(denoise, adapter, chunk: int) -> torch.Tensor:
@@ -61,13 +69,14 @@ def test_the_loss_of_a_chunk_has_no_gradient_from_later_chunks(family):
 
 def test_the_dense_mask_path_is_causal_in_training_too():
     adapter = tiny_adapter("wan")
-    method = _method(adapter, "causal.attention=mask")
+    method = _method(adapter, "extension.options={chunk_size: 1, attention: mask}")
     grad = chunk_input_gradients(method.denoiser, adapter, 0)
     assert torch.all(grad[1:] == 0) and grad[0] > 0, grad
 
 
 def test_a_checkpoint_written_before_the_causal_sections_still_resumes(tmp_path):
-    """Checkpoint configs without the causal / ode sections (older runs) resume: missing keys had the defaults."""
+    """Checkpoint configs without the causal / ode sections (older runs) resume: missing keys had the defaults;
+    so do those of the short-lived ``causal.chunk_size`` form, read as the block-causal extension they were."""
     import yaml
 
     from longgen.training.build import check_resume_config
@@ -77,8 +86,20 @@ def test_a_checkpoint_written_before_the_causal_sections_still_resumes(tmp_path)
     del old["causal"], old["ode"]
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))
     check_resume_config(str(tmp_path), config)
-    with pytest.raises(ConfigError, match="causal.chunk_size: 3 -> 1"):
-        check_resume_config(str(tmp_path), load_config(None, [f"train.output_dir={tmp_path}", "causal.chunk_size=1"]))
+    causal = [f"train.output_dir={tmp_path}", "objective.method=causal_forcing", "objective.causal_block_size=3",
+              "extension.method=block-causal"]  # fmt: skip
+    with pytest.raises(ConfigError, match="extension.method: None -> 'block-causal'"):
+        check_resume_config(str(tmp_path), load_config(None, causal))
+    # a checkpoint of the earlier causal.* keys (chunk 3, default window) = the extension with those options
+    moved = {"chunk_size": 3, "local_attn_size": -1, "sink_size": 0, "rope_positions": "absolute", "attention": "chunked"}
+    earlier = load_config(None, causal).to_dict()
+    earlier["causal"].update(moved)
+    earlier["extension"] = {**earlier["extension"], "method": None, "options": {}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(earlier))
+    check_resume_config(str(tmp_path), load_config(None, causal))  # defaults left out or spelled out: the same
+    check_resume_config(str(tmp_path), load_config(None, [*causal, "extension.options={chunk_size: 3}"]))
+    with pytest.raises(ConfigError, match="extension.options"):
+        check_resume_config(str(tmp_path), load_config(None, [*causal, "extension.options={sink_size: 3}"]))
 
 
 def test_teacher_forcing_loss_is_on_the_current_chunk_with_clean_context(clips, tmp_path, monkeypatch):
@@ -124,7 +145,7 @@ def test_teacher_forcing_loss_is_on_the_current_chunk_with_clean_context(clips, 
 
 def _ode_config(tmp_path, clips, cache, *overrides):
     return tiny_lora_config(
-        tmp_path, clips, "objective.method=ode_regression", "causal.chunk_size=1", f"data.cache_dir={cache}",
+        tmp_path, clips, "objective.method=ode_regression", *CAUSAL, f"data.cache_dir={cache}",
         "ode.num_steps=6", "ode.keep_steps=[0,3,4]", "ode.shift=3.0", "ode.num_samples=4", "ode.shard_size=2",
         "ode.guidance_scale=2.0", *overrides,
     )
@@ -261,25 +282,46 @@ def test_ode_regression_lowers_the_regression_loss(ode_cache, clips, tmp_path):
 def test_causal_training_refuses_a_unet():
     for family in ("animatediff", "svd"):
         with pytest.raises(ConfigError, match="UNet motion-module.*use a DiT backbone"):
-            load_config(None, [f"model.tiny={family}", "objective.method=causal_forcing", "causal.chunk_size=1",
+            load_config(None, [f"model.tiny={family}", "objective.method=causal_forcing", *CAUSAL,
                                "objective.causal_block_size=1"])  # fmt: skip
 
 
 def test_causal_training_refuses_a_chunk_that_does_not_divide_the_clip():
     adapter = tiny_adapter("wan")  # 9 frames -> 3 latent frames
     with pytest.raises(ValueError, match=r"chunk_size=2 does not divide .* 3 latent frames.*data.num_frames to one of \[5, 13\]"):
-        _method(adapter, "causal.chunk_size=2", "objective.causal_block_size=2")
+        _method(adapter, "extension.options={chunk_size: 2}", "objective.causal_block_size=2")
     with pytest.raises(ConfigError, match="objective.causal_block_size=3"):
-        load_config(None, ["objective.method=causal_forcing", "causal.chunk_size=3"])
-    with pytest.raises(ConfigError, match=r"use causal.local_attn_size >= 3"):  # the window's rule, by config key
-        load_config(None, ["causal.local_attn_size=2"])
+        load_config(None, ["objective.method=causal_forcing", "extension.method=block-causal"])  # chunk 3 default
+    cf = ["objective.method=causal_forcing", "objective.causal_block_size=3", "extension.method=block-causal"]
+    with pytest.raises(ConfigError, match=r"use extension.options.local_attn_size >= 3"):  # the window's rule, by key
+        load_config(None, [*cf, "extension.options={local_attn_size: 2}"])
+    with pytest.raises(ConfigError, match=r"unknown block-causal option 'extension.options.chunk_sise'; did you mean "
+                       r"'extension.options.chunk_size'"):
+        load_config(None, [*cf, "extension.options={chunk_sise: 3}"])
+
+
+@pytest.mark.parametrize("method", ["causal_forcing", "ode_regression", "dmd"])
+def test_every_causal_method_names_the_block_causal_extension(method, tmp_path):
+    """One place for the mask: a causal method without extension.method=block-causal is refused naming it, and a
+    recipe with the earlier causal.chunk_size / ... keys is told where they moved."""
+    base = [f"objective.method={method}", f"data.cache_dir={tmp_path}", "objective.causal_block_size=3"]
+    with pytest.raises(ConfigError, match=f"objective.method={method} trains a causal streaming student: set "
+                       "extension.method=block-causal"):
+        load_config(None, base)
+    with pytest.raises(ConfigError, match="objective.method=.*trains with block-causal attention.*use a DiT"):
+        load_config(None, [*base, "model.tiny=animatediff", "extension.method=block-causal"])
+    load_config(None, [*base, "extension.method=block-causal"])
+    for key in ("chunk_size", "local_attn_size", "sink_size", "rope_positions", "attention"):
+        with pytest.raises(ConfigError, match=rf"unknown config key 'causal.{key}': it moved to "
+                           rf"'extension.options.{key}'"):
+            load_config(None, [*base, "extension.method=block-causal", f"causal.{key}=1"])
 
 
 def test_ode_regression_refuses_a_missing_or_wrong_cache(tmp_path, clips, ode_cache):
     from longgen.training.loop import Trainer
 
     with pytest.raises(ConfigError, match="set data.cache_dir to the folder `longgen ode-pairs"):
-        tiny_lora_config(tmp_path, clips, "objective.method=ode_regression")
+        tiny_lora_config(tmp_path, clips, "objective.method=ode_regression", *CAUSAL)
     with pytest.raises(ValueError, match=r"longgen ode-pairs --config CONFIG` builds into data.cache_dir; run it"):
         Trainer(_ode_config(tmp_path / "run", clips, tmp_path / "missing"))
     _, recipe, cache = ode_cache
@@ -315,7 +357,7 @@ def test_causal_methods_train_a_joint_attention_family(tmp_path, clips):
 
     from longgen.training.ode_pairs import build_ode_pairs
 
-    base = ["model.tiny=cogvideox", "data.num_frames=13", "data.height=32", "data.width=48", "causal.chunk_size=1"]
+    base = ["model.tiny=cogvideox", "data.num_frames=13", "data.height=32", "data.width=48", *CAUSAL]
     _, teacher = run_trainer(tiny_lora_config(
         tmp_path / "tf", clips, *base, "objective.method=causal_forcing", "causal.forcing=teacher", "objective.mode=clip",
     ))  # fmt: skip
