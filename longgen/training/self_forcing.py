@@ -35,7 +35,6 @@ import torch
 
 from ..files import atomic_path
 from .denoiser import DenoiserModule
-from .causal_methods import training_mask
 from .methods import DenoisingMethod, MethodContext, build_adamw_schedule, register_method, step_generator
 from .objectives import training_loss
 from .rollout import draw_exit_steps, self_forcing_rollout
@@ -94,6 +93,8 @@ class DMDMethod(DenoisingMethod):
     def __init__(self, context: MethodContext):
         super().__init__(context)
         config, cfg = context.config, context.config.dmd
+        from .causal_methods import training_mask  # (causal_methods and this module both register through methods)
+
         # the student's block-causal hooks and KV cache (extension.method=block-causal, as every causal method)
         cache = training_mask(context, self._rollout_frames(config, context.adapter)).cache
         if config.train.grad_accumulation != 1:

@@ -382,3 +382,19 @@ def test_the_ode_pairs_parser_imports_no_torch():
         "bad = [m for m in ('torch', 'diffusers', 'peft') if m in sys.modules]\nassert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_ode_pairs_names_where_a_moved_key_went(tmp_path):
+    """``longgen ode-pairs`` in a fresh process (the import order of a real run) on a recipe of the earlier
+    ``causal.chunk_size`` form: refused, naming ``extension.options.chunk_size``."""
+    import subprocess
+    import sys
+
+    recipe = tmp_path / "old.yaml"
+    recipe.write_text("objective:\n  method: ode_regression\ncausal:\n  chunk_size: 3\n")
+    proc = subprocess.run([sys.executable, "-m", "longgen", "ode-pairs", "--config", str(recipe)],
+                          capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode != 0
+    assert "unknown config key 'causal.chunk_size': it moved to 'extension.options.chunk_size'" in proc.stderr, (
+        proc.stderr[-2000:]
+    )
