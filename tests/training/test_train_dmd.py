@@ -174,7 +174,7 @@ def other_family_folders(tmp_path_factory):
         ([*DMD, "extension.options={chunk_size: 2}"],
          "extension.options.chunk_size=2 does not divide the training clip's 3 latent frames"),
         ([*DMD, "extension.options={chunk_size: 2}", "dmd.rollout_latent_frames=5"],
-         "chunk_size=2 does not divide the 5 latent frames of the training rollout (dmd.rollout_latent_frames)"),
+         "chunk_size=2 does not divide the 5 latent frames of the training rollout"),
         ([*DMD, "dmd.window_latent_frames=3", "dmd.grad_latent_frames=4"], "dmd.grad_latent_frames"),
         ([*DMD, "teacher:ltx"], "must share the family"),
         ([*DMD, "teacher:animatediff"], "is a UNet"),
