@@ -398,3 +398,36 @@ def test_ode_pairs_names_where_a_moved_key_went(tmp_path):
     assert "unknown config key 'causal.chunk_size': it moved to 'extension.options.chunk_size'" in proc.stderr, (
         proc.stderr[-2000:]
     )
+
+
+def test_longgen_generate_reapplies_the_recorded_mask(saved, clips, tmp_path, capsys):
+    """End to end: a causal_forcing LoRA records its block-causal extension (final/longgen_extension.json), and
+    ``longgen generate --lora final --sampler causal`` streams through the re-applied mask: the clip equals the one
+    the sampler's own hooks give (``--no-auto-extension``); another window is refused naming the fix."""
+    from safetensors.torch import load_file
+    from tiny_runs import run_trainer
+
+    from longgen.cli import main
+
+    _, result = run_trainer(tiny_lora_config(
+        tmp_path / "run", clips, "objective.method=causal_forcing", *CAUSAL, "causal.forcing=teacher",
+        "objective.mode=clip",
+    ))  # fmt: skip
+    record = json.loads((tmp_path / "run" / "final" / "longgen_extension.json").read_text())
+    assert record["method"] == "block-causal" and record["options"]["chunk_size"] == 1, record
+
+    def generate(name, *extra):
+        out = tmp_path / f"{name}.mp4"
+        code = main(["generate", "--model", saved("wan"), "--lora", str(result.final_dir), "--prompt", "a red ball",
+                     "--sampler", "causal", "--chunk-size", "1", "--steps", "2", "--seed", "3", "--num-frames", "17",
+                     "--save-latents", "--quiet", "--out", str(out), *extra])  # fmt: skip
+        return code, out
+
+    (code, auto), (code_own, own) = generate("auto"), generate("own", "--no-auto-extension")
+    assert code == 0 and code_own == 0
+    latents = [load_file(str(o).removesuffix(".mp4") + ".latents.safetensors")["latents"] for o in (auto, own)]
+    torch.testing.assert_close(latents[0], latents[1], rtol=0, atol=0)
+    capsys.readouterr()
+    code, _ = generate("window", "--local-attn-size", "2")
+    assert code != 0 and "--no-auto-extension" in capsys.readouterr().err
+    assert generate("window2", "--local-attn-size", "2", "--no-auto-extension")[0] == 0
