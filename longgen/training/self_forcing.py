@@ -93,7 +93,8 @@ class DMDMethod(DenoisingMethod):
     def __init__(self, context: MethodContext):
         super().__init__(context)
         config, cfg = context.config, context.config.dmd
-        from .causal_methods import training_mask  # (causal_methods and this module both register through methods)
+        # here, not at the top: causal_methods and this module are both imported by methods.py to register
+        from .causal_methods import training_mask
 
         # the student's block-causal hooks and KV cache (extension.method=block-causal, as every causal method)
         cache = training_mask(context, self._rollout_frames(config, context.adapter)).cache

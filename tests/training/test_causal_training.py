@@ -17,7 +17,6 @@ from longgen.backbones.causal_attention import CAUSAL_FAMILIES
 from longgen.training.config import ConfigError, load_config
 from longgen.training.methods import MethodContext, get_method
 
-
 CAUSAL = ["extension.method=block-causal", "extension.options={chunk_size: 1}"]
 """The block-causal mask of every causal method: the extension, as for objective.method=dmd."""
 
