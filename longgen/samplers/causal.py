@@ -354,7 +354,9 @@ def _check_same_causal_layout(applied, requested) -> None:
         got = ", ".join(f"{k}={getattr(applied, k)!r} (asked {getattr(requested, k)!r})" for k in differ)
         raise ValueError(
             f"the model already runs block-causal attention (causal training) with {got}: sample with the same "
-            "settings (validation.sampler_options chunk_size, local_attn_size, sink_size, causal_rope)"
+            "settings (validation.sampler_options chunk_size, local_attn_size, sink_size, causal_rope; for longgen "
+            "generate, which re-applies the mask recorded in final/longgen_extension.json: --chunk-size, "
+            "--local-attn-size, --sink-size, --causal-rope), or pass --no-auto-extension to sample with other ones"
         )
 
 

@@ -498,6 +498,27 @@ def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _comparable(flat: dict[str, Any]) -> dict[str, Any]:
+    """A flat config in one form for the resume check: the block-causal options resolved to all their fields (a
+    default spelled out or left out is the same run), and a checkpoint of the short-lived ``causal.chunk_size`` /
+    ``local_attn_size`` / ... keys (:data:`~longgen.training.config.MOVED_KEYS`) read as the extension it was."""
+    import dataclasses
+
+    from ..extend.configs import BlockCausalConfig
+    from .config import CAUSAL_METHODS, MOVED_KEYS
+
+    flat = dict(flat)
+    moved = {new.rsplit(".", 1)[1]: flat.pop(old) for old, new in MOVED_KEYS.items() if old in flat}
+    if moved and flat.get("objective.method") in CAUSAL_METHODS and flat.get("extension.method") is None:
+        flat["extension.method"], flat["extension.options"] = "block-causal", moved
+    if flat.get("extension.method") == "block-causal":
+        try:
+            flat["extension.options"] = dataclasses.asdict(BlockCausalConfig(**(flat.get("extension.options") or {})))
+        except (TypeError, ValueError):
+            pass  # compared as written
+    return flat
+
+
 def check_resume_config(checkpoint: str, config: Config) -> None:
     """Refuse to resume a checkpoint whose saved config differs in keys that change the model or the math."""
     import yaml
@@ -512,7 +533,8 @@ def check_resume_config(checkpoint: str, config: Config) -> None:
     current = _flat(config.to_dict())
     # a key the checkpoint's config lacks (a section added since it was written) had its default then
     defaults = _flat(Config().to_dict())
-    saved = {**{k: v for k, v in defaults.items() if k not in saved and k in current}, **saved}
+    saved = _comparable({**{k: v for k, v in defaults.items() if k not in saved and k in current}, **saved})
+    current = _comparable(current)
     changed = [
         key
         for key in sorted(set(saved) | set(current))

@@ -1,8 +1,10 @@
 """Causal training methods: a bidirectional DiT becomes a block-causal, few-step streaming student.
 
 Both methods train under the block-causal attention the ``causal`` sampler streams through
-(:func:`longgen.extend.causal.apply_block_causal`, settings from the ``causal`` config section), applied
-once to the live model before Accelerate wraps it, so DDP / FSDP / DeepSpeed run the masked model:
+(:func:`longgen.extend.causal.apply_block_causal`), set as for ``objective.method=dmd``: ``extension.method=
+block-causal`` with ``extension.options`` (chunk_size, local_attn_size, sink_size, rope_positions, attention),
+applied by the trainer through the extension registry before LoRA and Accelerate, so DDP / FSDP / DeepSpeed run
+the masked model and ``final/longgen_extension.json`` records it (``causal`` holds causal_forcing's knobs only):
 
 * ``causal_forcing``: the backbone's native denoising loss at per-frame noise levels, with the mask.
   ``causal.forcing=diffusion`` draws an independent level per chunk (Diffusion Forcing, Chen et al. 2024;
@@ -31,34 +33,47 @@ from .objectives import loss_weights, sample_training_sigmas
 __all__ = [
     "CausalForcingMethod",
     "ODERegressionMethod",
-    "apply_training_mask",
+    "check_chunk_divides",
     "masked_x0_loss",
     "teacher_forcing_sigmas",
+    "training_mask",
 ]
 
 
-def apply_training_mask(adapter, config, num_latent_frames: int):
-    """Block-causal attention from ``config.causal`` on the adapter's DiT; the handle (``.remove()``).
-
-    Refuses a chunk size that does not divide the clip's latent frames (the sampler would refuse the clip,
-    and the last chunk would train shorter than the sampler runs it), UNets and families without a spec.
-    """
-    from ..extend.causal import apply_block_causal
-
-    chunk = config.causal.chunk_size
+def check_chunk_divides(adapter, config, chunk: int, num_latent_frames: int) -> None:
+    """Refuse a chunk size that does not divide the clip's latent frames (the sampler would refuse the clip, and
+    the last chunk would train shorter than the sampler runs it); the error names the clip lengths that fit."""
+    if num_latent_frames % chunk and config.objective.method == "dmd" and config.dmd.rollout_latent_frames:
+        raise ValueError(
+            f"extension.options.chunk_size={chunk} does not divide the {num_latent_frames} latent frames of the "
+            f"training rollout (dmd.rollout_latent_frames): use a chunk size or a rollout length that fit"
+        )
     if num_latent_frames % chunk:
         lower, upper = num_latent_frames // chunk * chunk, (num_latent_frames // chunk + 1) * chunk
         options = [adapter.num_pixel_frames(n) for n in (lower, upper) if n >= chunk]
         raise ValueError(
-            f"causal.chunk_size={chunk} does not divide the training clip's {num_latent_frames} latent frames "
-            f"(data.num_frames={config.data.num_frames}): set data.num_frames to one of "
-            f"{options} (latent frames {[n for n in (lower, upper) if n >= chunk]}) or a causal.chunk_size "
-            f"that divides {num_latent_frames}"
+            f"extension.options.chunk_size={chunk} does not divide the training clip's {num_latent_frames} latent "
+            f"frames (data.num_frames={config.data.num_frames}): set data.num_frames to one of "
+            f"{options} (latent frames {[n for n in (lower, upper) if n >= chunk]}) or an "
+            f"extension.options.chunk_size that divides {num_latent_frames}"
         )
-    try:
-        return apply_block_causal(adapter, config.causal.block_causal())
-    except ValueError as err:
-        raise ValueError(f"objective.method={config.objective.method} needs block-causal attention: {err}") from err
+
+
+def training_mask(context: MethodContext, num_latent_frames: int):
+    """The block-causal hooks the trainer applied through the extension registry (``extension.method=block-causal``,
+    :func:`longgen.training.build.apply_extension`, before LoRA and Accelerate: DDP / FSDP / DeepSpeed run the
+    masked model; ``final/longgen_extension.json`` records it): the :class:`~longgen.extend.causal.BlockCausalHandle`
+    (``.config``, ``.cache``), after checking its chunk size divides the clip."""
+    config = context.config
+    handle = getattr(context.extension, "handle", None)  # the registry's ExtensionHandle
+    mask = getattr(handle, "state", None)
+    if config.extension.method != "block-causal" or getattr(mask, "cache", None) is None:
+        raise ValueError(
+            f"objective.method={config.objective.method} trains a causal streaming student: set "
+            "extension.method=block-causal (extension.options.chunk_size, local_attn_size, sink_size shape its mask)"
+        )
+    check_chunk_divides(context.adapter, config, mask.config.chunk_size, num_latent_frames)
+    return mask
 
 
 def teacher_forcing_sigmas(
@@ -115,7 +130,7 @@ class CausalForcingMethod(DenoisingMethod):
 
     def __init__(self, context: MethodContext):
         self.num_latent_frames = _clip_latent_frames(context)
-        self.mask = apply_training_mask(context.adapter, context.config, self.num_latent_frames)
+        self.mask = training_mask(context, self.num_latent_frames)
         super().__init__(context)
 
     def loss(self, batch: dict, micro_step: int) -> torch.Tensor:
@@ -130,7 +145,7 @@ class CausalForcingMethod(DenoisingMethod):
         ctx, obj, causal = self.ctx, self.ctx.config.objective, self.ctx.config.causal
         generator = step_generator(ctx.config.train.seed, ctx.dp_rank, micro_step)
         latents, cond = self.encode(batch, generator)
-        batch_size, chunk, num_frames = latents.shape[0], causal.chunk_size, latents.shape[2]
+        batch_size, chunk, num_frames = latents.shape[0], self.mask.config.chunk_size, latents.shape[2]
         current = int(torch.randint(num_frames // chunk, (1,), generator=generator))
         level = sample_training_sigmas(
             batch_size, 1, "clip", num_timesteps=obj.num_timesteps, shift=obj.shift, generator=generator,
@@ -197,7 +212,7 @@ class ODERegressionMethod(DenoisingMethod):
         check_ode_cache(self.index, context.adapter, context.config)
         self.level_sigmas = torch.tensor(self.index["ode"]["sigmas"], dtype=torch.float32)  # [K], descending
         self.num_latent_frames = _clip_latent_frames(context)
-        self.mask = apply_training_mask(context.adapter, context.config, self.num_latent_frames)
+        self.mask = training_mask(context, self.num_latent_frames)
         super().__init__(context)
 
     def loss(self, batch: dict, micro_step: int) -> torch.Tensor:
@@ -206,7 +221,7 @@ class ODERegressionMethod(DenoisingMethod):
         clean, cond = self.encode(batch, generator)  # the trajectory's end; cond with caption dropout
         states = batch[ODE_STATES_KEY].to(clean.device)  # [B, K, C, F, H, W]
         batch_size, num_levels, _, num_frames = states.shape[:4]
-        chunk = ctx.config.causal.chunk_size
+        chunk = self.mask.config.chunk_size
         picks = torch.randint(num_levels, (batch_size, num_frames // chunk), generator=generator)
         picks = picks.repeat_interleave(chunk, dim=1).to(clean.device)  # [B, F]: one level per chunk
         rows = torch.arange(batch_size, device=clean.device)[:, None]

@@ -372,7 +372,7 @@ class ValidationConfig:
 
 def training_extensions() -> list[str]:
     """Registered extensions post-tuning can train with: those that extend positions to a target length, and
-    ``block-causal`` (causal students: ``objective.method=dmd``)."""
+    ``block-causal`` (the mask of the causal students, :data:`CAUSAL_METHODS`)."""
     from ..extend.registry import extension_names, get_extension
 
     return [n for n in extension_names() if get_extension(n).needs_target_frames or n == "block-causal"]
@@ -390,13 +390,15 @@ class ExtensionConfig:
 
     method: str | None = None
     """null, or a registered extension that post-tuning trains with (``longgen.extend.registry``: those that
-    extend positions to a target length: pi, ntk, yarn, riflex, exvideo)."""
+    extend positions to a target length: pi, ntk, yarn, riflex, exvideo; and ``block-causal``, the mask every
+    causal method trains under: causal_forcing, ode_regression, dmd)."""
     train_latent_frames: int | None = None
     """The model's native length in latent frames (null: from the adapter's native clip)."""
     target_latent_frames: int | None = None
     """Length the RoPE is extended to (null: the training clip's latent frames)."""
     options: dict[str, Any] = field(default_factory=dict)
-    """Extra keyword arguments of the extension (e.g. ExVideo's ``max_num_frames``)."""
+    """Extra keyword arguments of the extension (e.g. ExVideo's ``max_num_frames``; block-causal's
+    ``chunk_size``, ``local_attn_size``, ``sink_size``, ``rope_positions``, ``attention``)."""
 
     def __post_init__(self) -> None:
         if self.method is not None:
@@ -563,7 +565,13 @@ def _expected(tp: Any, key: str, value: Any) -> str:
 
 
 def _unknown_key(full_key: str) -> ConfigError:
-    """An unknown key, by name, with the closest valid key and the keys its section takes."""
+    """An unknown key, by name, with the closest valid key and the keys its section takes (or where a key of
+    earlier recipes moved: :data:`MOVED_KEYS`)."""
+    if full_key in MOVED_KEYS:
+        return ConfigError(
+            f"unknown config key '{full_key}': it moved to '{MOVED_KEYS[full_key]}' (with extension.method="
+            "block-causal, the one place for the block-causal mask of every causal method)"
+        )
     parts = full_key.split(".")
     section = _field_type(Config, parts[:-1]) if len(parts) > 1 else Config
     section = _unwrap_optional(section)
@@ -716,39 +724,32 @@ def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] 
 
 
 # --- causal training (block-causal student) and the ODE-pair cache ----------------------------------
-CAUSAL_METHODS = ("causal_forcing", "ode_regression")
-"""Training methods that train under block-causal attention (the ``causal`` section applies to them)."""
+CAUSAL_METHODS = ("causal_forcing", "ode_regression", "dmd")
+"""Training methods that train a block-causal student: each needs ``extension.method=block-causal``, whose
+``extension.options`` (:class:`~longgen.extend.configs.BlockCausalConfig`: chunk_size, local_attn_size,
+sink_size, rope_positions, attention) set the mask, the same fields as the causal sampler's flags."""
 CausalForcing = Literal["diffusion", "teacher"]
-CausalRope = Literal["absolute", "window"]
-CausalAttention = Literal["chunked", "mask"]
 
+MOVED_KEYS = {
+    f"causal.{name}": f"extension.options.{name}"
+    for name in ("chunk_size", "local_attn_size", "sink_size", "rope_positions", "attention")
+}
+"""Keys of earlier recipes -> where they live now (the block-causal mask is ``extension.method=block-causal``)."""
 
 _CAUSAL_FLAG_KEYS = {
-    "--local-attn-size": "causal.local_attn_size",
-    "--sink-size": "causal.sink_size",
-    "--chunk-size": "causal.chunk_size",
-    "--causal-rope": "causal.rope_positions",
-    "--causal-attention": "causal.attention",
+    "--local-attn-size": "extension.options.local_attn_size",
+    "--sink-size": "extension.options.sink_size",
+    "--chunk-size": "extension.options.chunk_size",
+    "--causal-rope": "extension.options.rope_positions",
+    "--causal-attention": "extension.options.attention",
 }
 
 
 @dataclass
 class CausalConfig:
-    """Block-causal attention for training (``objective.method`` causal_forcing / ode_regression).
+    """What ``objective.method=causal_forcing`` trains the chunks at. The block-causal mask itself (chunk size,
+    window, sink) is ``extension.method=block-causal`` with its ``extension.options``, for every causal method."""
 
-    The mask is :func:`longgen.extend.causal.apply_block_causal`, the hooks the ``causal`` sampler streams
-    through: train and generate with the same ``chunk_size`` (``longgen generate --sampler causal --chunk-size``).
-    """
-
-    chunk_size: int = 3
-    """Latent frames per causal chunk (Self-Forcing / CausVid: 3); must divide the clip's latent frames."""
-    local_attn_size: int = -1
-    """Latent frames a chunk attends to, sink and own chunk included (-1: all earlier frames; LongLive 12)."""
-    sink_size: int = 0
-    """First latent frames every chunk keeps attending to (with a rolling window; LongLive 3)."""
-    rope_positions: CausalRope = "absolute"
-    attention: CausalAttention = "chunked"
-    """Full-clip calls as per-chunk SDPA calls (flash-capable) or one dense mask through the stock processor."""
     forcing: CausalForcing = "diffusion"
     """causal_forcing only: ``diffusion`` (independent noise level per chunk, the objective.mode levels) or
     ``teacher`` (clean context chunks, one noisy current chunk, the loss on it)."""
@@ -756,29 +757,32 @@ class CausalConfig:
     """Teacher forcing: flow sigma of the context chunks (the causal sampler's --context-noise; 0 = clean)."""
 
     def __post_init__(self) -> None:
-        _check(self.chunk_size >= 1, f"causal.chunk_size must be >= 1 latent frame, got {self.chunk_size}")
         _check(
             0.0 <= self.context_noise < 1.0, f"causal.context_noise is a flow sigma in [0, 1), got {self.context_noise}"
         )
-        try:
-            self.block_causal()
-        except ValueError as err:  # BlockCausalConfig names the sampler's flags; here they are causal.* keys
-            text = str(err)
-            for flag, key in _CAUSAL_FLAG_KEYS.items():
-                text = text.replace(flag, key)
-            raise ConfigError(text) from None
 
-    def block_causal(self):
-        """The :class:`~longgen.extend.configs.BlockCausalConfig` these settings describe."""
-        from ..extend.configs import BlockCausalConfig
 
-        return BlockCausalConfig(
-            chunk_size=self.chunk_size,
-            local_attn_size=self.local_attn_size,
-            sink_size=self.sink_size,
-            rope_positions=self.rope_positions,
-            attention=self.attention,
-        )
+def block_causal_config(config: Config):
+    """The :class:`~longgen.extend.configs.BlockCausalConfig` of ``extension.options`` (``extension.method`` must
+    be ``block-causal``); bad or unknown options are a :class:`ConfigError` naming the ``extension.options`` key."""
+    from ..extend.configs import BlockCausalConfig
+
+    options = dict(config.extension.options)
+    valid = [f.name for f in dataclasses.fields(BlockCausalConfig)]
+    for key in options:
+        if key not in valid:
+            close = difflib.get_close_matches(key, valid, n=1)
+            hint = f"; did you mean 'extension.options.{close[0]}'?" if close else ";"
+            raise ConfigError(
+                f"unknown block-causal option 'extension.options.{key}'{hint} valid options: {', '.join(valid)}"
+            )
+    try:
+        return BlockCausalConfig(**options)
+    except (TypeError, ValueError) as err:  # BlockCausalConfig names the sampler's flags; here they are options
+        text = str(err)
+        for flag, key in _CAUSAL_FLAG_KEYS.items():
+            text = text.replace(flag, key)
+        raise ConfigError(text) from None
 
 
 @dataclass
@@ -848,8 +852,10 @@ def _unet_family(config: Config) -> str | None:
 
 
 def check_causal_config(config: Config) -> None:
-    """Cross-section checks of causal training (called by :class:`Config`)."""
-    obj, causal = config.objective, config.causal
+    """Cross-section checks of causal training (called by :class:`Config`): every method of
+    :data:`CAUSAL_METHODS` trains under ``extension.method=block-causal`` on a DiT; causal diffusion forcing draws
+    one ``objective.mode`` level per chunk."""
+    obj = config.objective
     if obj.method not in CAUSAL_METHODS:
         return
     unet = _unet_family(config)
@@ -859,18 +865,25 @@ def check_causal_config(config: Config) -> None:
             f"({unet}) do not have: use a DiT backbone (Wan, SkyReels-V2, LTX-Video, CogVideoX, HunyuanVideo), or "
             "objective.method=denoising"
         )
-    if obj.method == "causal_forcing" and causal.forcing == "diffusion":
+    _check(
+        config.extension.method == "block-causal",
+        f"objective.method={obj.method} trains a causal streaming student: set extension.method=block-causal "
+        f"(got {config.extension.method}); extension.options.chunk_size, local_attn_size, sink_size, "
+        "rope_positions, attention shape its mask and KV cache (the causal sampler's --chunk-size, "
+        "--local-attn-size, --sink-size, --causal-rope, --causal-attention)",
+    )
+    chunk = block_causal_config(config).chunk_size
+    if obj.method == "causal_forcing" and config.causal.forcing == "diffusion":
         _check(
             obj.mode != "clip",
             "causal diffusion forcing draws a noise level per chunk: set objective.mode=diffusion_forcing (or "
             "ar_diffusion), or causal.forcing=teacher",
         )
         _check(
-            obj.causal_block_size == causal.chunk_size,
-            f"objective.causal_block_size={obj.causal_block_size} differs from causal.chunk_size={causal.chunk_size}: "
-            "the causal sampler runs one noise level per chunk, so set objective.causal_block_size="
-            f"{causal.chunk_size}",
-        )
+            obj.causal_block_size == chunk,
+            f"objective.causal_block_size={obj.causal_block_size} differs from extension.options.chunk_size={chunk}: "
+            f"the causal sampler runs one noise level per chunk, so set objective.causal_block_size={chunk}",
+        )  # ode_regression and dmd draw their own levels per chunk (objective.mode is not theirs)
     if obj.method == "ode_regression":
         _check(
             config.data.cache_dir is not None,
@@ -948,7 +961,9 @@ class DMDConfig:
 
 __all__ = [
     "CAUSAL_METHODS",
+    "MOVED_KEYS",
     "CausalConfig",
+    "block_causal_config",
     "ConditioningConfig",
     "Config",
     "ConfigError",

@@ -93,13 +93,11 @@ class DMDMethod(DenoisingMethod):
     def __init__(self, context: MethodContext):
         super().__init__(context)
         config, cfg = context.config, context.config.dmd
-        handle = getattr(context.extension, "handle", None)  # the registry's ExtensionHandle
-        cache = getattr(getattr(handle, "state", None), "cache", None)  # its BlockCausalHandle's KV cache
-        if config.extension.method != "block-causal" or cache is None:
-            raise ValueError(
-                "objective.method=dmd trains a causal streaming student: set extension.method=block-causal "
-                "(extension.options.chunk_size, local_attn_size, sink_size shape its KV cache)"
-            )
+        # here, not at the top: causal_methods and this module are both imported by methods.py to register
+        from .causal_methods import training_mask
+
+        # the student's block-causal hooks and KV cache (extension.method=block-causal, as every causal method)
+        cache = training_mask(context, self._rollout_frames(config, context.adapter)).cache
         if config.train.grad_accumulation != 1:
             raise ValueError("objective.method=dmd steps its own optimizers: set train.grad_accumulation=1 "
                              "(raise train.batch_size instead)")
@@ -109,7 +107,7 @@ class DMDMethod(DenoisingMethod):
                 "does not take in one run: launch with configs/accelerate/fsdp.yaml (FSDP2) or ddp.yaml"
             )
         self.cache = cache
-        self._check_lengths(config, context.adapter, cache.config.chunk_size)
+        self._check_window(config, self._rollout_frames(config, context.adapter))
         device = context.accelerator.device
         self.teacher = DenoiserModule(_score_adapter(config, context.adapter, cfg.teacher, device, "teacher",
                                                     cfg.teacher_dtype))
@@ -130,16 +128,15 @@ class DMDMethod(DenoisingMethod):
         self._null: dict[str, Any] | None = None
 
     @staticmethod
-    def _check_lengths(config, adapter, chunk: int) -> None:
-        """The chunk size divides the rollout; the DMD window fits in it (errors name the keys to change)."""
-        data, cfg = config.data, config.dmd
-        clip = adapter.latent_shape(data.num_frames, data.height, data.width)[2]
-        frames = cfg.rollout_latent_frames or clip
-        if frames % chunk:
-            raise ValueError(
-                f"extension.options.chunk_size {chunk} does not divide the {frames} latent frames of the training "
-                f"rollout (data.num_frames / dmd.rollout_latent_frames): use a chunk size that divides {frames}"
-            )
+    def _rollout_frames(config, adapter) -> int:
+        """Latent frames of each rollout: ``dmd.rollout_latent_frames``, else the training clip's."""
+        data = config.data
+        return config.dmd.rollout_latent_frames or adapter.latent_shape(data.num_frames, data.height, data.width)[2]
+
+    @staticmethod
+    def _check_window(config, frames: int) -> None:
+        """The DMD window fits in the rollout and the gradient frames in the window (errors name the keys)."""
+        cfg = config.dmd
         window = cfg.window_latent_frames or frames
         if window > frames or (cfg.grad_latent_frames or window) > window:
             raise ValueError(

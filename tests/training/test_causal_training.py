@@ -17,16 +17,23 @@ from longgen.backbones.causal_attention import CAUSAL_FAMILIES
 from longgen.training.config import ConfigError, load_config
 from longgen.training.methods import MethodContext, get_method
 
+CAUSAL = ["extension.method=block-causal", "extension.options={chunk_size: 1}"]
+"""The block-causal mask of every causal method: the extension, as for objective.method=dmd."""
+
 
 def _method(adapter, *overrides):
-    """A causal training method built on ``adapter`` as the trainer builds it (before Accelerate wraps it)."""
+    """A causal training method built on ``adapter`` as the trainer builds it: the extension applied through the
+    registry (:func:`longgen.training.build.apply_extension`), then the method (before Accelerate wraps it)."""
+    from longgen.training.build import apply_extension
+
     frames, height, width = adapter.native_video_size
     config = load_config(None, [
         f"model.tiny={adapter.family}", f"data.num_frames={frames}", f"data.height={height}", f"data.width={width}",
-        "objective.method=causal_forcing", "causal.chunk_size=1", "objective.causal_block_size=1", *overrides,
+        "objective.method=causal_forcing", *CAUSAL, "objective.causal_block_size=1", *overrides,
     ])  # fmt: skip
     cpu = types.SimpleNamespace(device=torch.device("cpu"))  # what the methods read of the accelerator
-    return get_method(config.objective.method, MethodContext(config, adapter, cpu, 0, None))
+    extension = apply_extension(adapter, config, adapter.latent_shape(frames, height, width)[2])
+    return get_method(config.objective.method, MethodContext(config, adapter, cpu, 0, None, extension=extension))
 
 
 def chunk_input_gradients(denoise, adapter, chunk: int) -> torch.Tensor:
@@ -61,13 +68,14 @@ def test_the_loss_of_a_chunk_has_no_gradient_from_later_chunks(family):
 
 def test_the_dense_mask_path_is_causal_in_training_too():
     adapter = tiny_adapter("wan")
-    method = _method(adapter, "causal.attention=mask")
+    method = _method(adapter, "extension.options={chunk_size: 1, attention: mask}")
     grad = chunk_input_gradients(method.denoiser, adapter, 0)
     assert torch.all(grad[1:] == 0) and grad[0] > 0, grad
 
 
 def test_a_checkpoint_written_before_the_causal_sections_still_resumes(tmp_path):
-    """Checkpoint configs without the causal / ode sections (older runs) resume: missing keys had the defaults."""
+    """Checkpoint configs without the causal / ode sections (older runs) resume: missing keys had the defaults;
+    so do those of the short-lived ``causal.chunk_size`` form, read as the block-causal extension they were."""
     import yaml
 
     from longgen.training.build import check_resume_config
@@ -77,8 +85,20 @@ def test_a_checkpoint_written_before_the_causal_sections_still_resumes(tmp_path)
     del old["causal"], old["ode"]
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))
     check_resume_config(str(tmp_path), config)
-    with pytest.raises(ConfigError, match="causal.chunk_size: 3 -> 1"):
-        check_resume_config(str(tmp_path), load_config(None, [f"train.output_dir={tmp_path}", "causal.chunk_size=1"]))
+    causal = [f"train.output_dir={tmp_path}", "objective.method=causal_forcing", "objective.causal_block_size=3",
+              "extension.method=block-causal"]  # fmt: skip
+    with pytest.raises(ConfigError, match="extension.method: None -> 'block-causal'"):
+        check_resume_config(str(tmp_path), load_config(None, causal))
+    # a checkpoint of the earlier causal.* keys (chunk 3, default window) = the extension with those options
+    moved = {"chunk_size": 3, "local_attn_size": -1, "sink_size": 0, "rope_positions": "absolute", "attention": "chunked"}
+    earlier = load_config(None, causal).to_dict()
+    earlier["causal"].update(moved)
+    earlier["extension"] = {**earlier["extension"], "method": None, "options": {}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(earlier))
+    check_resume_config(str(tmp_path), load_config(None, causal))  # defaults left out or spelled out: the same
+    check_resume_config(str(tmp_path), load_config(None, [*causal, "extension.options={chunk_size: 3}"]))
+    with pytest.raises(ConfigError, match="extension.options"):
+        check_resume_config(str(tmp_path), load_config(None, [*causal, "extension.options={sink_size: 3}"]))
 
 
 def test_teacher_forcing_loss_is_on_the_current_chunk_with_clean_context(clips, tmp_path, monkeypatch):
@@ -124,7 +144,7 @@ def test_teacher_forcing_loss_is_on_the_current_chunk_with_clean_context(clips, 
 
 def _ode_config(tmp_path, clips, cache, *overrides):
     return tiny_lora_config(
-        tmp_path, clips, "objective.method=ode_regression", "causal.chunk_size=1", f"data.cache_dir={cache}",
+        tmp_path, clips, "objective.method=ode_regression", *CAUSAL, f"data.cache_dir={cache}",
         "ode.num_steps=6", "ode.keep_steps=[0,3,4]", "ode.shift=3.0", "ode.num_samples=4", "ode.shard_size=2",
         "ode.guidance_scale=2.0", *overrides,
     )
@@ -261,25 +281,46 @@ def test_ode_regression_lowers_the_regression_loss(ode_cache, clips, tmp_path):
 def test_causal_training_refuses_a_unet():
     for family in ("animatediff", "svd"):
         with pytest.raises(ConfigError, match="UNet motion-module.*use a DiT backbone"):
-            load_config(None, [f"model.tiny={family}", "objective.method=causal_forcing", "causal.chunk_size=1",
+            load_config(None, [f"model.tiny={family}", "objective.method=causal_forcing", *CAUSAL,
                                "objective.causal_block_size=1"])  # fmt: skip
 
 
 def test_causal_training_refuses_a_chunk_that_does_not_divide_the_clip():
     adapter = tiny_adapter("wan")  # 9 frames -> 3 latent frames
     with pytest.raises(ValueError, match=r"chunk_size=2 does not divide .* 3 latent frames.*data.num_frames to one of \[5, 13\]"):
-        _method(adapter, "causal.chunk_size=2", "objective.causal_block_size=2")
+        _method(adapter, "extension.options={chunk_size: 2}", "objective.causal_block_size=2")
     with pytest.raises(ConfigError, match="objective.causal_block_size=3"):
-        load_config(None, ["objective.method=causal_forcing", "causal.chunk_size=3"])
-    with pytest.raises(ConfigError, match=r"use causal.local_attn_size >= 3"):  # the window's rule, by config key
-        load_config(None, ["causal.local_attn_size=2"])
+        load_config(None, ["objective.method=causal_forcing", "extension.method=block-causal"])  # chunk 3 default
+    cf = ["objective.method=causal_forcing", "objective.causal_block_size=3", "extension.method=block-causal"]
+    with pytest.raises(ConfigError, match=r"use extension.options.local_attn_size >= 3"):  # the window's rule, by key
+        load_config(None, [*cf, "extension.options={local_attn_size: 2}"])
+    with pytest.raises(ConfigError, match=r"unknown block-causal option 'extension.options.chunk_sise'; did you mean "
+                       r"'extension.options.chunk_size'"):
+        load_config(None, [*cf, "extension.options={chunk_sise: 3}"])
+
+
+@pytest.mark.parametrize("method", ["causal_forcing", "ode_regression", "dmd"])
+def test_every_causal_method_names_the_block_causal_extension(method, tmp_path):
+    """One place for the mask: a causal method without extension.method=block-causal is refused naming it, and a
+    recipe with the earlier causal.chunk_size / ... keys is told where they moved."""
+    base = [f"objective.method={method}", f"data.cache_dir={tmp_path}", "objective.causal_block_size=3"]
+    with pytest.raises(ConfigError, match=f"objective.method={method} trains a causal streaming student: set "
+                       "extension.method=block-causal"):
+        load_config(None, base)
+    with pytest.raises(ConfigError, match="objective.method=.*trains with block-causal attention.*use a DiT"):
+        load_config(None, [*base, "model.tiny=animatediff", "extension.method=block-causal"])
+    load_config(None, [*base, "extension.method=block-causal"])
+    for key in ("chunk_size", "local_attn_size", "sink_size", "rope_positions", "attention"):
+        with pytest.raises(ConfigError, match=rf"unknown config key 'causal.{key}': it moved to "
+                           rf"'extension.options.{key}'"):
+            load_config(None, [*base, "extension.method=block-causal", f"causal.{key}=1"])
 
 
 def test_ode_regression_refuses_a_missing_or_wrong_cache(tmp_path, clips, ode_cache):
     from longgen.training.loop import Trainer
 
     with pytest.raises(ConfigError, match="set data.cache_dir to the folder `longgen ode-pairs"):
-        tiny_lora_config(tmp_path, clips, "objective.method=ode_regression")
+        tiny_lora_config(tmp_path, clips, "objective.method=ode_regression", *CAUSAL)
     with pytest.raises(ValueError, match=r"longgen ode-pairs --config CONFIG` builds into data.cache_dir; run it"):
         Trainer(_ode_config(tmp_path / "run", clips, tmp_path / "missing"))
     _, recipe, cache = ode_cache
@@ -315,7 +356,7 @@ def test_causal_methods_train_a_joint_attention_family(tmp_path, clips):
 
     from longgen.training.ode_pairs import build_ode_pairs
 
-    base = ["model.tiny=cogvideox", "data.num_frames=13", "data.height=32", "data.width=48", "causal.chunk_size=1"]
+    base = ["model.tiny=cogvideox", "data.num_frames=13", "data.height=32", "data.width=48", *CAUSAL]
     _, teacher = run_trainer(tiny_lora_config(
         tmp_path / "tf", clips, *base, "objective.method=causal_forcing", "causal.forcing=teacher", "objective.mode=clip",
     ))  # fmt: skip
@@ -340,3 +381,52 @@ def test_the_ode_pairs_parser_imports_no_torch():
         "bad = [m for m in ('torch', 'diffusers', 'peft') if m in sys.modules]\nassert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_ode_pairs_names_where_a_moved_key_went(tmp_path):
+    """``longgen ode-pairs`` in a fresh process (the import order of a real run) on a recipe of the earlier
+    ``causal.chunk_size`` form: refused, naming ``extension.options.chunk_size``."""
+    import subprocess
+    import sys
+
+    recipe = tmp_path / "old.yaml"
+    recipe.write_text("objective:\n  method: ode_regression\ncausal:\n  chunk_size: 3\n")
+    proc = subprocess.run([sys.executable, "-m", "longgen", "ode-pairs", "--config", str(recipe)],
+                          capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode != 0
+    assert "unknown config key 'causal.chunk_size': it moved to 'extension.options.chunk_size'" in proc.stderr, (
+        proc.stderr[-2000:]
+    )
+
+
+def test_longgen_generate_reapplies_the_recorded_mask(saved, clips, tmp_path, capsys):
+    """End to end: a causal_forcing LoRA records its block-causal extension (final/longgen_extension.json), and
+    ``longgen generate --lora final --sampler causal`` streams through the re-applied mask: the clip equals the one
+    the sampler's own hooks give (``--no-auto-extension``); another window is refused naming the fix."""
+    from safetensors.torch import load_file
+    from tiny_runs import run_trainer
+
+    from longgen.cli import main
+
+    _, result = run_trainer(tiny_lora_config(
+        tmp_path / "run", clips, "objective.method=causal_forcing", *CAUSAL, "causal.forcing=teacher",
+        "objective.mode=clip",
+    ))  # fmt: skip
+    record = json.loads((tmp_path / "run" / "final" / "longgen_extension.json").read_text())
+    assert record["method"] == "block-causal" and record["options"]["chunk_size"] == 1, record
+
+    def generate(name, *extra):
+        out = tmp_path / f"{name}.mp4"
+        code = main(["generate", "--model", saved("wan"), "--lora", str(result.final_dir), "--prompt", "a red ball",
+                     "--sampler", "causal", "--chunk-size", "1", "--steps", "2", "--seed", "3", "--num-frames", "17",
+                     "--save-latents", "--quiet", "--out", str(out), *extra])  # fmt: skip
+        return code, out
+
+    (code, auto), (code_own, own) = generate("auto"), generate("own", "--no-auto-extension")
+    assert code == 0 and code_own == 0
+    latents = [load_file(str(o).removesuffix(".mp4") + ".latents.safetensors")["latents"] for o in (auto, own)]
+    torch.testing.assert_close(latents[0], latents[1], rtol=0, atol=0)
+    capsys.readouterr()
+    code, _ = generate("window", "--local-attn-size", "2")
+    assert code != 0 and "--no-auto-extension" in capsys.readouterr().err
+    assert generate("window2", "--local-attn-size", "2", "--no-auto-extension")[0] == 0

@@ -104,7 +104,8 @@ def _assert_causal(info: dict) -> None:
 
 def _common(clips: str) -> list[str]:
     return [f"data.source={clips}", "data.num_frames=9", "train.batch_size=1", "train.steps=2",
-            "causal.chunk_size=1", "ema.enabled=false", "validation.every=0", "optim.lr=1e-3"]  # fmt: skip
+            "extension.method=block-causal", "extension.options={chunk_size: 1}", "ema.enabled=false",
+            "validation.every=0", "optim.lr=1e-3"]  # fmt: skip
 
 
 @pytest.mark.slow

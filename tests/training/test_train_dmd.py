@@ -171,7 +171,10 @@ def other_family_folders(tmp_path_factory):
     "overrides, message",
     [
         (["objective.method=dmd"], "set extension.method=block-causal"),
-        ([*DMD, "extension.options={chunk_size: 2}"], "chunk_size 2 does not divide the 3 latent frames"),
+        ([*DMD, "extension.options={chunk_size: 2}"],
+         "extension.options.chunk_size=2 does not divide the training clip's 3 latent frames"),
+        ([*DMD, "extension.options={chunk_size: 2}", "dmd.rollout_latent_frames=5"],
+         "chunk_size=2 does not divide the 5 latent frames of the training rollout"),
         ([*DMD, "dmd.window_latent_frames=3", "dmd.grad_latent_frames=4"], "dmd.grad_latent_frames"),
         ([*DMD, "teacher:ltx"], "must share the family"),
         ([*DMD, "teacher:animatediff"], "is a UNet"),
