@@ -12,15 +12,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
-import sys
 
 import pytest
-import yaml
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from cpu_launch import accelerate_exe, cpu_launch_config, with_fsdp_on_cpu
 
 WORKER = r"""
 import json, os, sys
@@ -29,9 +25,7 @@ from accelerate.state import PartialState
 from accelerate.utils import DistributedType
 
 if os.environ["LONGGEN_TEST_BACKEND"] == "fsdp":  # CPU host: accelerate's FSDP code path over gloo
-    PartialState._prepare_backend = lambda self, cpu=False, sagemaker_dp=False, backend=None: (
-        "gloo", DistributedType.MULTI_GPU)
-    os.environ["ACCELERATE_TORCH_DEVICE"] = "cpu"
+    # <FSDP_ON_CPU>
     PartialState()
 
 from longgen.training.config import load_config
@@ -67,21 +61,14 @@ json.dump(info, open(f"{out}/rank{acc.process_index}.json", "w"))
 """
 
 
-def _accelerate() -> str:
-    exe = shutil.which("accelerate", path=os.path.dirname(sys.executable)) or shutil.which("accelerate")
-    if exe is None:
-        pytest.fail("the accelerate CLI is not installed next to this Python; pip install accelerate")
-    return exe
-
-
 def _launch(out, launch_args: list[str], backend: str, overrides: list[str]) -> list[dict]:
     """``accelerate launch`` the worker on 2 CPU processes; the per-rank reports."""
     worker = out / "worker.py"
-    worker.write_text(WORKER)
+    worker.write_text(with_fsdp_on_cpu(WORKER))
     env = {**os.environ, "LONGGEN_TEST_BACKEND": backend, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     if backend == "ddp":
         env["ACCELERATE_USE_CPU"] = "true"
-    cmd = [_accelerate(), "launch", *launch_args, "--main_process_port", "0", str(worker), str(out), *overrides]
+    cmd = [accelerate_exe(), "launch", *launch_args, "--main_process_port", "0", str(worker), str(out), *overrides]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=out,
                             start_new_session=True)  # fmt: skip
     try:
@@ -130,12 +117,8 @@ def test_ode_regression_under_fsdp_keeps_the_mask(tmp_path, clips):
     ode = [f"data.cache_dir={cache}", "ode.num_steps=4", "ode.keep_steps=[0,2]", "ode.num_samples=2",
            "ode.guidance_scale=1.0"]  # fmt: skip
     build_ode_pairs(load_config(None, [*_common(clips), *ode, f"train.output_dir={tmp_path / 'pairs'}"]))
-    with open(os.path.join(REPO, "configs", "accelerate", "fsdp.yaml")) as fh:
-        launch = yaml.safe_load(fh)
-    launch.update(num_processes=2, mixed_precision="no", use_cpu=False)
-    (tmp_path / "fsdp.yaml").write_text(yaml.safe_dump(launch))
     overrides = [*_common(clips), *ode, "objective.method=ode_regression", "lora.enabled=false"]
-    for info in _launch(tmp_path, ["--config_file", str(tmp_path / "fsdp.yaml")], "fsdp", overrides):
+    for info in _launch(tmp_path, ["--config_file", cpu_launch_config("fsdp", tmp_path)], "fsdp", overrides):
         assert info["distributed_type"].endswith("FSDP") and info["shard_fraction"] <= 0.5, info
         _assert_causal(info)
         assert len(info["losses"]) == 2

@@ -12,9 +12,9 @@ import json
 import os
 
 import pytest
+from cpu_launch import cpu_launch_config
 from test_train_sharded import (
     _assert_same_lora,
-    _cpu_launch_config,
     _launch,
     _lora,
     clips,  # noqa: F401  (the module-scoped clip fixture)
@@ -35,7 +35,7 @@ def test_dmd_fsdp2_matches_ddp_and_resumes_exactly(tmp_path, clips):  # noqa: F8
                 "--dynamo_backend", "no"]  # fmt: skip
     (tmp_path / "ddp").mkdir()
     _launch(tmp_path / "ddp", clips, "straight", "ddp", ddp_args, extra=DMD)
-    fsdp = ["--config_file", _cpu_launch_config("fsdp", tmp_path)]
+    fsdp = ["--config_file", cpu_launch_config("fsdp", tmp_path)]
     _launch(tmp_path, clips, "straight", "fsdp", fsdp, extra=DMD)
     step2 = os.path.join(tmp_path, "straight", "checkpoints", "step_00000002")
     _launch(tmp_path, clips, "resumed", "fsdp", fsdp, extra=[*DMD, f"train.resume={step2}"])

@@ -25,16 +25,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
-import sys
 
 import pytest
 import torch
-import yaml
+from cpu_launch import accelerate_exe, cpu_launch_config, with_fsdp_on_cpu
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 pytest.importorskip("deepspeed", reason="DeepSpeed tests need `pip install deepspeed` (in longgen[dev])")
 
 WORKER = r"""
@@ -47,9 +44,7 @@ from accelerate.utils import DistributedType
 backend = os.environ["LONGGEN_TEST_BACKEND"]
 if backend == "fsdp":
     # CPU host: accelerate's FSDP code path with the gloo backend on device cpu.
-    PartialState._prepare_backend = lambda self, cpu=False, sagemaker_dp=False, backend=None: (
-        "gloo", DistributedType.MULTI_GPU)
-    os.environ["ACCELERATE_TORCH_DEVICE"] = "cpu"
+    # <FSDP_ON_CPU>
     state = PartialState()
 elif backend == "deepspeed":
     state = PartialState()  # DeepSpeed initialises the process group with gloo (its CPU accelerator)
@@ -82,23 +77,6 @@ json.dump(info, open(f"{out}/{name}_rank{acc.process_index}.json", "w"))
 """
 
 
-def _accelerate() -> str:
-    exe = shutil.which("accelerate", path=os.path.dirname(sys.executable)) or shutil.which("accelerate")
-    if exe is None:
-        pytest.fail("the accelerate CLI is not installed next to this Python; pip install accelerate")
-    return exe
-
-
-def _cpu_launch_config(name: str, tmp_path) -> str:
-    """The project's accelerate config for ``name`` with 2 processes, fp32 and no GPU."""
-    with open(os.path.join(REPO, "configs", "accelerate", f"{name}.yaml")) as fh:
-        config = yaml.safe_load(fh)
-    config.update(num_processes=2, mixed_precision="no", use_cpu=False)
-    path = tmp_path / f"{name}_cpu.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return str(path)
-
-
 def _overrides(clips: str) -> list[str]:
     return [
         f"data.source={clips}",
@@ -120,7 +98,7 @@ def _overrides(clips: str) -> list[str]:
 def _launch(out, clips, run: str, backend: str, launch_args: list[str], extra=()) -> None:
     """``accelerate launch`` the worker: run ``run`` writes ``out/<run>/`` and ``out/<run>_rank<i>.json``."""
     worker = out / "worker.py"
-    worker.write_text(WORKER)
+    worker.write_text(with_fsdp_on_cpu(WORKER))
     env = {
         **os.environ,
         "LONGGEN_TEST_BACKEND": backend,
@@ -131,7 +109,7 @@ def _launch(out, clips, run: str, backend: str, launch_args: list[str], extra=()
     if backend == "ddp":
         env["ACCELERATE_USE_CPU"] = "true"
     cmd = [
-        _accelerate(), "launch", *launch_args, "--main_process_port", "0",
+        accelerate_exe(), "launch", *launch_args, "--main_process_port", "0",
         str(worker), str(out), run, *_overrides(clips), *extra,
     ]  # fmt: skip
     # own process group: a timeout kills the launcher and both workers (a stuck rank must not outlive the test)
@@ -190,7 +168,7 @@ def ddp_reference(tmp_path_factory, clips) -> str:
 def test_sharded_training_matches_ddp_and_resumes_exactly(
     tmp_path, clips, ddp_reference, config, backend, stage, sharded
 ):
-    launch = ["--config_file", _cpu_launch_config(config, tmp_path)]
+    launch = ["--config_file", cpu_launch_config(config, tmp_path)]
     out = str(tmp_path)
     validation = ["validation.every=4", "validation.steps=2", "validation.num_frames=17"]
     _launch(tmp_path, clips, "straight", backend, launch, extra=validation)
@@ -237,7 +215,7 @@ def test_context_parallel_with_fsdp_matches_one_process(tmp_path, clips):
     from longgen.training.config import load_config
     from longgen.training.loop import Trainer
 
-    launch = ["--config_file", _cpu_launch_config("fsdp", tmp_path)]
+    launch = ["--config_file", cpu_launch_config("fsdp", tmp_path)]
     out = str(tmp_path)
     _launch(
         tmp_path, clips, "straight", "fsdp", launch, extra=["train.ulysses_degree=2", "optim.grad_clip=0"]
@@ -279,7 +257,7 @@ def test_sharded_full_fine_tune_exports_the_ddp_model_folder(tmp_path, clips):
         out = tmp_path / config
         out.mkdir()
         _launch(
-            out, clips, "full", backend, ["--config_file", _cpu_launch_config(config, tmp_path)], extra=full
+            out, clips, "full", backend, ["--config_file", cpu_launch_config(config, tmp_path)], extra=full
         )
         info = json.load(open(out / "full_rank0.json"))
         assert info["shard_fraction"] <= 0.5 + 1e-9, info
