@@ -1,9 +1,9 @@
-"""Self-Forcing DMD under two-process DDP and FSDP2 on CPU (gloo), through the sharded tests' worker.
+"""Self-Forcing DMD under two-process DDP, FSDP2 and DeepSpeed ZeRO-2 on CPU (gloo), through the sharded tests' worker.
 
-Student and critic are two prepared modules with two optimizers: FSDP2 shards both and must train the same
-student as DDP (averaged gradients, global-norm clipping, AdamW: the same maths), and a new launch resuming
-from the sharded step-2 checkpoint must end with the same losses and weights (both networks, both
-optimizers, the schedules and the RNG). Under DeepSpeed the method refuses with a message naming the fix.
+Student and critic are two prepared modules with two optimizers (under DeepSpeed: two engines, each stepping
+itself). FSDP2 and ZeRO-2 must train the same student as DDP (averaged gradients, global-norm clipping, AdamW:
+the same maths in fp32), and a new launch resuming from the step-2 checkpoint must end with the same losses and
+weights (both networks, both optimizers, the schedules and the RNG). ZeRO-3 is refused (test_train_dmd.py).
 """
 
 from __future__ import annotations
@@ -29,23 +29,34 @@ DMD = [
 ]
 
 
-@pytest.mark.slow
-def test_dmd_fsdp2_matches_ddp_and_resumes_exactly(tmp_path, clips):  # noqa: F811
+@pytest.fixture(scope="module")
+def dmd_ddp(tmp_path_factory, clips) -> str:  # noqa: F811
+    """The two-process DDP DMD run every engine is compared with (one launch for the module)."""
+    out = tmp_path_factory.mktemp("dmd_ddp")
     ddp_args = ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
                 "--dynamo_backend", "no"]  # fmt: skip
-    (tmp_path / "ddp").mkdir()
-    _launch(tmp_path / "ddp", clips, "straight", "ddp", ddp_args, extra=DMD)
-    fsdp = ["--config_file", cpu_launch_config("fsdp", tmp_path)]
-    _launch(tmp_path, clips, "straight", "fsdp", fsdp, extra=DMD)
-    step2 = os.path.join(tmp_path, "straight", "checkpoints", "step_00000002")
-    _launch(tmp_path, clips, "resumed", "fsdp", fsdp, extra=[*DMD, f"train.resume={step2}"])
+    _launch(out, clips, "straight", "ddp", ddp_args, extra=DMD)
+    return str(out)
 
-    ddp = json.load(open(tmp_path / "ddp" / "straight_rank0.json"))
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config, backend", [("fsdp", "fsdp"), ("zero2", "deepspeed")])
+def test_dmd_sharded_matches_ddp_and_resumes_exactly(tmp_path, clips, dmd_ddp, config, backend):  # noqa: F811
+    launch = ["--config_file", cpu_launch_config(config, tmp_path)]
+    _launch(tmp_path, clips, "straight", backend, launch, extra=DMD)
+    step2 = os.path.join(tmp_path, "straight", "checkpoints", "step_00000002")
+    _launch(tmp_path, clips, "resumed", backend, launch, extra=[*DMD, f"train.resume={step2}"])
+
+    ddp = json.load(open(os.path.join(dmd_ddp, "straight_rank0.json")))
     straight = json.load(open(tmp_path / "straight_rank0.json"))
-    assert straight["distributed_type"].endswith("FSDP") and straight["shard_fraction"] <= 0.5 + 1e-9, straight
+    if backend == "fsdp":
+        assert straight["distributed_type"].endswith("FSDP") and straight["shard_fraction"] <= 0.5 + 1e-9, straight
+    else:  # ZeRO-2: the student's engine (weights whole, optimizer states and gradients partitioned)
+        assert straight["distributed_type"].endswith("DEEPSPEED") and straight["zero_stage"] == 2, straight
+        assert sorted(os.listdir(step2)).count("pytorch_model_1") == 1  # the critic's engine checkpoint
     assert len(straight["losses"]) == 4
     assert straight["losses"] == pytest.approx(ddp["losses"], abs=1e-5)
-    _assert_same_lora(_lora(str(tmp_path / "straight")), _lora(str(tmp_path / "ddp" / "straight")), atol=2e-5)
+    _assert_same_lora(_lora(str(tmp_path / "straight")), _lora(os.path.join(dmd_ddp, "straight")), atol=2e-5)
 
     resumed = json.load(open(tmp_path / "resumed_rank0.json"))
     assert resumed["steps"] == [3, 4], resumed
