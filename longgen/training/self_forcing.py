@@ -23,6 +23,8 @@ length) and only the newest ``dmd.grad_latent_frames`` get gradient.
 
 Data: the text conditions only (captions or cached conds); the clip's latents give the shape. The loop
 checkpoints both trained networks, both optimizers and schedules (exact resume); the teacher is reloaded.
+Distributed: DDP, FSDP2 and DeepSpeed ZeRO-1/2 (student and critic one engine each, stepping themselves; the
+frozen teacher outside any engine); ZeRO-3 is refused.
 """
 
 from __future__ import annotations
