@@ -23,7 +23,7 @@ length) and only the newest ``dmd.grad_latent_frames`` get gradient.
 
 Data: the text conditions only (captions or cached conds); the clip's latents give the shape. The loop
 checkpoints both trained networks, both optimizers and schedules (exact resume); the teacher is reloaded.
-Distributed: DDP, FSDP2 and DeepSpeed ZeRO-1/2 (student and critic one engine each, stepping themselves; the
+Distributed: DDP, FSDP2 and DeepSpeed ZeRO-2 (student and critic one engine each, stepping themselves; the
 frozen teacher outside any engine); ZeRO-3 is refused.
 """
 
@@ -133,15 +133,15 @@ class DMDMethod(DenoisingMethod):
 
     @staticmethod
     def _check_deepspeed(accelerator) -> bool:
-        """Whether the run is DeepSpeed (ZeRO-1/2: one engine per trained network); ZeRO-3 is refused."""
+        """Whether the run is DeepSpeed (ZeRO-1/2: one engine per trained network; ZeRO-2 tested); ZeRO-3 is refused."""
         from . import build
 
         if accelerator.distributed_type.value != "DEEPSPEED":
             return False
         if build.sharded_weights(accelerator):
             raise ValueError(
-                "objective.method=dmd does not support DeepSpeed ZeRO-3 (only ZeRO-1/2, whose weights stay whole, "
-                "are tested with its two engines): launch with configs/accelerate/zero2.yaml, or "
+                "objective.method=dmd does not support DeepSpeed ZeRO-3 (its two engines are tested under ZeRO-2, "
+                "which keeps whole weights): launch with configs/accelerate/zero2.yaml, or "
                 "configs/accelerate/fsdp.yaml (FSDP2) to shard the weights"
             )
         return True
