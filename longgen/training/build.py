@@ -438,12 +438,17 @@ def prepare(accelerator, modules, optimizers, schedulers, loader, config: Config
     """``accelerator.prepare`` the method's modules, its optimizers and schedules (lists) and the data.
 
     With context parallelism the clips are sharded over the data-parallel ranks only (one clip per
-    context-parallel group). FSDP2 takes one model per ``prepare`` call, so a method with one optimizer per
-    module (DMD's student and critic) is prepared pair by pair there. Returns ``(prepared modules,
-    optimizers, schedulers, loader)``.
+    context-parallel group). FSDP2 and DeepSpeed take one model per ``prepare`` call, so a method with one
+    optimizer per module (DMD's student and critic) is prepared pair by pair there: under DeepSpeed that makes
+    one engine per module, each with its own optimizer, saved by ``save_state`` as ``pytorch_model`` and
+    ``pytorch_model_1``. Returns ``(prepared modules, optimizers, schedulers, loader)``.
     """
+    from accelerate.utils import DistributedType
+
     n, k = len(modules), len(optimizers)
-    if n > 1 and n == k and getattr(accelerator, "is_fsdp2", False):
+    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+    one_model_per_call = getattr(accelerator, "is_fsdp2", False) or deepspeed
+    if n > 1 and n == k and one_model_per_call:
         pairs = [accelerator.prepare(m, o, s) for m, o, s in zip(modules, optimizers, schedulers)]
         prepared = ([p[0] for p in pairs], [p[1] for p in pairs], [p[2] for p in pairs])
     elif dp_size == accelerator.num_processes:

@@ -13,7 +13,9 @@ A method that trains several networks with their own optimizers (DMD: a student 
 instead ``build_optimizers()`` -> ``[(optimizer, lr_scheduler), ...]`` (one per module, same order),
 ``bind_optimizers(optimizers, schedulers)`` (the prepared ones) and ``train_step(batch, micro_step)``,
 which does its own backward passes and optimizer steps and returns the loss to log. The first module
-stays the trained denoiser (EMA, validation and export use it).
+stays the trained denoiser (EMA, validation and export use it). Under FSDP2 and DeepSpeed each module is
+prepared with its optimizer on its own (DeepSpeed: one engine each, which the method steps through
+``engine.backward`` / ``engine.step``: ``accelerator.backward`` drives only the first engine).
 
 Methods register by name (:func:`register_method`) and ``objective.method`` selects one. The first one,
 ``denoising``, is the backbone's native denoising loss at per-frame noise levels (clip, Diffusion

@@ -23,6 +23,8 @@ length) and only the newest ``dmd.grad_latent_frames`` get gradient.
 
 Data: the text conditions only (captions or cached conds); the clip's latents give the shape. The loop
 checkpoints both trained networks, both optimizers and schedules (exact resume); the teacher is reloaded.
+Distributed: DDP, FSDP2 and DeepSpeed ZeRO-2 (student and critic one engine each, stepping themselves; the
+frozen teacher outside any engine); ZeRO-3 is refused.
 """
 
 from __future__ import annotations
@@ -101,11 +103,7 @@ class DMDMethod(DenoisingMethod):
         if config.train.grad_accumulation != 1:
             raise ValueError("objective.method=dmd steps its own optimizers: set train.grad_accumulation=1 "
                              "(raise train.batch_size instead)")
-        if context.accelerator.distributed_type.value == "DEEPSPEED":
-            raise ValueError(
-                "objective.method=dmd trains two networks with two optimizers, which Accelerate's DeepSpeed engine "
-                "does not take in one run: launch with configs/accelerate/fsdp.yaml (FSDP2) or ddp.yaml"
-            )
+        self._deepspeed = self._check_deepspeed(context.accelerator)
         self.cache = cache
         self._check_window(config, self._rollout_frames(config, context.adapter))
         device = context.accelerator.device
@@ -132,6 +130,21 @@ class DMDMethod(DenoisingMethod):
         """Latent frames of each rollout: ``dmd.rollout_latent_frames``, else the training clip's."""
         data = config.data
         return config.dmd.rollout_latent_frames or adapter.latent_shape(data.num_frames, data.height, data.width)[2]
+
+    @staticmethod
+    def _check_deepspeed(accelerator) -> bool:
+        """Whether the run is DeepSpeed (ZeRO-1/2: one engine per trained network; ZeRO-2 tested); ZeRO-3 is refused."""
+        from . import build
+
+        if accelerator.distributed_type.value != "DEEPSPEED":
+            return False
+        if build.sharded_weights(accelerator):
+            raise ValueError(
+                "objective.method=dmd does not support DeepSpeed ZeRO-3 (its two engines are tested under ZeRO-2, "
+                "which keeps whole weights): launch with configs/accelerate/zero2.yaml, or "
+                "configs/accelerate/fsdp.yaml (FSDP2) to shard the weights"
+            )
+        return True
 
     @staticmethod
     def _check_window(config, frames: int) -> None:
@@ -265,10 +278,20 @@ class DMDMethod(DenoisingMethod):
         return loss
 
     def _update(self, loss: torch.Tensor, module, index: int) -> None:
+        """Backward, clip at ``optim.grad_clip``, step ``module``'s optimizer and schedule, zero its grads.
+
+        Under DeepSpeed each trained network is its own engine and steps itself (``engine.step``: averaged
+        gradients, the engine's clipping, filled from ``optim.grad_clip`` by ``configure_deepspeed``, AdamW,
+        zeroed grads); ``accelerator.backward`` would drive only the first engine prepared (the student).
+        """
         acc, clip = self.ctx.accelerator, self.ctx.config.optim.grad_clip
-        acc.backward(loss)
-        if clip:
-            acc.clip_grad_norm_([p for p in module.parameters() if p.requires_grad], clip)
+        if self._deepspeed:
+            module.backward(loss)
+            module.step()
+        else:
+            acc.backward(loss)
+            if clip:
+                acc.clip_grad_norm_([p for p in module.parameters() if p.requires_grad], clip)
         self.optimizers[index].step()
         self.schedulers[index].step()
         self.optimizers[index].zero_grad(set_to_none=True)

@@ -189,15 +189,21 @@ def test_bad_dmd_input_names_the_fix(tmp_path, clips, other_family_folders, over
         Trainer(tiny_lora_config(tmp_path, clips, *overrides))
 
 
-def test_dmd_under_deepspeed_names_the_fix(tmp_path, clips, monkeypatch):
+def test_dmd_under_zero3_names_the_fix(tmp_path, clips, monkeypatch):
+    """ZeRO-1/2 train DMD (test_train_dmd_distributed.py); ZeRO-3 is refused with the configs that work."""
+    from types import SimpleNamespace
+
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from accelerate.utils import DistributedType
 
     from longgen.training.loop import Trainer
 
     monkeypatch.setattr(Accelerator, "distributed_type", property(lambda self: DistributedType.DEEPSPEED))
-    with pytest.raises(ValueError, match="configs/accelerate/fsdp.yaml"):
-        Trainer(tiny_lora_config(tmp_path, clips, *DMD))
+    zero3 = SimpleNamespace(zero_stage=3, enable_msamp=False)
+    monkeypatch.setattr(AcceleratorState, "deepspeed_plugin", property(lambda self: zero3))
+    with pytest.raises(ValueError, match="does not support DeepSpeed ZeRO-3.*zero2.yaml.*fsdp.yaml"):
+        Trainer(tiny_lora_config(tmp_path, clips, *DMD, "ema.enabled=false"))
 
 
 def test_streaming_long_tuning_rolls_past_the_native_length(tmp_path, clips):

@@ -131,10 +131,11 @@ def _launch(out, clips, run: str, backend: str, launch_args: list[str], extra=()
     assert proc.returncode == 0, stdout[-3000:] + stderr[-6000:]
 
 
-def _lora(folder: str) -> dict[str, torch.Tensor]:
+def _lora(folder: str, export: str = "final") -> dict[str, torch.Tensor]:
+    """The LoRA a run exported into ``folder/<export>/`` (``final``, or ``final_ema`` for the EMA)."""
     from safetensors.torch import load_file
 
-    return load_file(os.path.join(folder, "final", "pytorch_lora_weights.safetensors"))
+    return load_file(os.path.join(folder, export, "pytorch_lora_weights.safetensors"))
 
 
 def _assert_same_lora(got: dict, want: dict, atol: float) -> None:
