@@ -225,5 +225,5 @@ def data_cache_command(name: str) -> str | None:
     return getattr(_METHODS.get(name), "data_cache_command", None)
 
 
-from . import causal_methods  # noqa: E402,F401  (registers causal_forcing and ode_regression)
-from . import self_forcing  # noqa: E402, F401  (registers objective.method=dmd; imports this module's names)
+# The methods beyond ``denoising`` register themselves on import (causal_forcing and ode_regression; dmd).
+from . import causal_methods, self_forcing  # noqa: E402, F401
