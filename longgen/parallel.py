@@ -407,12 +407,13 @@ class GenerationParallel:
             scope.__enter__()
             self._undo.append(lambda: scope.__exit__(None, None, None))
             return
-        self._enable_model_parallel(pipe.adapter, sampler)
+        self._enable_model_parallel(pipe.adapter, spec)
 
-    def _enable_model_parallel(self, adapter, sampler: str) -> None:
-        if sampler == "causal":
-            raise ValueError(f"--context-parallel {self.mode} does not combine with --sampler causal (its KV-cache "
-                             "hooks need the whole sequence on one process); drop --context-parallel")
+    def _enable_model_parallel(self, adapter, spec) -> None:
+        sampler = spec.name
+        if spec.hooks is not None:  # e.g. causal: block-causal attention + KV cache installed while it runs
+            raise ValueError(f"--context-parallel {self.mode} does not combine with --sampler {sampler} (its model "
+                             "hooks, a KV cache, need the whole sequence on one process); drop --context-parallel")
         plan = adapter.context_parallel_plan()
         if plan is None:
             raise ValueError(

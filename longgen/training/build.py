@@ -39,6 +39,7 @@ __all__ = [
     "configure_deepspeed",
     "enable_context_parallel",
     "latent_cache_index",
+    "loaded_text_encoders",
     "release_text_encoders",
     "resolve_mixed_precision",
     "select_trainable",
@@ -172,6 +173,12 @@ def build_adapter(config: Config, device):
     return adapter
 
 
+def loaded_text_encoders(adapter) -> list[str]:
+    """Names of the pipeline's text encoders still loaded (:func:`release_text_encoders` frees them)."""
+    components = adapter.pipe.components  # diffusers' name -> component map (None once freed)
+    return [n for n in TEXT_ENCODERS if isinstance(components.get(n), torch.nn.Module)]
+
+
 def release_text_encoders(adapter, config: Config, device) -> EncodedPrompts | None:
     """Free the text encoders when training reads text embeddings from the latent cache.
 
@@ -182,7 +189,7 @@ def release_text_encoders(adapter, config: Config, device) -> EncodedPrompts | N
     pipe = adapter.pipe
     if adapter.requires_image_condition:
         return None
-    names = [n for n in TEXT_ENCODERS if isinstance(getattr(pipe, n, None), torch.nn.Module)]
+    names = loaded_text_encoders(adapter)
     if not names:
         return None
     vcfg = config.validation

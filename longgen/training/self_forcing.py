@@ -310,7 +310,9 @@ class DMDMethod(DenoisingMethod):
 
     def _encode_empty_prompt(self) -> dict[str, Any]:
         adapter = self.ctx.adapter
-        if getattr(adapter.pipe, "text_encoder", None) is None:
+        from . import build
+
+        if not build.loaded_text_encoders(adapter):
             raise ValueError(
                 "dmd.guidance_scale > 1 needs the empty prompt's cond: rebuild the latent cache with longgen "
                 "precompute (it stores it) or set dmd.guidance_scale=1"
