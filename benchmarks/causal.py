@@ -29,6 +29,8 @@ import subprocess
 import sys
 import time
 
+from longgen.files import write_json_atomic
+
 NATIVE = 6  # latent frames of the "native" clip of the benchmark model
 CHUNK = 3
 
@@ -283,8 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(table("Sampler speed at 4 steps", results["fps"]))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+        write_json_atomic(args.json, results, indent=2)
     return 0
 
 

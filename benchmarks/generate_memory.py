@@ -27,6 +27,8 @@ import sys
 import tempfile
 import time
 
+from longgen.files import write_json_atomic
+
 
 def step_flags(adapter, num_frames: int, sampler: str, steps: int) -> list[str]:
     """Flags giving ``sampler`` about ``steps`` model steps (fifo's count follows from its knobs)."""
@@ -128,8 +130,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['peak_rss_mib']:.0f} | {r['peak_rss_mib'] / base['peak_rss_mib']:.2f} | "
               f"{r['seconds'] / base['seconds']:.2f} |")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+        write_json_atomic(args.json, rows, indent=2)
     return 0
 
 

@@ -30,6 +30,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from longgen.files import write_json_atomic
+
 WAN21_1_3B: dict[str, Any] = {
     "patch_size": (1, 2, 2),
     "num_attention_heads": 12,
@@ -397,8 +399,7 @@ def main(argv: list[str] | None = None) -> int:
             "peak_flops": peak,
             "config": {**config, "patch_size": list(config["patch_size"])},
         }
-        with open(args.json, "w") as fh:
-            json.dump({**meta, "rows": rows}, fh, indent=2)
+        write_json_atomic(args.json, {**meta, "rows": rows}, indent=2)
     return 0
 
 

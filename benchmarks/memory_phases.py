@@ -23,6 +23,8 @@ import tempfile
 import threading
 import time
 
+from longgen.files import write_json_atomic
+
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
@@ -148,8 +150,7 @@ def main(argv: list[str] | None = None) -> int:
                          f"{end.get('free', 0):.0f})")
         print(f"| {r['factor']}x | {r['num_frames']} | " + " | ".join(cells) + " |")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+        write_json_atomic(args.json, rows, indent=2)
     return 0
 
 

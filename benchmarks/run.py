@@ -27,6 +27,7 @@ import tempfile
 import time
 from typing import Any
 
+from longgen.files import write_json_atomic
 from longgen.samplers import sampler_names
 
 Row = tuple[str, str, str]  # (benchmark, setting, result)
@@ -279,8 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     for title, table in details:
         print(f"\n### {title}\n\n{table}")
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(results, fh, indent=2, default=str)
+        write_json_atomic(args.json, results, indent=2, default=str)
     return 0
 
 

@@ -26,6 +26,8 @@ import time
 
 import torch
 
+from longgen.files import write_json_atomic
+
 
 def _cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
@@ -120,8 +122,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{w['mask']:.3f} | {r['wall_blocks_vs_dense']:.2f} | {r['wall_mask_vs_dense']:.2f} | "
               f"{c['blocks'] / c['dense']:.2f} | {c['mask'] / c['dense']:.2f} | {r['max_diff_blocks_vs_mask']:.1e} |")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+        write_json_atomic(args.json, rows, indent=2)
     return 0
 
 

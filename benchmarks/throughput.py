@@ -22,6 +22,8 @@ import time
 import numpy as np
 import torch
 
+from longgen.files import write_json_atomic
+
 
 def _timed(fn, *args, **kwargs) -> tuple[float, object]:
     start = time.perf_counter()
@@ -141,8 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.only in (None, "cache"):
         rows["cache"] = bench_cache(pipe, args)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+        write_json_atomic(args.json, rows, indent=1)
     return 0
 
 

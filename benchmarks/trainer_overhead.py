@@ -37,6 +37,8 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from longgen.files import write_json_atomic
+
 # --- workloads -------------------------------------------------------------------------------------
 
 
@@ -727,8 +729,7 @@ def main(argv: list[str] | None = None) -> int:
         memory = measure_max_frames(mem_workload, device, frames, budgets, not args.full, text_len=32)
     print(markdown(overhead, memory))
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump({"overhead": overhead, "memory": memory}, fh, indent=2)
+        write_json_atomic(args.json, {"overhead": overhead, "memory": memory}, indent=2)
     return 0
 
 

@@ -27,7 +27,6 @@ numbers are torchcodec's real CPU decoder. Nothing in longgen itself does this.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -38,6 +37,7 @@ import time
 
 import numpy as np
 
+from longgen.files import write_json_atomic
 from longgen.io import VIDEO_BACKENDS, backend_error, read_video
 
 READERS = [b for b in VIDEO_BACKENDS if b != "auto"]
@@ -206,8 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         return _rerun_with_cuda_stubs(sys.argv[1:] if argv is None else list(argv))
     result = run(args)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+        write_json_atomic(args.json, result, indent=2)
     print(markdown(result))
     return 0
 
