@@ -24,6 +24,9 @@ CANDIDATE = {"caption_dropout": 0.1, "guidance_scale": 3.0, "text_length": 64}
 """Caption dropout (trains the empty prompt) + guidance 3 + 64-token prompts: the candidate the others vary."""
 VARIANTS: dict[str, dict] = {
     "before": {},
+    "text64": {"text_length": 64},
+    "clip64": {"text_length": 64, "extra_overrides": ["objective.mode=clip"]},
+    "text64_2k": {"text_length": 64, "train_steps": 2000},
     "cfg": {**CANDIDATE, "text_length": 512},
     "cfg_text64": CANDIDATE,
     "ema": {**CANDIDATE, "ema_decay": 0.99},
@@ -43,25 +46,31 @@ prompts; the caption words are in the tokenizer in every variant, the old word l
 demo's defaults; the others are :data:`CANDIDATE` and one change each."""
 
 
-def _score(adapter, data_dir: str, out: str, worlds: int, guidance: float, steps: int) -> dict:
-    """1x ``full`` clips of worlds 0..worlds-1 at one guidance scale: per world overall / count and ceiling."""
+def _score(adapter, data_dir: str, out: str, worlds: int, guidance: float, steps: int,
+           seeds: tuple[int, ...] = (0,)) -> dict:
+    """1x ``full`` clips of worlds 0..worlds-1 (one per sampling seed) at one guidance scale: per world and
+    seed overall / count and the ceiling; ``demo_*`` is world 0 (the demo's prompt) averaged over the seeds."""
     from longgen.demo import generate_and_evaluate, synthetic_means
 
     rows = []
     for w in range(worlds):
-        res = generate_and_evaluate(adapter, data_dir, os.path.join(out, f"g{guidance:g}_w{w}"), 1, ("full",),
-                                    steps, guidance_scale=guidance, world_index=w)
-        full, ceiling = (synthetic_means(res["report"]["videos"][k]) for k in ("full", "gt_vae"))
-        rows.append({"world": w, "full": full, "gt_vae": ceiling})
+        for seed in seeds:
+            res = generate_and_evaluate(adapter, data_dir, os.path.join(out, f"g{guidance:g}_w{w}_s{seed}"), 1,
+                                        ("full",), steps, seed=seed, guidance_scale=guidance, world_index=w)
+            full, ceiling = (synthetic_means(res["report"]["videos"][k]) for k in ("full", "gt_vae"))
+            rows.append({"world": w, "seed": seed, "full": full, "gt_vae": ceiling})
+    demo = [r for r in rows if r["world"] == 0]
 
-    def mean(key: str, score: str) -> float:
-        return sum(r[key][score] or 0.0 for r in rows) / len(rows)
+    def mean(key: str, score: str, of: list | None = None) -> float:
+        of = rows if of is None else of
+        return sum(r[key][score] or 0.0 for r in of) / len(of)
 
     return {
         "worlds": rows,
-        "demo_overall": rows[0]["full"]["overall"],
-        "demo_count": rows[0]["full"]["count"],
-        "demo_ceiling": rows[0]["gt_vae"]["overall"],
+        "seeds": list(seeds),
+        "demo_overall": mean("full", "overall", demo),
+        "demo_count": mean("full", "count", demo),
+        "demo_ceiling": mean("gt_vae", "overall", demo),
         "mean_overall": mean("full", "overall"),
         "mean_count": mean("full", "count"),
         "mean_ceiling": mean("gt_vae", "overall"),
@@ -90,7 +99,7 @@ def run_variant(name: str, changes: dict, args) -> dict:
     for g in args.guidance:
         if g != 1.0 and not settings.caption_dropout:
             continue
-        entry["guidance"][f"{g:g}"] = _score(adapter, data_dir, out, args.worlds, g, args.steps)
+        entry["guidance"][f"{g:g}"] = _score(adapter, data_dir, out, args.worlds, g, args.steps, tuple(args.seeds))
     return entry
 
 
@@ -111,7 +120,8 @@ def score_demo_run(demo_dir: str, args) -> dict:
         "cpu_seconds": summary.get("stage_cpu_seconds", {}),
         "guidance": {
             f"{guidance:g}": _score(
-                adapter, data_dir, os.path.join(args.out, "demo_run"), args.worlds, guidance, args.steps
+                adapter, data_dir, os.path.join(args.out, "demo_run"), args.worlds, guidance, args.steps,
+                tuple(args.seeds),
             )
         },
     }
@@ -143,10 +153,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="outputs/demo_teacher", help="output folder")
     p.add_argument("--variants", nargs="*", default=["before", "cfg_text64"], choices=sorted(VARIANTS),
                    help="variants to train (see VARIANTS)")
+    p.add_argument("--custom", action="append", default=[], metavar="NAME=JSON",
+                   help='a variant of your own: its DemoSettings changes as JSON, e.g. '
+                        'fast=\'{"text_length": 64, "lr": 0.002}\' (repeatable)')
     p.add_argument("--train-steps", type=int, default=0, help="transformer steps (0: the demo's)")
     p.add_argument("--worlds", type=int, default=4, help="training worlds whose captions are prompted")
     p.add_argument("--guidance", type=float, nargs="+", default=[1.0, 3.0], help="guidance scales")
     p.add_argument("--steps", type=int, default=16, help="denoising steps")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="sampling seeds per world (scores averaged)")
     p.add_argument("--score-demo", default=None, help="also score this finished demo run's model (row 'demo_run')")
     args = p.parse_args(argv)
     path = os.path.join(args.out, "results.json")
@@ -155,9 +169,18 @@ def main(argv: list[str] | None = None) -> int:
         results["demo_run"] = score_demo_run(args.score_demo, args)
         write_json_atomic(path, results, indent=2)
         print(table({"demo_run": results["demo_run"]}), flush=True)
-    for name in args.variants:
+    custom = {}
+    for spec in args.custom:
+        name, sep, changes = spec.partition("=")
+        try:
+            custom[name] = json.loads(changes)
+        except json.JSONDecodeError as exc:
+            p.error(f"--custom {spec!r}: give NAME=JSON, e.g. fast='{{\"lr\": 0.002}}' ({exc})")
+        if not sep or not isinstance(custom[name], dict):
+            p.error(f"--custom {spec!r}: give NAME=JSON with a JSON object of DemoSettings fields")
+    for name, changes in [*((n, VARIANTS[n]) for n in args.variants), *custom.items()]:
         key = name + (f"@{args.train_steps}" if args.train_steps else "")
-        results[key] = run_variant(name, VARIANTS[name], args)
+        results[key] = run_variant(name, changes, args)
         write_json_atomic(path, results, indent=2)
         print(table({key: results[key]}), flush=True)
     print("\n" + table(results))

@@ -14,6 +14,7 @@ KL to N(0, 1) per input value. Adam with linear warm-up and cosine decay.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -160,6 +161,7 @@ def _accelerator():
 
 def _optimize(vae, videos, background, cfg: VAEStageConfig) -> tuple[list[float], int, str | None]:
     """The training loop proper; returns (losses of the steps run here, first step, last checkpoint)."""
+    from .backbones.wan import current_frame_convolutions
     from .training.checkpoint import (
         TrainingState,
         register_trainable_state_hooks,
@@ -180,18 +182,20 @@ def _optimize(vae, videos, background, cfg: VAEStageConfig) -> tuple[list[float]
     first, losses, saved = state.step, [], resume
     every = cfg.checkpoint_every if cfg.checkpoint_every > 0 else cfg.steps
     model.train()
-    while state.step < cfg.steps:
-        x = clip_batch(videos, cfg.num_frames, cfg.batch_size, generator).to(accelerator.device)
-        loss = _loss(model, x, background.to(x.device), generator, cfg)
-        optimizer.zero_grad(set_to_none=True)
-        accelerator.backward(loss)
-        accelerator.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        losses.append(loss.item())
-        state.step += 1
-        if cfg.output_dir and (state.step % every == 0 or state.step == cfg.steps):
-            saved = save_checkpoint(accelerator, cfg.output_dir, state.step, cfg, {"stage": "vae"})
+    # a per-frame VAE trains as the 2D network it is: the same steps, about twice as fast
+    with current_frame_convolutions(vae) if cfg.per_frame else contextlib.nullcontext():
+        while state.step < cfg.steps:
+            x = clip_batch(videos, cfg.num_frames, cfg.batch_size, generator).to(accelerator.device)
+            loss = _loss(model, x, background.to(x.device), generator, cfg)
+            optimizer.zero_grad(set_to_none=True)
+            accelerator.backward(loss)
+            accelerator.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            schedule.step()
+            losses.append(loss.item())
+            state.step += 1
+            if cfg.output_dir and (state.step % every == 0 or state.step == cfg.steps):
+                saved = save_checkpoint(accelerator, cfg.output_dir, state.step, cfg, {"stage": "vae"})
     accelerator.unwrap_model(model)
     accelerator.free_memory()
     return losses, first, saved

@@ -166,6 +166,35 @@ def test_per_frame_vae_codes_frames_independently():
         handle.remove()
 
 
+def test_current_frame_convolutions_compute_the_same_outputs_and_gradients():
+    from longgen.backbones.wan import current_frame_convolutions
+
+    vae = _tiny_vae()
+    with pytest.raises(ValueError, match="make_vae_per_frame"):
+        with current_frame_convolutions(vae):
+            pass
+    make_vae_per_frame(vae)
+    x = torch.rand(2, 3, 9, 32, 32, generator=torch.Generator().manual_seed(3)) * 2 - 1
+
+    def run():  # the encoder's chunked path (feature caches) and the decoder, with gradients
+        vae.zero_grad(set_to_none=True)
+        out = vae.decode(vae.encode(x).latent_dist.mode()).sample
+        out.square().mean().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in vae.named_parameters() if p.grad is not None}
+
+    reference, grads = run()
+    with current_frame_convolutions(vae) as switched:
+        fast, fast_grads = run()
+    assert switched > 0
+    torch.testing.assert_close(fast, reference, atol=1e-5, rtol=1e-5)
+    assert fast_grads.keys() == grads.keys()
+    for name in grads:
+        torch.testing.assert_close(fast_grads[name], grads[name], atol=1e-5, rtol=1e-4)
+    from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
+
+    assert not any("forward" in vars(m) for m in vae.modules() if isinstance(m, WanCausalConv3d))
+
+
 def test_per_frame_refuses_temporal_downsampling():
     from longgen.backbones.wan import _tiny_wan_vae
 

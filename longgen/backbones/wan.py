@@ -16,6 +16,8 @@ sample's highest noise level, the pipeline's rule ``t >= boundary`` applied to p
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import torch
@@ -69,6 +71,42 @@ def make_vae_per_frame(vae) -> list:
                 module.weight[:, :, :-1] = 0
             handles.append(module.weight.register_hook(keep_current_tap))
     return handles
+
+
+def _current_tap_forward(self, x: torch.Tensor, cache_x: torch.Tensor | None = None) -> torch.Tensor:
+    """``WanCausalConv3d.forward`` of a per-frame convolution: only the current-frame tap, no time padding.
+    ``cache_x`` (the frames before) meets only the zeroed past taps, so it is left out."""
+    import torch.nn.functional as F
+
+    pad = self._padding  # (w, w, h, h, 2 * t_pad, 0): the spatial padding only
+    x = F.pad(x, (pad[0], pad[1], pad[2], pad[3], 0, 0))
+    return F.conv3d(x, self.weight[:, :, -1:], self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+@contextlib.contextmanager
+def current_frame_convolutions(vae) -> Iterator[int]:
+    """Run a per-frame Wan VAE (:func:`make_vae_per_frame`) as the 2D network it is: inside the block every
+    temporal convolution with past taps convolves with its current-frame tap alone and pads no time, which
+    computes the same outputs and gradients (the past taps are zero and get no gradient) at about half the
+    cost of a training step of the demo's VAE (``tests/test_demo.py`` checks the equality). Yields the number
+    of convolutions switched; refuses a VAE that is not per-frame (its past taps matter)."""
+    import types
+
+    from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
+
+    if not is_vae_per_frame(vae):
+        raise ValueError(
+            "current_frame_convolutions needs a per-frame VAE (its past temporal taps zero): call "
+            "make_vae_per_frame(vae) first, or run the VAE as it is"
+        )
+    switched = [m for m in vae.modules() if isinstance(m, WanCausalConv3d) and m.weight.shape[2] > 1]
+    for module in switched:
+        module.forward = types.MethodType(_current_tap_forward, module)
+    try:
+        yield len(switched)
+    finally:
+        for module in switched:
+            del module.forward  # back to the class's forward
 
 
 def is_vae_per_frame(vae) -> bool:
