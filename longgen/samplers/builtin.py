@@ -246,9 +246,10 @@ class CausalKnobs:
                                                         "finished chunk into the KV cache (Self-Forcing: 0)"})
     rolling_window: int = field(default=1, metadata={"help": "chunks denoised together at rising noise levels "
                                                      "(Rolling Forcing: the number of steps; 1 = one at a time)"})
-    causal_step: Literal["renoise", "ddim"] = field(
-        default="renoise", metadata={"help": "renoise: x = (1-s') x0 + s' fresh noise (few-step distilled "
-                                     "models); ddim: deterministic step (full schedules)"})
+    causal_step: Literal["auto", "renoise", "ddim"] = field(
+        default="auto", metadata={"help": "renoise: x = (1-s') x0 + s' fresh noise (few-step distilled "
+                                  "models); ddim: deterministic step (full schedules); auto: renoise with "
+                                  "--denoising-steps (a distilled model's few steps), else ddim"})
     recache: bool = field(default=True, metadata={"help": "at a --prompt-frames switch, recompute the cached "
                                                   "keys/values under the new prompt (LongLive KV recache)"})
     denoising_steps: str | None = field(default=None, metadata={
@@ -267,8 +268,8 @@ class CausalKnobs:
         if not 0.0 <= float(self.context_noise) < 1.0:
             raise ValueError(f"--context-noise must be a flow sigma in [0, 1), got {self.context_noise}")
         _positive("rolling-window", self.rolling_window)
-        if self.causal_step not in ("renoise", "ddim"):
-            raise ValueError(f"--causal-step must be 'renoise' or 'ddim', got {self.causal_step!r}")
+        if self.causal_step not in ("auto", "renoise", "ddim"):
+            raise ValueError(f"--causal-step must be 'auto', 'renoise' or 'ddim', got {self.causal_step!r}")
         if self.timestep_shift <= 0:
             raise ValueError(f"--timestep-shift must be > 0, got {self.timestep_shift}")
         if self.denoising_steps is not None:

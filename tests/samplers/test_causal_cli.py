@@ -42,6 +42,21 @@ def test_pipeline_causal_equals_the_hand_wired_rollout_and_removes_its_hooks(sav
     assert torch.equal(a, b)
 
 
+def test_causal_step_auto_is_ddim_on_the_schedule_and_renoise_with_distilled_steps(saved):
+    pipe = LongVideoPipeline.from_pretrained(saved("wan"))
+
+    def run(**options):
+        steps = None if "denoising_steps" in options else 3
+        return pipe.generate("a red ball", num_frames=9, num_inference_steps=steps, sampler="causal", seed=0,
+                             sampler_options={"chunk_size": 1, **options}, show_progress=False).latents
+
+    auto, ddim, renoise = run(), run(causal_step="ddim"), run(causal_step="renoise")
+    assert torch.equal(auto, ddim) and not torch.allclose(auto, renoise, atol=1e-4)
+    few = {"denoising_steps": "1000,500"}
+    assert torch.equal(run(**few), run(causal_step="renoise", **few))
+    assert not torch.allclose(run(**few), run(causal_step="ddim", **few), atol=1e-4)
+
+
 def test_multi_prompt_streaming_recaches_at_the_switch(saved):
     pipe = LongVideoPipeline.from_pretrained(saved("wan"))
 
