@@ -173,6 +173,9 @@ class ObjectiveConfig:
     shift: float = 1.0
     """Flow shift applied to the sampled levels (SD3 / Wan shift; 1 = uniform)."""
     weighting: LossWeighting = "native"
+    clip_share: float = 0.0
+    """Per-frame modes: share of training clips drawn with one noise level for all their frames (as ``clip``),
+    so the model also learns the equally-noisy clip that ``full`` / ``sliding`` / ``fifo`` sample from."""
 
     def __post_init__(self) -> None:
         from .methods import method_names
@@ -186,6 +189,12 @@ class ObjectiveConfig:
         _check(self.num_timesteps >= 1, f"objective.num_timesteps must be >= 1, got {self.num_timesteps}")
         _check(self.shift > 0, f"objective.shift must be positive, got {self.shift}")
         _choice("objective.weighting", self.weighting, LOSS_WEIGHTINGS)
+        _check(0.0 <= self.clip_share <= 1.0, f"objective.clip_share is a probability in [0, 1], got {self.clip_share}")
+        _check(
+            self.clip_share == 0.0 or self.mode != "clip",
+            "objective.clip_share mixes whole-clip levels into a per-frame mode; with objective.mode=clip every "
+            "clip already has one level: drop clip_share or use mode=diffusion_forcing",
+        )
 
 
 @dataclass

@@ -187,6 +187,7 @@ class DenoisingMethod:
             generator=generator,
             device=ctx.accelerator.device,
             schedule=ctx.adapter.schedule,  # VP models' discrete schedule (eps/v), None for flow models
+            clip_share=obj.clip_share,
         )
         given = self.given_frames(latents.shape[0], latents.shape[2], generator)
         loss, _ = training_loss(

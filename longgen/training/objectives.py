@@ -88,6 +88,7 @@ def sample_training_sigmas(
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
     schedule: VPSchedule | None = None,
+    clip_share: float = 0.0,
 ) -> torch.Tensor:
     """Per-frame flow sigmas ``[B, F]`` in (0, 1] for one training batch.
 
@@ -98,6 +99,12 @@ def sample_training_sigmas(
       (Diffusion Forcing, Chen et al. 2024; SkyReels-V2 trains with blocks);
     * ``ar_diffusion``: non-decreasing levels along the frames, uniform over all such sequences
       (AR-Diffusion, Sun et al. 2025), per block when ``causal_block_size > 1``.
+
+    With ``clip_share`` > 0 (per-frame modes), each clip of the batch is instead drawn as ``clip`` (one level
+    for every frame) with that probability: a diffusion-forcing model then also learns the all-frames-equally-
+    noisy case that full-clip samplers (``full``, ``sliding``, ``fifo``) start from, where no cleaner neighbour
+    exists to copy from and the frames must agree on one layout from noise alone (SkyReels-V2 trains
+    synchronous noise before diffusion forcing for this). 0 draws nothing extra from ``generator``.
 
     Then ``sigma = (t + 1) / num_timesteps`` (never 0), shifted by SD3's timestep shift (Esser et al.
     2024, Eq. 23) when ``shift != 1``, as Wan's training does. For a variance-preserving model
@@ -133,6 +140,13 @@ def sample_training_sigmas(
         num_blocks = math.ceil(num_latent_frames / causal_block_size)
         t = sample_nondecreasing_timesteps(batch_size, num_blocks, num_timesteps, generator=generator)
         t = t.repeat_interleave(causal_block_size, dim=1)[:, :num_latent_frames]  # [B, F]
+    if not 0.0 <= clip_share <= 1.0:
+        raise ValueError(f"clip_share is a probability in [0, 1], got {clip_share}")
+    if clip_share > 0 and mode != "clip":
+        as_clip = torch.rand(batch_size, generator=generator, device=t.device) < clip_share
+        one = sample_independent_timesteps(batch_size, num_latent_frames, num_timesteps,
+                                           causal_block_size=num_latent_frames, generator=generator)
+        t = torch.where(as_clip[:, None], one.to(t.device), t)
     if schedule is not None:
         sigma = schedule.timestep_to_sigma(t.double())
     else:

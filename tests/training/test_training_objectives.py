@@ -42,6 +42,33 @@ def test_diffusion_forcing_levels_are_independent_per_causal_block():
     assert (per_frame[:, 1:] != per_frame[:, :-1]).float().mean() > 0.9
 
 
+def test_clip_share_mixes_whole_clip_levels_into_diffusion_forcing():
+    sigma = sample_training_sigmas(4000, 6, "diffusion_forcing", clip_share=0.3, generator=_gen(7))
+    whole = (sigma == sigma[:, :1]).all(dim=1)
+    assert abs(float(whole.float().mean()) - 0.3) < 0.03  # ~30% of the clips: one level for every frame
+    rest = sigma[~whole]
+    assert (rest[:, 1:] != rest[:, :-1]).float().mean() > 0.9  # the others keep per-frame levels
+    levels = torch.round(sigma[whole][:, 0] * 1000)
+    assert levels.min() < 100 and levels.max() > 900  # whole-clip levels span the schedule
+    # 0 draws nothing extra: the same levels as before the option existed
+    assert torch.equal(sample_training_sigmas(8, 6, "diffusion_forcing", generator=_gen(8)),
+                       sample_training_sigmas(8, 6, "diffusion_forcing", clip_share=0.0, generator=_gen(8)))
+    assert (sample_training_sigmas(50, 6, "ar_diffusion", clip_share=1.0, generator=_gen(9))
+            == sample_training_sigmas(50, 6, "ar_diffusion", clip_share=1.0, generator=_gen(9))[:, :1]).all()
+    with pytest.raises(ValueError, match="clip_share"):
+        sample_training_sigmas(2, 6, "diffusion_forcing", clip_share=1.5)
+
+
+def test_clip_share_config_is_checked():
+    from longgen.training.config import load_config
+
+    assert load_config(None, ["model.tiny=wan", "objective.clip_share=0.5"]).objective.clip_share == 0.5
+    with pytest.raises(ValueError, match="mode=clip every clip"):
+        load_config(None, ["model.tiny=wan", "objective.mode=clip", "objective.clip_share=0.5"])
+    with pytest.raises(ValueError, match=r"clip_share is a probability"):
+        load_config(None, ["model.tiny=wan", "objective.clip_share=2"])
+
+
 def test_ar_diffusion_levels_never_decrease_along_frames():
     sigma = sample_training_sigmas(500, 7, "ar_diffusion", num_timesteps=50, generator=_gen(3))
     assert (sigma[:, 1:] >= sigma[:, :-1]).all()
