@@ -77,6 +77,34 @@ def _score(adapter, data_dir: str, out: str, worlds: int, guidance: float, steps
     }
 
 
+def prompt_gap(adapter, data_dir: str, num_worlds: int = 8, sigmas=(0.5, 0.9)) -> dict:
+    """Does the model read its prompt? The x0 error on the first 9 frames of the first ``num_worlds`` training
+    videos, noised at each level (same noise), with their own caption, the next video's caption and the empty
+    one: ``gap`` = (other - own) / own per level. A model that ignores the caption's words has gap ~0."""
+    import torch
+
+    from longgen.data.synthetic import load_manifest
+    from longgen.io import read_video
+
+    records = load_manifest(os.path.join(data_dir, "manifest.jsonl"))[:num_worlds]
+    num_frames = adapter.native_video_size[0]
+    errors = {s: {"own": 0.0, "other": 0.0, "empty": 0.0} for s in sigmas}
+    with torch.no_grad():
+        conds = {c: adapter.encode_prompt([c], do_classifier_free_guidance=False)[0]
+                 for c in {r["caption"] for r in records} | {""}}
+        for i, record in enumerate(records):
+            video = torch.from_numpy(read_video(record["video"])).float()[None, :num_frames] / 255.0
+            x0 = adapter.encode_video(video)
+            eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(i))
+            captions = {"own": record["caption"], "other": records[(i + 1) % len(records)]["caption"], "empty": ""}
+            for s in sigmas:
+                x, level = (1 - s) * x0 + s * eps, torch.full((1, x0.shape[2]), s)
+                for key, caption in captions.items():
+                    out = adapter.denoise(x, level, conds[caption])
+                    errors[s][key] += float(((out - x0) ** 2).mean()) / len(records)
+    return {f"{s:g}": {**e, "gap": (e["other"] - e["own"]) / e["own"]} for s, e in errors.items()}
+
+
 def run_variant(name: str, changes: dict, args) -> dict:
     """Train one variant on the reused VAE and score it; returns its ``results.json`` entry."""
     from longgen.demo import DemoSettings, train_tiny_model
@@ -95,6 +123,7 @@ def run_variant(name: str, changes: dict, args) -> dict:
         "wall_seconds": report["stage_seconds"],
         "cpu_seconds": report["stage_cpu_seconds"],
         "guidance": {},
+        "prompt_gap": prompt_gap(adapter, data_dir),
     }
     for g in args.guidance:
         if g != 1.0 and not settings.caption_dropout:
@@ -132,17 +161,19 @@ def table(results: dict) -> str:
     ceiling, and the training cost."""
     lines = [
         "| variant | guidance | demo overall | demo count | demo / ceiling | worlds overall | worlds count "
-        "| worlds / ceiling | final loss | transformer CPU s | wall s |",
-        "|" + "---|" * 11,
+        "| worlds / ceiling | prompt gap at 0.9 | final loss | transformer CPU s | wall s |",
+        "|" + "---|" * 12,
     ]
     for name, e in results.items():
         cpu = e["cpu_seconds"].get("transformer", 0) + e["cpu_seconds"].get("latent_cache", 0)
         wall = e["wall_seconds"].get("transformer", 0) + e["wall_seconds"].get("latent_cache", 0)
+        gap = e.get("prompt_gap", {}).get("0.9", {}).get("gap")
+        gap_cell = "-" if gap is None else f"{gap:+.3f}"
         for g, s in e["guidance"].items():
             lines.append(
                 f"| {name} | {g} | {s['demo_overall']:.3f} | {s['demo_count']:.3f} | "
                 f"{s['demo_overall'] / s['demo_ceiling']:.2f} | {s['mean_overall']:.3f} | {s['mean_count']:.3f} | "
-                f"{s['mean_overall'] / s['mean_ceiling']:.2f} | {e['last_loss']:.3f} | {cpu:.0f} | {wall:.0f} |"
+                f"{s['mean_overall'] / s['mean_ceiling']:.2f} | {gap_cell} | {e['last_loss']:.3f} | {cpu:.0f} | {wall:.0f} |"
             )
     return "\n".join(lines)
 
