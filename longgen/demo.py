@@ -110,6 +110,11 @@ class DemoSettings:
     (``benchmarks/demo_teacher.py``) has measured it; ``--quick`` turns it on to exercise the path."""
     guidance_scale: float = 1.0
     """Classifier-free guidance of every generated clip (1 = none; > 1 needs ``caption_dropout`` > 0)."""
+    clip_share: float = 0.0
+    """Share of training clips drawn with one noise level for all frames (``objective.clip_share``) beside
+    diffusion forcing's per-frame levels: the equally-noisy clip that ``full`` / ``sliding`` / ``fifo`` start from."""
+    shift: float = 1.0
+    """Flow shift of the training noise levels (``objective.shift``; the tiny Wan samples with shift 3)."""
     ema_decay: float = 0.0
     """Sample with an exponential moving average of the transformer's weights (``ema.decay``; 0 = off)."""
     text_length: int = 512
@@ -172,6 +177,8 @@ def _train_overrides(settings: DemoSettings, train_dir: str) -> list[str]:
         f"train.output_dir={train_dir}",
         f"train.seed={settings.seed}",
         f"data.caption_dropout={settings.caption_dropout}",
+        f"objective.clip_share={settings.clip_share}",
+        f"objective.shift={settings.shift}",
         *(["ema.enabled=true", f"ema.decay={settings.ema_decay}"] if settings.ema_decay > 0 else []),
         "data.num_frames=9",
         "data.height=32",

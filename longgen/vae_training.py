@@ -161,6 +161,8 @@ def _accelerator():
 
 def _optimize(vae, videos, background, cfg: VAEStageConfig) -> tuple[list[float], int, str | None]:
     """The training loop proper; returns (losses of the steps run here, first step, last checkpoint)."""
+    from tqdm.auto import tqdm
+
     from .backbones.wan import current_frame_convolutions
     from .training.checkpoint import (
         TrainingState,
@@ -182,8 +184,10 @@ def _optimize(vae, videos, background, cfg: VAEStageConfig) -> tuple[list[float]
     first, losses, saved = state.step, [], resume
     every = cfg.checkpoint_every if cfg.checkpoint_every > 0 else cfg.steps
     model.train()
+    bar = tqdm(total=cfg.steps, initial=state.step, desc="vae", unit="step", dynamic_ncols=True,
+               disable=not accelerator.is_main_process)
     # a per-frame VAE trains as the 2D network it is: the same steps, about twice as fast
-    with current_frame_convolutions(vae) if cfg.per_frame else contextlib.nullcontext():
+    with bar, current_frame_convolutions(vae) if cfg.per_frame else contextlib.nullcontext():
         while state.step < cfg.steps:
             x = clip_batch(videos, cfg.num_frames, cfg.batch_size, generator).to(accelerator.device)
             loss = _loss(model, x, background.to(x.device), generator, cfg)
@@ -194,6 +198,8 @@ def _optimize(vae, videos, background, cfg: VAEStageConfig) -> tuple[list[float]
             schedule.step()
             losses.append(loss.item())
             state.step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
             if cfg.output_dir and (state.step % every == 0 or state.step == cfg.steps):
                 saved = save_checkpoint(accelerator, cfg.output_dir, state.step, cfg, {"stage": "vae"})
     accelerator.unwrap_model(model)
