@@ -57,6 +57,7 @@ def test_generate_keeps_no_freed_heap_and_changes_no_output(saved, tmp_path):
     assert (tmp_path / "stock.mp4").read_bytes() == (tmp_path / "bounded.mp4").read_bytes()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sampler", ["df", "fifo", "causal", "sliding"])
 def test_streamed_generate_holds_one_decoded_block_at_a_time(saved, tmp_path, monkeypatch, sampler):
     """What `longgen generate` holds per frame, structurally: each decoded pixel block is gone (written to the
