@@ -6,6 +6,10 @@ repeated and the median taken. The baseline is the same command at the native le
 so ratios are immune to the machine's speed.
 
     python -m benchmarks.generate_memory --family wan --factors 1 2 8 32 --samplers full sliding fifo df
+    python -m benchmarks.generate_memory --samplers causal "causal --local-attn-size 6 --sink-size 3"
+
+A ``--samplers`` entry is a sampler name, optionally followed by its knob flags in the same (quoted) argument;
+the whole entry labels its rows.
 
 ``--allocators bounded default`` also runs every setting with the stock glibc allocator policy
 (``LONGGEN_ALLOCATOR=default``; ``bounded`` is what `longgen generate` sets, :mod:`longgen.memory`), so the
@@ -21,6 +25,7 @@ import argparse
 import json
 import os
 import resource
+import shlex
 import statistics
 import subprocess
 import sys
@@ -40,25 +45,28 @@ def step_flags(adapter, num_frames: int, sampler: str, steps: int) -> list[str]:
     return option_flags(options) + (["--steps", str(fixed)] if fixed is not None else [])
 
 
-def run_once(model: str, num_frames: int, sampler: str, steps: int, out: str, extra: list[str]) -> tuple[float, float]:
+def run_once(model: str, num_frames: int, sampler: str, steps: int, out: str, extra: list[str]) -> tuple[float, float, float]:
+    """(wall seconds, peak RSS MiB, CPU seconds user + sys) of one `longgen generate` child."""
     # `extra` carries the step flags (step_flags): the tiny model is loaded once, in the parent
     cmd = [sys.executable, "-m", "longgen.cli", "generate", "--model", model, "--num-frames", str(num_frames),
            "--sampler", sampler, "--out", out, "--quiet", *extra]
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     seconds = time.perf_counter() - start
-    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    if peak_kib < before:  # pragma: no cover
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if usage.ru_maxrss < before.ru_maxrss:  # pragma: no cover
         raise RuntimeError("ru_maxrss went down")
-    return seconds, peak_kib / 1024.0
+    cpu = usage.ru_utime + usage.ru_stime - before.ru_utime - before.ru_stime
+    return seconds, usage.ru_maxrss / 1024.0, cpu
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--family", default="wan", help="tiny backbone family")
     p.add_argument("--factors", type=int, nargs="+", default=[1, 2, 8], help="clip lengths as multiples of native")
-    p.add_argument("--samplers", nargs="+", default=["full", "sliding"], help="samplers to measure")
+    p.add_argument("--samplers", nargs="+", default=["full", "sliding"],
+                   help="samplers to measure; an entry may carry knob flags: \"causal --local-attn-size 6\"")
     p.add_argument("--steps", type=int, default=4, help="denoising steps")
     p.add_argument("--repeats", type=int, default=3, help="runs per setting (median reported)")
     p.add_argument("--height", type=int, default=None, help="frame height (default: the tiny model's native)")
@@ -97,36 +105,41 @@ def main(argv: list[str] | None = None) -> int:
         variants = [(s, "streamed", a) for s in args.samplers for a in args.allocators]
         if args.whole_decode:
             variants += [(s, "whole", a) for s in args.samplers for a in args.allocators]
-        for sampler, decode, allocator in variants:
+        for label, decode, allocator in variants:
+            sampler, *knob_flags = shlex.split(label)
             env = {**os.environ, "LONGGEN_ALLOCATOR": "default" if allocator == "default" else "bounded"}
             for factor in args.factors:
                 num_latent = native_latent * factor
                 num_frames = adapter.num_pixel_frames(num_latent)
                 extra = size + ["--decode-chunk", str(num_latent if decode == "whole" else 4)]
-                extra += step_flags(adapter, num_frames, sampler, args.steps)
-                secs, mems = [], []
+                extra += step_flags(adapter, num_frames, sampler, args.steps) + knob_flags
+                secs, mems, cpus, loads = [], [], [], []
                 for _ in range(args.repeats):
+                    loads.append(os.getloadavg()[0])
                     out = subprocess.run(
                         [sys.executable, "-m", "benchmarks.generate_memory", "--_child", model, str(num_frames),
                          sampler, str(args.steps), os.path.join(tmp, "o.mp4"), *extra],
                         check=True, capture_output=True, text=True, env=env,
                     ).stdout.strip().splitlines()[-1]
-                    s, m = map(float, out.split())
+                    s, m, c = map(float, out.split())
                     secs.append(s)
                     mems.append(m)
-                rows.append({"sampler": sampler, "decode": decode, "allocator": allocator, "factor": factor, "num_frames": num_frames,
-                             "seconds": statistics.median(secs), "peak_rss_mib": statistics.median(mems)})
+                    cpus.append(c)
+                rows.append({"sampler": label, "decode": decode, "allocator": allocator, "factor": factor, "num_frames": num_frames,
+                             "seconds": statistics.median(secs), "cpu_seconds": statistics.median(cpus),
+                             "peak_rss_mib": statistics.median(mems), "runs_peak_rss_mib": mems, "runs_cpu_seconds": cpus,
+                             "load_average_1min": loads})
                 print(json.dumps(rows[-1]), flush=True)
     print()
     first = f"{args.factors[0]}x"
-    print(f"| sampler | decode | allocator | length | frames | s/frame | peak RSS MiB | RSS vs {first} | "
+    print(f"| sampler | decode | allocator | length | frames | s/frame | CPU s | peak RSS MiB | RSS vs {first} | "
           f"time vs {first} |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         key = ("sampler", "decode", "allocator")
         base = next(b for b in rows if all(b[k] == r[k] for k in key) and b["factor"] == args.factors[0])
         print(f"| {r['sampler']} | {r['decode']} | {r['allocator']} | {r['factor']}x | {r['num_frames']} | "
-              f"{r['seconds'] / r['num_frames']:.3f} | "
+              f"{r['seconds'] / r['num_frames']:.3f} | {r['cpu_seconds']:.1f} | "
               f"{r['peak_rss_mib']:.0f} | {r['peak_rss_mib'] / base['peak_rss_mib']:.2f} | "
               f"{r['seconds'] / base['seconds']:.2f} |")
     if args.json:
@@ -137,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--_child":
         model, frames, sampler, steps, out = sys.argv[2:7]
-        s, m = run_once(model, int(frames), sampler, int(steps), out, sys.argv[7:])
-        print(f"{s} {m}")
+        s, m, c = run_once(model, int(frames), sampler, int(steps), out, sys.argv[7:])
+        print(f"{s} {m} {c}")
         sys.exit(0)
     sys.exit(main())

@@ -191,6 +191,9 @@ class _FrameSink:
                 if frames.shape[0] > drop:
                     writer.write(frames[drop:])
             self.bar.update(block.shape[1])
+            # written: let the block go before the decoder makes the next one (the loop variables would
+            # otherwise keep it alive through the next decode: two blocks at the decode peak)
+            block = frames = None  # noqa: F841
 
     def finish(self) -> None:
         if self.decodes:
