@@ -103,8 +103,8 @@ def sample_training_sigmas(
     With ``clip_share`` > 0 (per-frame modes), each clip of the batch is instead drawn as ``clip`` (one level
     for every frame) with that probability: a diffusion-forcing model then also learns the all-frames-equally-
     noisy case that full-clip samplers (``full``, ``sliding``, ``fifo``) start from, where no cleaner neighbour
-    exists to copy from and the frames must agree on one layout from noise alone (SkyReels-V2 trains
-    synchronous noise before diffusion forcing for this). 0 draws nothing extra from ``generator``.
+    exists to copy from and the frames must agree on one layout from noise alone (SkyReels-V2 likewise starts
+    diffusion forcing from a model trained with synchronous noise). 0 draws nothing extra from ``generator``.
 
     Then ``sigma = (t + 1) / num_timesteps`` (never 0), shifted by SD3's timestep shift (Esser et al.
     2024, Eq. 23) when ``shift != 1``, as Wan's training does. For a variance-preserving model
