@@ -200,6 +200,11 @@ def main(argv: list[str] | None = None) -> int:
         results["demo_run"] = score_demo_run(args.score_demo, args)
         write_json_atomic(path, results, indent=2)
         print(table({"demo_run": results["demo_run"]}), flush=True)
+    from dataclasses import fields
+
+    from longgen.demo import DemoSettings
+
+    known = {f.name for f in fields(DemoSettings)} - {"out_dir", "vae_dir"}
     custom = {}
     for spec in args.custom:
         name, sep, changes = spec.partition("=")
@@ -209,6 +214,9 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--custom {spec!r}: give NAME=JSON, e.g. fast='{{\"lr\": 0.002}}' ({exc})")
         if not sep or not isinstance(custom[name], dict):
             p.error(f"--custom {spec!r}: give NAME=JSON with a JSON object of DemoSettings fields")
+        unknown = sorted(set(custom[name]) - known)
+        if unknown:  # refused before any variant trains, not after the others have run
+            p.error(f"--custom {name}: unknown DemoSettings fields {unknown}; known: {sorted(known)}")
     for name, changes in [*((n, VARIANTS[n]) for n in args.variants), *custom.items()]:
         key = name + (f"@{args.train_steps}" if args.train_steps else "")
         results[key] = run_variant(name, changes, args)

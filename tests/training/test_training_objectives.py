@@ -50,9 +50,14 @@ def test_clip_share_mixes_whole_clip_levels_into_diffusion_forcing():
     assert (rest[:, 1:] != rest[:, :-1]).float().mean() > 0.9  # the others keep per-frame levels
     levels = torch.round(sigma[whole][:, 0] * 1000)
     assert levels.min() < 100 and levels.max() > 900  # whole-clip levels span the schedule
-    # 0 draws nothing extra: the same levels as before the option existed
-    assert torch.equal(sample_training_sigmas(8, 6, "diffusion_forcing", generator=_gen(8)),
-                       sample_training_sigmas(8, 6, "diffusion_forcing", clip_share=0.0, generator=_gen(8)))
+    # 0 draws nothing extra: the per-frame draw alone, and the generator left where that draw leaves it
+    from longgen.plans import sample_independent_timesteps
+
+    g_share, g_plain = _gen(8), _gen(8)
+    plain = sample_training_sigmas(8, 6, "diffusion_forcing", clip_share=0.0, generator=g_share)
+    t = sample_independent_timesteps(8, 6, 1000, causal_block_size=1, generator=g_plain)
+    assert torch.equal(plain, ((t.double() + 1.0) / 1000).float())
+    assert torch.equal(g_share.get_state(), g_plain.get_state())
     assert (sample_training_sigmas(50, 6, "ar_diffusion", clip_share=1.0, generator=_gen(9))
             == sample_training_sigmas(50, 6, "ar_diffusion", clip_share=1.0, generator=_gen(9))[:, :1]).all()
     with pytest.raises(ValueError, match="clip_share"):
