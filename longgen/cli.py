@@ -639,6 +639,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
         settings.samplers = tuple(args.samplers)
     if args.vae_dir:
         settings = dataclasses.replace(settings, vae_dir=args.vae_dir)  # checked again
+    if args.eval_worlds is not None:
+        settings = dataclasses.replace(settings, eval_worlds=args.eval_worlds)
+    if args.eval_seeds:
+        settings = dataclasses.replace(settings, eval_seeds=tuple(args.eval_seeds))
     run_demo(settings)
     return 0
 
@@ -709,13 +713,19 @@ def _add_demo_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out", default="outputs/demo", help="output folder")
     p.add_argument("--quick", action="store_true", help="a reduced run (about a minute): little training")
-    p.add_argument("--train-steps", type=int, default=None, help="transformer training steps (default 1000; quick 20)")
+    p.add_argument("--train-steps", type=int, default=None, help="transformer training steps (default 3000; quick 20)")
     p.add_argument("--length-factor", type=int, default=None, help="clip length / native length (default 4)")
     p.add_argument("--samplers", nargs="+", default=None, choices=sampler_names(),
                    help="samplers to compare (default: all; full is the naive baseline)")
     p.add_argument("--vae-dir", default=None,
                    help="reuse the trained VAE of an earlier run (<its --out>/train/base_model/vae) instead of "
                    "training one (the VAE stage is deterministic and the slowest; the transformer is still trained)")
+    p.add_argument("--eval-worlds", type=int, default=None,
+                   help="prompts of the mean-over-clips table: the captions of training worlds 0..N-1 (default 4; "
+                   "quick 1); the grid and the first tables show world 0, the demo's prompt")
+    p.add_argument("--eval-seeds", type=int, nargs="+", default=None,
+                   help="sampling seeds per prompt of the mean-over-clips table (default 0 1; quick 0); one world "
+                   "and one seed skip the table")
     p.set_defaults(func=cmd_demo)
 
 

@@ -37,6 +37,7 @@ __all__ = [
     "DemoSettings",
     "build_latent_cache",
     "generate_and_evaluate",
+    "mean_over_clips",
     "ratio_table",
     "run_demo",
     "summary_table",
@@ -75,13 +76,19 @@ for the native 9 frames)."""
 @dataclass
 class DemoSettings:
     out_dir: str = "outputs/demo"
-    train_steps: int = 1000
+    train_steps: int = 3000
     num_videos: int = 24
     length_factor: int = 4
     samplers: tuple[str, ...] = DEMO_SAMPLERS
     num_inference_steps: int = 16
     seed: int = 0
     eval_window: int = 8
+    eval_worlds: int = 4
+    """Training worlds whose captions prompt the mean-over-clips table (world 0, the demo's prompt, is the one
+    in the grid and the metrics table): one clip is one noise draw of one prompt, too few to rank methods."""
+    eval_seeds: tuple[int, ...] = (0, 1)
+    """Sampling seeds per world of the mean-over-clips table (``eval_worlds`` x ``len(eval_seeds)`` clips per
+    sampler and length; a single clip when both give one)."""
     vae_steps: int = 600
     """Steps of the VAE stage (batch ``vae_batch_size`` clips); 0 keeps the random VAE."""
     vae_batch_size: int = 64
@@ -101,25 +108,30 @@ class DemoSettings:
     """Train the transformer from a latent cache of every ``cache_stride``-th window of each video (needs a
     per-frame VAE); otherwise the trainer decodes and encodes one random window per video and step."""
     cache_stride: int = 2
-    lr: float = 1e-3
+    lr: float = 2e-3
     """Peak transformer learning rate (warm-up, then cosine decay)."""
     batch_size: int = 8
-    caption_dropout: float = 0.0
+    caption_dropout: float = 0.1
     """Share of training clips given the empty caption (``data.caption_dropout``): trains the unconditional
-    model that classifier-free guidance (``guidance_scale`` > 1) needs. Off by default until the ablation
-    (``benchmarks/demo_teacher.py``) has measured it; ``--quick`` turns it on to exercise the path."""
+    model that classifier-free guidance (``guidance_scale`` > 1) needs. On (0.1) so that guidance can be
+    tried on the demo's model; the default samples without it, which scored higher on this teacher
+    (benchmarks/RESULTS.md, "Third ablation")."""
     guidance_scale: float = 1.0
     """Classifier-free guidance of every generated clip (1 = none; > 1 needs ``caption_dropout`` > 0)."""
-    clip_share: float = 0.0
+    clip_share: float = 0.5
     """Share of training clips drawn with one noise level for all frames (``objective.clip_share``) beside
-    diffusion forcing's per-frame levels: the equally-noisy clip that ``full`` / ``sliding`` / ``fifo`` start from."""
-    shift: float = 1.0
-    """Flow shift of the training noise levels (``objective.shift``; the tiny Wan samples with shift 3)."""
+    diffusion forcing's per-frame levels: the equally-noisy clip that ``full`` / ``sliding`` / ``fifo`` start
+    from. With only per-frame levels (0) the teacher neither read its prompt nor kept one layout over frames
+    that are all very noisy (benchmarks/RESULTS.md, "Second ablation")."""
+    shift: float = 3.0
+    """Flow shift of the training noise levels (``objective.shift``; the tiny Wan samples with shift 3): more
+    training at high noise, where only the prompt says what to draw."""
     ema_decay: float = 0.0
     """Sample with an exponential moving average of the transformer's weights (``ema.decay``; 0 = off)."""
-    text_length: int = 512
+    text_length: int = 64
     """Padded prompt tokens (the tiny tokenizer's ``model_max_length``; Wan pads to 512): a caption is about
-    40 tokens, so with 512 most of what cross-attention reads is padding; 64 is the candidate under test."""
+    25-40 tokens, so with 512 most of what cross-attention reads is padding, and a training step costs about 1.5x (6.2 vs 9.7
+    steps/s on 2 idle cores)."""
     vae_dir: str | None = None
     """A trained demo VAE (``<demo out>/train/base_model/vae``) to reuse instead of the VAE stage: the
     transformer ablations (``benchmarks/demo_teacher.py``) train on the same latents without its cost."""
@@ -137,6 +149,16 @@ class DemoSettings:
             )
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay is a decay in [0, 1) (0 = no EMA), got {self.ema_decay}")
+        if self.eval_worlds < 1 or not self.eval_seeds:
+            raise ValueError(
+                f"the mean-over-clips table needs eval_worlds >= 1 and at least one seed, got eval_worlds="
+                f"{self.eval_worlds}, eval_seeds={self.eval_seeds}"
+            )
+        if self.eval_worlds > self.num_videos:
+            raise ValueError(
+                f"eval_worlds={self.eval_worlds} prompts more worlds than the data set's num_videos="
+                f"{self.num_videos}: lower eval_worlds or raise num_videos"
+            )
         if self.vae_dir and not os.path.isfile(os.path.join(self.vae_dir, "config.json")):
             raise FileNotFoundError(
                 f"vae_dir={self.vae_dir!r} holds no VAE (config.json): give <demo out>/train/base_model/vae of "
@@ -145,8 +167,8 @@ class DemoSettings:
 
     @classmethod
     def quick(cls, out_dir: str) -> DemoSettings:
-        """A reduced run (about a minute on 2 CPU cores): the same steps, far less training; it also turns on
-        the options under test (caption dropout + guidance 3, 64-token prompts) so that their path runs."""
+        """A reduced run (about a minute on 2 CPU cores): the same steps, far less training; it also samples
+        with classifier-free guidance 3 so that the guided path runs."""
         return cls(
             out_dir=out_dir,
             train_steps=20,
@@ -157,9 +179,9 @@ class DemoSettings:
             vae_batch_size=4,
             batch_size=4,
             cache_stride=8,
-            caption_dropout=0.1,
             guidance_scale=3.0,
-            text_length=64,
+            eval_worlds=1,
+            eval_seeds=(0,),
             smoke_test=True,
         )
 
@@ -639,6 +661,44 @@ def _summary(settings: DemoSettings, train_result, vae_report: dict, result: dic
     }
 
 
+def mean_over_clips(
+    adapter, data_dir: str, settings: DemoSettings, done: dict[int, dict[str, Any]]
+) -> dict[str, Any]:
+    """The synthetic overall score of every sampler and reference, averaged over ``settings.eval_worlds``
+    prompts x ``settings.eval_seeds`` noise draws, at 1x and at ``settings.length_factor``. ``done`` holds the
+    :func:`generate_and_evaluate` results already made for world 0 at ``settings.seed`` (``{factor: result}``),
+    reused instead of sampled again. Returns ``{"clips": [[world, seed], ...], "means": {factor: {label:
+    mean}}, "per_clip": {factor: [{label: score}, ...]}, "seconds"}``; a clip with no score counts 0."""
+    start = time.perf_counter()
+    clips = [(w, seed) for w in range(settings.eval_worlds) for seed in settings.eval_seeds]
+    factors = (1, settings.length_factor)
+    per_clip: dict[int, list[dict[str, float]]] = {f: [] for f in factors}
+    for world, seed in clips:
+        for factor in factors:
+            if (world, seed) == (0, settings.seed) and factor in done:
+                result = done[factor]
+            else:
+                out = os.path.join(settings.out_dir, "videos", "clips", f"w{world}_s{seed}", f"{factor}x")
+                result = generate_and_evaluate(
+                    adapter, data_dir, out, factor, settings.samplers, settings.num_inference_steps, seed,
+                    settings.eval_window, guidance_scale=settings.guidance_scale, world_index=world,
+                )
+            per_clip[factor].append({k: v or 0.0 for k, v in overall_by_label(result).items()})
+    means = {}
+    for factor, rows in per_clip.items():
+        labels = dict.fromkeys(label for row in rows for label in row)
+        means[factor] = {
+            label: sum(row[label] for row in rows if label in row) / sum(label in row for row in rows)
+            for label in labels
+        }
+    return {
+        "clips": [list(c) for c in clips],
+        "means": means,
+        "per_clip": per_clip,
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+
+
 def _ratios(native: dict, long: dict) -> dict[str, float | None]:
     """``{label: long score / 1x score}`` of the synthetic overall score (None where 1x scored 0)."""
     base, scores = overall_by_label(native), overall_by_label(long)
@@ -662,15 +722,21 @@ def write_demo_grid(result: dict[str, Any], out_dir: str, num_samples: int = 8) 
     return write_comparison_grid(rows, stem + ".png", stem + ".mp4", num_samples=num_samples)
 
 
-def _print_summary(settings: DemoSettings, summary: dict, table: str, ratios: str) -> None:
+def _print_summary(settings: DemoSettings, summary: dict, table: str, ratios: str, mean_table: str = "") -> None:
     print(f"comparison grid: {summary['grid']['png']} ({summary['grid']['mp4']})")
     print()
     print(table)
     print()
     factor = summary["length_factor"]
-    print(f"synthetic overall at the native length (1x) and at {factor}x; {factor}x / 1x = quality kept:\n")
+    print(
+        f"synthetic overall of the clips above (the demo's prompt, seed {settings.seed}) at the native length (1x) "
+        f"and at {factor}x; {factor}x / 1x = quality kept:\n"
+    )
     print(ratios)
     print()
+    if mean_table:
+        print(mean_table)
+        print()
     ceiling, truth = summary["reconstructed_gt"]["overall"], summary["ground_truth"]["overall"]
     print(
         f"  reconstructed ground truth (the VAE's ceiling for every sampler): overall {ceiling:.3f}; "
@@ -696,7 +762,8 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
     ``demo.json`` holds the VAE report, the training losses, the runs, ``reconstructed_gt`` /
     ``ground_truth`` (the synthetic scores of the prompted world's ground truth through the VAE, and of the
     ground truth itself: the ceiling of every sampler and of the scorer), ``synthetic`` (per sampler),
-    ``stage_seconds`` (wall time of data, VAE, latent cache, transformer, generation and evaluation) and
+    ``stage_seconds`` (wall time of data, VAE, latent cache, transformer, generation and evaluation),
+    ``mean_over_clips`` (:func:`mean_over_clips`, when the settings ask for more than one clip) and
     ``note`` (:data:`QUICK_NOTE` for a smoke test, else None).
     """
     from .files import write_json_atomic, write_text_atomic
@@ -751,6 +818,14 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
         settings.eval_window,
         guidance_scale=settings.guidance_scale,
     )
+    means, num_clips = None, settings.eval_worlds * len(settings.eval_seeds)
+    if num_clips > 1:
+        print(
+            f"      and over {num_clips} clips ({settings.eval_worlds} prompts x seeds {list(settings.eval_seeds)}) "
+            "for the mean-over-clips table ...",
+            flush=True,
+        )
+        means = mean_over_clips(adapter, data_dir, settings, {1: native, settings.length_factor: result})
     print("[3/3] evaluated (synthetic scorer against the prompted world + metrics over time)", flush=True)
     grid = write_demo_grid(result, settings.out_dir)
     table = summary_table(result)
@@ -765,7 +840,18 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
     summary["grid"] = {"png": grid["png"], "mp4": grid["mp4"], "frame_indices": grid["frame_indices"]}
     summary["stage_seconds"]["generate_1x"] = native["seconds"]["generate"]
     summary["stage_seconds"]["evaluate_1x"] = native["seconds"]["evaluate"]
+    mean_table = ""
+    if means is not None:
+        summary["mean_over_clips"] = means
+        summary["stage_seconds"]["clips"] = means["seconds"]
+        mean_table = (
+            f"synthetic overall, mean over {num_clips} clips (prompts of worlds 0-{settings.eval_worlds - 1} x "
+            f"seeds {list(settings.eval_seeds)}):\n\n"
+            + ratio_table(means["means"][1], {settings.length_factor: means["means"][settings.length_factor]})
+        )
     write_json_atomic(os.path.join(settings.out_dir, "demo.json"), summary, indent=2)
-    write_text_atomic(os.path.join(settings.out_dir, "summary.md"), f"{table}\n\n{ratios}\n")
-    _print_summary(settings, summary, table, ratios)
+    write_text_atomic(
+        os.path.join(settings.out_dir, "summary.md"), f"{table}\n\n{ratios}\n" + (f"\n{mean_table}\n" if mean_table else "")
+    )
+    _print_summary(settings, summary, table, ratios, mean_table)
     return summary

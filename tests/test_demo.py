@@ -291,6 +291,9 @@ def test_demo_settings_refuse_guidance_without_an_unconditional_model(tmp_path, 
     assert main(["demo", "--quick", "--out", str(tmp_path / "demo"), "--vae-dir", str(tmp_path)]) != 0
     assert "holds no VAE (config.json): give <demo out>/train/base_model/vae" in capsys.readouterr().err
     assert not (tmp_path / "demo").exists()  # refused before writing anything
+    assert main(["demo", "--quick", "--out", str(tmp_path / "demo"), "--eval-worlds", "5"]) != 0
+    assert "eval_worlds=5 prompts more worlds than the data set's num_videos=4" in capsys.readouterr().err
+    assert not (tmp_path / "demo").exists()
 
 
 def test_demo_prompt_length_follows_the_tokenizer():
@@ -303,3 +306,36 @@ def test_demo_prompt_length_follows_the_tokenizer():
     assert cond["encoder_hidden_states"].shape == uncond["encoder_hidden_states"].shape == (1, 64, 32)
     stock = WanAdapter(WanAdapter.tiny_pipeline(seed=0), native_video_size=(9, 32, 32))
     assert stock.encode_prompt(["a red circle"])[0]["encoder_hidden_states"].shape == (1, 512, 32)
+
+
+def test_mean_over_clips_averages_every_prompt_and_seed_and_reuses_the_demo_clips(tmp_path):
+    """The mean-over-clips table: eval_worlds prompts x eval_seeds, at 1x and at the length factor; world 0 at the
+    demo's seed is the clip already made (not sampled again), every other clip is generate_and_evaluate's own."""
+    from longgen.backbones.wan import WanAdapter
+    from longgen.data.synthetic import write_synthetic_dataset
+    from longgen.demo import DemoSettings, generate_and_evaluate, mean_over_clips, overall_by_label
+
+    data = tmp_path / "data"
+    write_synthetic_dataset(data, num_videos=2, num_frames=9, height=32, width=32)
+    pipe = WanAdapter.tiny_pipeline(seed=0, vae_kwargs=DEMO_VAE, text_length=64)
+    adapter = WanAdapter(pipe, native_video_size=WanAdapter.tiny_video_size)
+    settings = DemoSettings(out_dir=str(tmp_path / "out"), num_videos=2, length_factor=2, samplers=("full",),
+                            num_inference_steps=2, eval_worlds=2, eval_seeds=(0, 1))
+    def scored(value):
+        return {"synthetic": {"scores": {"overall": {"summary": {"mean": value}}}}}
+
+    done = {f: {"report": {"videos": {label: scored(m) for label in ("full", *REFERENCES)}}}
+            for f, m in ((1, 0.25), (2, 0.5))}  # stand-ins for the demo's own world-0 / seed-0 results
+    means = mean_over_clips(adapter, str(data), settings, done)
+    assert means["clips"] == [[0, 0], [0, 1], [1, 0], [1, 1]]
+    assert means["per_clip"][1][0] == dict.fromkeys(("full", *REFERENCES), 0.25)
+    assert means["per_clip"][2][0] == dict.fromkeys(("full", *REFERENCES), 0.5)
+    for factor in (1, 2):
+        rows = means["per_clip"][factor]
+        assert len(rows) == 4 and all(set(r) == {"full", *REFERENCES} for r in rows)
+        for label in rows[1]:
+            assert means["means"][factor][label] == pytest.approx(sum(r[label] for r in rows) / 4)
+    again = generate_and_evaluate(adapter, str(data), str(tmp_path / "again"), 2, ("full",), 2, seed=1, world_index=1)
+    assert means["per_clip"][2][3] == {k: v or 0.0 for k, v in overall_by_label(again).items()}
+    with pytest.raises(ValueError, match="eval_worlds=3 prompts more worlds"):
+        DemoSettings(num_videos=2, eval_worlds=3)
