@@ -9,9 +9,12 @@ Runs on a CPU with no downloads. Steps:
    is left to the transformer); set the latent normalisation the adapter uses (``latents_mean`` /
    ``latents_std``) from the encoded data, and check its reconstruction PSNR;
 3. encode every training video once into a latent cache (all windows of the native length) and train a
-   small Wan transformer from scratch on it (its native length, diffusion forcing);
+   small Wan transformer from scratch on it (its native length: diffusion forcing with half the clips at one
+   noise level for every frame, x0 loss, 3000 steps);
 4. generate clips ``length_factor`` times longer than the native length with the naive baseline (the
-   model run on the whole clip) and with longgen's long samplers, from the same noise and prompt;
+   model run on the whole clip) and with longgen's long samplers, from the same noise and prompt, and the
+   same at the native length (1x, each method's reference); then again from more prompts and seeds
+   (``eval_worlds`` x ``eval_seeds``) for a table of means, since one clip is one noise draw;
 5. evaluate each clip: long-video metrics over time and the synthetic scorer against the world the
    prompt describes (object count, colour, size and motion consistency), so drift shows as a curve; the
    prompted world's ground truth and its VAE reconstruction (the best any sampler can score) are
@@ -75,6 +78,9 @@ for the native 9 frames)."""
 
 @dataclass
 class DemoSettings:
+    """Every knob of :func:`run_demo`. The transformer's defaults are the measured best of the teacher ablation
+    within the 10-minute training budget on 2 CPU cores (benchmarks/RESULTS.md, "The demo's teacher")."""
+
     out_dir: str = "outputs/demo"
     train_steps: int = 3000
     num_videos: int = 24
@@ -126,6 +132,11 @@ class DemoSettings:
     shift: float = 3.0
     """Flow shift of the training noise levels (``objective.shift``; the tiny Wan samples with shift 3): more
     training at high noise, where only the prompt says what to draw."""
+    weighting: str = "none"
+    """Loss weighting (``objective.weighting``): ``none`` is the plain x0 squared error, which weighs the high-noise
+    levels (where the prompt decides what is drawn) more than the flow model's native velocity loss (``native``:
+    x0 error / sigma^2); measured better for both ``full`` and ``causal`` (benchmarks/RESULTS.md, "Third
+    ablation")."""
     ema_decay: float = 0.0
     """Sample with an exponential moving average of the transformer's weights (``ema.decay``; 0 = off)."""
     text_length: int = 64
@@ -149,6 +160,10 @@ class DemoSettings:
             )
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay is a decay in [0, 1) (0 = no EMA), got {self.ema_decay}")
+        from .training.objectives import WEIGHTINGS
+
+        if self.weighting not in WEIGHTINGS:
+            raise ValueError(f"weighting={self.weighting!r} is not a loss weighting; choose one of {list(WEIGHTINGS)}")
         if self.eval_worlds < 1 or not self.eval_seeds:
             raise ValueError(
                 f"the mean-over-clips table needs eval_worlds >= 1 and at least one seed, got eval_worlds="
@@ -201,6 +216,7 @@ def _train_overrides(settings: DemoSettings, train_dir: str) -> list[str]:
         f"data.caption_dropout={settings.caption_dropout}",
         f"objective.clip_share={settings.clip_share}",
         f"objective.shift={settings.shift}",
+        f"objective.weighting={settings.weighting}",
         *(["ema.enabled=true", f"ema.decay={settings.ema_decay}"] if settings.ema_decay > 0 else []),
         "data.num_frames=9",
         "data.height=32",
@@ -642,6 +658,9 @@ def _summary(settings: DemoSettings, train_result, vae_report: dict, result: dic
                 "guidance_scale": settings.guidance_scale,
                 "ema_decay": settings.ema_decay,
                 "text_length": settings.text_length,
+                "clip_share": settings.clip_share,
+                "shift": settings.shift,
+                "weighting": settings.weighting,
                 "transformer": settings.transformer_kwargs,
             },
         },

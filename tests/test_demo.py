@@ -286,6 +286,8 @@ def test_demo_settings_refuse_guidance_without_an_unconditional_model(tmp_path, 
         DemoSettings(caption_dropout=0.0, guidance_scale=3.0)
     with pytest.raises(ValueError, match="ema_decay"):
         DemoSettings(ema_decay=1.0)
+    with pytest.raises(ValueError, match="weighting='x0' is not a loss weighting; choose one of"):
+        DemoSettings(weighting="x0")
     with pytest.raises(FileNotFoundError, match="longgen demo --out"):
         load_demo_model(str(tmp_path))
     assert main(["demo", "--quick", "--out", str(tmp_path / "demo"), "--vae-dir", str(tmp_path)]) != 0
