@@ -2,14 +2,14 @@
 
 Every variant trains the demo's Wan transformer (``longgen.demo.train_tiny_model``) on the latents of one
 trained demo VAE (``--vae-dir``, reused so that only the transformer changes), then generates the native
-length (1x, 9 frames) with the ``full`` sampler from the captions of the first ``--worlds`` training videos
+length (1x, 9 frames) with each of ``--samplers`` (default ``full``) from the captions of the first ``--worlds`` training videos
 (world 0 is the demo's prompt) at each ``--guidance`` scale, and scores every clip with the synthetic scorer
 against its world. The VAE reconstruction of each world's ground truth (``gt_vae``) is the ceiling.
 Training cost is the process CPU seconds (user + sys, ``resource.getrusage``) of the latent cache and the
 transformer stages, beside their wall seconds (on a shared machine the wall time depends on the load).
 
     python -m benchmarks.demo_teacher --vae-dir outputs/demo/train/base_model/vae --out outputs/teacher \
-        --variants vocab cfg --guidance 1 3
+        --variants default before css3k --worlds 4 --seeds 0 1 --guidance 1 --samplers full causal
 """
 
 from __future__ import annotations
@@ -19,18 +19,27 @@ import json
 import os
 
 from longgen.files import write_json_atomic
+from longgen.samplers import sampler_names
 
-CANDIDATE = {"caption_dropout": 0.1, "guidance_scale": 3.0, "text_length": 64}
-"""Caption dropout (trains the empty prompt) + guidance 3 + 64-token prompts: the candidate the others vary."""
+PREVIOUS: dict = {"text_length": 512, "train_steps": 1000, "lr": 1e-3, "caption_dropout": 0.0, "clip_share": 0.0,
+                  "shift": 1.0, "weighting": "native"}
+"""The demo's teacher before the third ablation (diffusion forcing only, 512-token prompts, lr 1e-3, 1000 steps,
+the flow model's native loss): the base of the first two ablations' variants."""
+CANDIDATE = {**PREVIOUS, "caption_dropout": 0.1, "guidance_scale": 3.0, "text_length": 64}
+"""Caption dropout (trains the empty prompt) + guidance 3 + 64-token prompts: the candidate the first ablation varied."""
+CSS = {**PREVIOUS, "text_length": 64, "train_steps": 2000, "lr": 2e-3, "caption_dropout": 0.1, "clip_share": 0.5,
+       "shift": 3.0}
+"""The second ablation's best reader of its prompt: clip_share 0.5 at the sampling shift 3, 64-token prompts."""
 VARIANTS: dict[str, dict] = {
-    "before": {},
-    "text64": {"text_length": 64},
-    "clip64": {"text_length": 64, "extra_overrides": ["objective.mode=clip"]},
-    "text64_2k": {"text_length": 64, "train_steps": 2000},
+    "default": {},
+    "before": PREVIOUS,
+    "text64": {**PREVIOUS, "text_length": 64},
+    "clip64": {**PREVIOUS, "text_length": 64, "extra_overrides": ["objective.mode=clip"]},
+    "text64_2k": {**PREVIOUS, "text_length": 64, "train_steps": 2000},
     "cfg": {**CANDIDATE, "text_length": 512},
     "cfg_text64": CANDIDATE,
     "ema": {**CANDIDATE, "ema_decay": 0.99},
-    "shift3": {**CANDIDATE, "extra_overrides": ["objective.shift=3.0"]},
+    "shift3": {**CANDIDATE, "shift": 3.0},
     "stride1": {**CANDIDATE, "cache_stride": 1},
     "lr2e3": {**CANDIDATE, "lr": 2e-3},
     "b16": {**CANDIDATE, "batch_size": 16},
@@ -40,41 +49,53 @@ VARIANTS: dict[str, dict] = {
         "num_attention_heads": 4, "attention_head_dim": 24, "ffn_dim": 256, "num_layers": 6}},
     "small": {**CANDIDATE, "transformer_kwargs": {
         "num_attention_heads": 4, "attention_head_dim": 16, "ffn_dim": 192, "num_layers": 4}},
+    "css": CSS,
+    "css3k": {**CSS, "train_steps": 3000},
+    "css4k": {**CSS, "train_steps": 4000},
+    "hs3k": {**CSS, "train_steps": 3000, "caption_dropout": 0.0, "clip_share": 0.7, "shift": 5.0},
+    "clip3k": {**CSS, "train_steps": 3000, "clip_share": 0.0, "extra_overrides": ["objective.mode=clip"]},
+    "big2k": {**CSS, "transformer_kwargs": {
+        "num_attention_heads": 4, "attention_head_dim": 32, "ffn_dim": 512, "num_layers": 6}},
+    "w96": {**CSS, "train_steps": 4000, "num_videos": 96, "extra_overrides": ["data.synthetic.num_frames=33"]},
+    "x0w": {**CSS, "train_steps": 3000, "weighting": "none"},
 }
-"""Named changes to :class:`longgen.demo.DemoSettings` (its defaults: no caption dropout, guidance 1, 512-token
-prompts; the caption words are in the tokenizer in every variant, the old word list is gone). ``before`` is the
-demo's defaults; the others are :data:`CANDIDATE` and one change each."""
+"""Named changes to :class:`longgen.demo.DemoSettings`. ``default`` is today's defaults (the third ablation's
+``x0w``); every other variant spells out what it trains, so it means the same whatever the defaults are."""
 
 
 def _score(adapter, data_dir: str, out: str, worlds: int, guidance: float, steps: int,
-           seeds: tuple[int, ...] = (0,)) -> dict:
-    """1x ``full`` clips of worlds 0..worlds-1 (one per sampling seed) at one guidance scale: per world and
-    seed overall / count and the ceiling; ``demo_*`` is world 0 (the demo's prompt) averaged over the seeds."""
+           seeds: tuple[int, ...] = (0,), samplers: tuple[str, ...] = ("full",)) -> dict:
+    """1x clips of worlds 0..worlds-1 (one per sampling seed) with each sampler at one guidance scale: per world and
+    seed overall / count and the ceiling; ``demo_*`` is world 0 (the demo's prompt) averaged over the seeds. The
+    top-level scores are the first sampler's; ``by_sampler`` holds every sampler's means."""
     from longgen.demo import generate_and_evaluate, synthetic_means
 
     rows = []
     for w in range(worlds):
         for seed in seeds:
             res = generate_and_evaluate(adapter, data_dir, os.path.join(out, f"g{guidance:g}_w{w}_s{seed}"), 1,
-                                        ("full",), steps, seed=seed, guidance_scale=guidance, world_index=w)
-            full, ceiling = (synthetic_means(res["report"]["videos"][k]) for k in ("full", "gt_vae"))
-            rows.append({"world": w, "seed": seed, "full": full, "gt_vae": ceiling})
+                                        samplers, steps, seed=seed, guidance_scale=guidance, world_index=w)
+            videos = res["report"]["videos"]
+            rows.append({"world": w, "seed": seed, "gt_vae": synthetic_means(videos["gt_vae"]),
+                         **{name: synthetic_means(videos[name]) for name in samplers}})
     demo = [r for r in rows if r["world"] == 0]
 
     def mean(key: str, score: str, of: list | None = None) -> float:
         of = rows if of is None else of
         return sum(r[key][score] or 0.0 for r in of) / len(of)
 
-    return {
-        "worlds": rows,
-        "seeds": list(seeds),
-        "demo_overall": mean("full", "overall", demo),
-        "demo_count": mean("full", "count", demo),
-        "demo_ceiling": mean("gt_vae", "overall", demo),
-        "mean_overall": mean("full", "overall"),
-        "mean_count": mean("full", "count"),
-        "mean_ceiling": mean("gt_vae", "overall"),
-    }
+    def means(key: str) -> dict:
+        return {
+            "demo_overall": mean(key, "overall", demo),
+            "demo_count": mean(key, "count", demo),
+            "demo_ceiling": mean("gt_vae", "overall", demo),
+            "mean_overall": mean(key, "overall"),
+            "mean_count": mean(key, "count"),
+            "mean_ceiling": mean("gt_vae", "overall"),
+        }
+
+    return {"worlds": rows, "seeds": list(seeds), **means(samplers[0]),
+            "by_sampler": {name: means(name) for name in samplers}}
 
 
 def prompt_gap(adapter, data_dir: str, num_worlds: int = 8, sigmas=(0.5, 0.9)) -> dict:
@@ -128,7 +149,8 @@ def run_variant(name: str, changes: dict, args) -> dict:
     for g in args.guidance:
         if g != 1.0 and not settings.caption_dropout:
             continue
-        entry["guidance"][f"{g:g}"] = _score(adapter, data_dir, out, args.worlds, g, args.steps, tuple(args.seeds))
+        entry["guidance"][f"{g:g}"] = _score(adapter, data_dir, out, args.worlds, g, args.steps, tuple(args.seeds),
+                                            tuple(args.samplers))
     return entry
 
 
@@ -150,7 +172,7 @@ def score_demo_run(demo_dir: str, args) -> dict:
         "guidance": {
             f"{guidance:g}": _score(
                 adapter, data_dir, os.path.join(args.out, "demo_run"), args.worlds, guidance, args.steps,
-                tuple(args.seeds),
+                tuple(args.seeds), tuple(args.samplers),
             )
         },
     }
@@ -160,21 +182,23 @@ def table(results: dict) -> str:
     """Markdown: per variant and guidance, the demo prompt's overall / count, the mean over worlds, the
     ceiling, and the training cost."""
     lines = [
-        "| variant | guidance | demo overall | demo count | demo / ceiling | worlds overall | worlds count "
+        "| variant | sampler | guidance | demo overall | demo count | demo / ceiling | worlds overall | worlds count "
         "| worlds / ceiling | prompt gap at 0.9 | final loss | transformer CPU s | wall s |",
-        "|" + "---|" * 12,
+        "|" + "---|" * 13,
     ]
     for name, e in results.items():
         cpu = e["cpu_seconds"].get("transformer", 0) + e["cpu_seconds"].get("latent_cache", 0)
         wall = e["wall_seconds"].get("transformer", 0) + e["wall_seconds"].get("latent_cache", 0)
         gap = e.get("prompt_gap", {}).get("0.9", {}).get("gap")
         gap_cell = "-" if gap is None else f"{gap:+.3f}"
-        for g, s in e["guidance"].items():
-            lines.append(
-                f"| {name} | {g} | {s['demo_overall']:.3f} | {s['demo_count']:.3f} | "
-                f"{s['demo_overall'] / s['demo_ceiling']:.2f} | {s['mean_overall']:.3f} | {s['mean_count']:.3f} | "
-                f"{s['mean_overall'] / s['mean_ceiling']:.2f} | {gap_cell} | {e['last_loss']:.3f} | {cpu:.0f} | {wall:.0f} |"
-            )
+        for g, scored in e["guidance"].items():
+            for sampler, m in scored.get("by_sampler", {"full": scored}).items():
+                lines.append(
+                    f"| {name} | {sampler} | {g} | {m['demo_overall']:.3f} | {m['demo_count']:.3f} | "
+                    f"{m['demo_overall'] / m['demo_ceiling']:.2f} | {m['mean_overall']:.3f} | {m['mean_count']:.3f} | "
+                    f"{m['mean_overall'] / m['mean_ceiling']:.2f} | {gap_cell} | {e['last_loss']:.3f} | {cpu:.0f} | "
+                    f"{wall:.0f} |"
+                )
     return "\n".join(lines)
 
 
@@ -182,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--vae-dir", required=True, help="a finished demo's train/base_model/vae (reused)")
     p.add_argument("--out", default="outputs/demo_teacher", help="output folder")
-    p.add_argument("--variants", nargs="*", default=["before", "cfg_text64"], choices=sorted(VARIANTS),
+    p.add_argument("--variants", nargs="*", default=["default", "before"], choices=sorted(VARIANTS),
                    help="variants to train (see VARIANTS)")
     p.add_argument("--custom", action="append", default=[], metavar="NAME=JSON",
                    help='a variant of your own: its DemoSettings changes as JSON, e.g. '
@@ -191,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--worlds", type=int, default=4, help="training worlds whose captions are prompted")
     p.add_argument("--guidance", type=float, nargs="+", default=[1.0, 3.0], help="guidance scales")
     p.add_argument("--steps", type=int, default=16, help="denoising steps")
+    p.add_argument("--samplers", nargs="+", default=["full"], choices=sampler_names(),
+                   help="samplers of the 1x clips (e.g. full causal; one table row each)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="sampling seeds per world (scores averaged)")
     p.add_argument("--score-demo", default=None, help="also score this finished demo run's model (row 'demo_run')")
     args = p.parse_args(argv)
