@@ -143,6 +143,9 @@ class DemoSettings:
     """Padded prompt tokens (the tiny tokenizer's ``model_max_length``; Wan pads to 512): a caption is about
     25-40 tokens, so with 512 most of what cross-attention reads is padding, and a training step costs about 1.5x (6.2 vs 9.7
     steps/s on 2 idle cores)."""
+    caption_style: str = "full"
+    """Captions of the synthetic worlds (``data.synthetic.caption_style``): ``full`` sentences, or ``short`` (only
+    the words that differ between worlds: ``2 shapes: medium green circle quickly and small blue square slowly``)."""
     vae_dir: str | None = None
     """A trained demo VAE (``<demo out>/train/base_model/vae``) to reuse instead of the VAE stage: the
     transformer ablations (``benchmarks/demo_teacher.py``) train on the same latents without its cost."""
@@ -164,6 +167,10 @@ class DemoSettings:
 
         if self.weighting not in WEIGHTINGS:
             raise ValueError(f"weighting={self.weighting!r} is not a loss weighting; choose one of {list(WEIGHTINGS)}")
+        from .data.synthetic import CAPTION_STYLES
+
+        if self.caption_style not in CAPTION_STYLES:
+            raise ValueError(f"caption_style={self.caption_style!r} is not a caption style; choose one of {list(CAPTION_STYLES)}")
         if self.eval_worlds < 1 or not self.eval_seeds:
             raise ValueError(
                 f"the mean-over-clips table needs eval_worlds >= 1 and at least one seed, got eval_worlds="
@@ -222,6 +229,7 @@ def _train_overrides(settings: DemoSettings, train_dir: str) -> list[str]:
         "data.height=32",
         "data.width=32",
         f"data.synthetic.num_videos={settings.num_videos}",
+        f"data.synthetic.caption_style={settings.caption_style}",
         "data.synthetic.num_frames=65",
         "validation.every=0",
         *settings.extra_overrides,

@@ -37,6 +37,7 @@ PALETTE: dict[str, tuple[int, int, int]] = {
 BACKGROUND: tuple[int, int, int] = (30, 30, 30)
 BACKGROUND_NAME = "dark grey"
 SHAPES = ("circle", "square")
+CAPTION_STYLES = ("full", "short")
 RENDER_CHUNK = 64
 
 
@@ -109,13 +110,23 @@ class WorldSpec:
         shapes = tuple(ShapeSpec(**s) for s in data["shapes"])
         return cls(shapes, tuple(data.get("background", BACKGROUND)))
 
-    def caption(self) -> str:
-        """A caption naming every object's size, colour, shape and speed."""
+    def caption(self, style: str = "full") -> str:
+        """A caption naming every object's size, colour, shape and speed. ``style="full"`` is a sentence
+        (``2 shapes on a dark grey background: a medium green circle moving quickly and ... bounces off the
+        edges.``); ``"short"`` keeps only the words that differ between worlds (``2 shapes: medium green circle
+        quickly and small blue square slowly``), so that a small text encoder's tokens are mostly the world's."""
+        if style not in CAPTION_STYLES:
+            raise ValueError(f"unknown caption style {style!r}; choose from {CAPTION_STYLES}")
         parts = []
         for s in self.shapes:
             speed = math.hypot(*s.velocity)
             pace = "slowly" if speed < 0.02 else "quickly"
-            parts.append(f"a {s.size_word()} {s.color} {s.shape} moving {pace}")
+            if style == "short":
+                parts.append(f"{s.size_word()} {s.color} {s.shape} {pace}")
+            else:
+                parts.append(f"a {s.size_word()} {s.color} {s.shape} moving {pace}")
+        if style == "short":
+            return f"{len(parts)} {'shape' if len(parts) == 1 else 'shapes'}: " + " and ".join(parts)
         listed = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
         noun = "shape" if len(parts) == 1 else "shapes"
         bg = BACKGROUND_NAME if self.background == BACKGROUND else "plain"
@@ -267,14 +278,15 @@ def write_synthetic_dataset(
     width: int,
     fps: float = 16.0,
     seed: int = 0,
+    caption_style: str = "full",
     **world_kwargs,
 ) -> str:
     """Write ``num_videos`` rendered worlds as mp4 files with ``.txt`` captions and a ``manifest.jsonl``.
 
     Each manifest line: ``{"video", "caption", "caption_file", "num_frames", "height", "width", "fps",
     "world_seed", "world"}`` with file names relative to ``out_dir`` and ``world`` the spec as a dict
-    (:meth:`WorldSpec.from_dict` restores it). ``world_kwargs`` go to :func:`sample_world`. Returns the
-    manifest path. Deterministic in ``seed``.
+    (:meth:`WorldSpec.from_dict` restores it). ``caption_style`` is :meth:`WorldSpec.caption`'s; ``world_kwargs``
+    go to :func:`sample_world`. Returns the manifest path. Deterministic in ``seed``.
     """
     from longgen.io import write_video
 
@@ -294,7 +306,7 @@ def write_synthetic_dataset(
                 for s in range(0, num_frames, RENDER_CHUNK)
             )
             write_video(os.path.join(out_dir, f"{name}.mp4"), chunks, fps=fps)
-            caption = world.caption()
+            caption = world.caption(caption_style)
             with open(os.path.join(out_dir, f"{name}.txt"), "w") as cap:
                 cap.write(caption + "\n")
             record = {
@@ -328,6 +340,14 @@ def ensure_synthetic_dataset(folder: str | os.PathLike, data_config) -> str:
         "fps": syn.fps,
         "seed": syn.seed,
     }
+    # The world knobs enter the spec (and so the comparison) only when changed, so that data sets written
+    # before they existed still match their spec file.
+    if list(syn.size_range) != [0.07, 0.12]:
+        spec["size_range"] = [float(v) for v in syn.size_range]
+    if list(syn.num_objects) != [2, 3]:
+        spec["num_objects"] = [int(v) for v in syn.num_objects]
+    if syn.caption_style != "full":
+        spec["caption_style"] = syn.caption_style
     folder = os.fspath(folder)
     manifest = os.path.join(folder, "manifest.jsonl")
     spec_path = os.path.join(folder, SPEC_NAME)
@@ -337,7 +357,11 @@ def ensure_synthetic_dataset(folder: str | os.PathLike, data_config) -> str:
                 return manifest
         os.remove(manifest)  # a different data set: written again below
     logging.getLogger(__name__).info("writing the synthetic data set (%d videos) to %s", syn.num_videos, folder)
-    write_synthetic_dataset(folder, **spec)
+    kwargs = dict(spec)
+    for key in ("size_range", "num_objects"):
+        if key in kwargs:
+            kwargs[key] = tuple(kwargs[key])
+    write_synthetic_dataset(folder, **kwargs)
     with open(spec_path, "w") as fh:
         json.dump(spec, fh)
     return manifest

@@ -106,8 +106,25 @@ class SyntheticDataConfig:
     width: int | None = None
     fps: float = 16.0
     seed: int = 0
+    size_range: list[float] = field(default_factory=lambda: [0.07, 0.12])
+    """Object radius (half side for squares) range as a fraction of the short side (``sample_world``)."""
+    num_objects: list[int] = field(default_factory=lambda: [2, 3])
+    """Inclusive range of objects per world (one palette colour each: at most 7)."""
+    caption_style: str = "full"
+    """Captions as a sentence (``full``) or only the words that differ between worlds (``short``)."""
 
     def __post_init__(self) -> None:
+        _check(
+            len(self.size_range) == 2 and 0.0 < self.size_range[0] <= self.size_range[1] < 0.5,
+            f"data.synthetic.size_range is [low, high] with 0 < low <= high < 0.5 (fractions of the short side), "
+            f"got {self.size_range}",
+        )
+        _check(
+            len(self.num_objects) == 2 and 1 <= self.num_objects[0] <= self.num_objects[1] <= 7,
+            f"data.synthetic.num_objects is [low, high] with 1 <= low <= high <= 7 (one colour each), "
+            f"got {self.num_objects}",
+        )
+        _choice("data.synthetic.caption_style", self.caption_style, ("full", "short"))
         _check(self.num_videos >= 1, f"data.synthetic.num_videos must be >= 1, got {self.num_videos}")
         _check(self.num_frames >= 1, f"data.synthetic.num_frames must be >= 1, got {self.num_frames}")
         _check(self.fps > 0, f"data.synthetic.fps must be positive, got {self.fps}")

@@ -202,3 +202,45 @@ def test_dataset_writer_writes_readable_mp4s_captions_and_manifest(tmp_path, mon
         tmp_path / "again", num_videos=2, num_frames=12, height=32, width=32, fps=8, seed=3
     )
     assert open(again).read() == open(manifest).read()
+
+
+def test_short_captions_keep_every_world_word_and_drop_the_boilerplate(tmp_path):
+    from longgen.data.synthetic import ensure_synthetic_dataset
+    from longgen.training.config import ConfigError, load_config
+
+    world = sample_world(1, num_objects=3)
+    full, short = world.caption(), world.caption("short")
+    assert short.startswith("3 shapes: ") and "bounces" not in short and "background" not in short
+    for s in world.shapes:
+        assert f"{s.size_word()} {s.color} {s.shape}" in short and f"{s.color} {s.shape}" in full
+    assert sample_world(2, num_objects=1).caption("short").startswith("1 shape: ")
+    with pytest.raises(ValueError, match="caption style"):
+        world.caption("long")
+    # The data set writes the configured style, and a folder written in the other style is rewritten.
+    config = load_config(None, ["data.synthetic.num_videos=2", "data.synthetic.num_frames=3"])
+    folder = tmp_path / "data"
+    ensure_synthetic_dataset(folder, config.data)
+    assert load_manifest(folder / "manifest.jsonl")[0]["caption"].endswith("edges.")
+    short_config = load_config(None, ["data.synthetic.num_videos=2", "data.synthetic.num_frames=3",
+                                      "data.synthetic.caption_style=short"])
+    ensure_synthetic_dataset(folder, short_config.data)
+    records = load_manifest(folder / "manifest.jsonl")
+    assert [r["caption"] for r in records] == [r["world"].caption("short") for r in records]
+    assert open(records[0]["caption_file"]).read().strip() == records[0]["caption"]
+    with pytest.raises(ConfigError, match="caption_style"):
+        load_config(None, ["data.synthetic.caption_style=long"])
+
+
+def test_world_knobs_of_the_data_config_reach_the_worlds(tmp_path):
+    from longgen.data.synthetic import ensure_synthetic_dataset
+    from longgen.training.config import ConfigError, load_config
+
+    config = load_config(None, ["data.synthetic.num_videos=3", "data.synthetic.num_frames=2",
+                                "data.synthetic.size_range=[0.13,0.14]", "data.synthetic.num_objects=[1,1]"])
+    ensure_synthetic_dataset(tmp_path, config.data)
+    for rec in load_manifest(tmp_path / "manifest.jsonl"):
+        assert len(rec["world"].shapes) == 1 and 0.13 <= rec["world"].shapes[0].size <= 0.14
+    with pytest.raises(ConfigError, match="size_range"):
+        load_config(None, ["data.synthetic.size_range=[0.2,0.1]"])
+    with pytest.raises(ConfigError, match="num_objects"):
+        load_config(None, ["data.synthetic.num_objects=[0,8]"])
