@@ -1,7 +1,8 @@
 """Ablation of the demo's tiny teacher: what each training change does to its clips at the native length.
 
 Every variant trains the demo's Wan transformer (``longgen.demo.train_tiny_model``) on the latents of one
-trained demo VAE (``--vae-dir``, reused so that only the transformer changes), then generates the native
+trained demo VAE (``--vae-dir``, reused so that only the transformer changes; without it each variant trains its
+own VAE first, as the variants that change the VAE need), then generates the native
 length (1x, 9 frames) with each of ``--samplers`` (default ``full``) from the captions of the first ``--worlds`` training videos
 (world 0 is the demo's prompt) at each ``--guidance`` scale, and scores every clip with the synthetic scorer
 against its world. The VAE reconstruction of each world's ground truth (``gt_vae``) is the ceiling.
@@ -18,6 +19,7 @@ import argparse
 import json
 import os
 
+from longgen.demo import DEMO_VAE
 from longgen.files import write_json_atomic
 from longgen.samplers import sampler_names
 
@@ -30,6 +32,8 @@ CANDIDATE = {**PREVIOUS, "caption_dropout": 0.1, "guidance_scale": 3.0, "text_le
 CSS = {**PREVIOUS, "text_length": 64, "train_steps": 2000, "lr": 2e-3, "caption_dropout": 0.1, "clip_share": 0.5,
        "shift": 3.0}
 """The second ablation's best reader of its prompt: clip_share 0.5 at the sampling shift 3, 64-token prompts."""
+X0W = {**CSS, "train_steps": 3000, "weighting": "none"}
+"""The third ablation's winner (x0 loss, 3000 steps), today's defaults: the base of the fourth ablation."""
 VARIANTS: dict[str, dict] = {
     "default": {},
     "before": PREVIOUS,
@@ -57,7 +61,20 @@ VARIANTS: dict[str, dict] = {
     "big2k": {**CSS, "transformer_kwargs": {
         "num_attention_heads": 4, "attention_head_dim": 32, "ffn_dim": 512, "num_layers": 6}},
     "w96": {**CSS, "train_steps": 4000, "num_videos": 96, "extra_overrides": ["data.synthetic.num_frames=33"]},
-    "x0w": {**CSS, "train_steps": 3000, "weighting": "none"},
+    "x0w": X0W,
+    # fourth ablation (on x0w, today's defaults): the world, the VAE's channels, the captions
+    "big12": {**X0W, "extra_overrides": ["data.synthetic.size_range=[0.12,0.18]"]},
+    "one": {**X0W, "extra_overrides": ["data.synthetic.num_objects=[1,1]"]},
+    "z8": {**X0W, "vae_kwargs": {**DEMO_VAE, "z_dim": 8}},
+    "z4": {**X0W, "vae_kwargs": {**DEMO_VAE, "z_dim": 4}},
+    "short32": {**X0W, "caption_style": "short", "text_length": 32},
+    "hsx0": {**X0W, "clip_share": 0.7, "shift": 5.0},
+    "z4_short32_hs": {**X0W, "vae_kwargs": {**DEMO_VAE, "z_dim": 4}, "caption_style": "short", "text_length": 32,
+                      "clip_share": 0.7, "shift": 5.0},
+    "z8_short32_hs": {**X0W, "vae_kwargs": {**DEMO_VAE, "z_dim": 8}, "caption_style": "short", "text_length": 32,
+                      "clip_share": 0.7, "shift": 5.0},
+    "w96z4": {**X0W, "vae_kwargs": {**DEMO_VAE, "z_dim": 4}, "num_videos": 96,
+              "extra_overrides": ["data.synthetic.num_frames=33"]},
 }
 """Named changes to :class:`longgen.demo.DemoSettings`. ``default`` is today's defaults (the third ablation's
 ``x0w``); every other variant spells out what it trains, so it means the same whatever the defaults are."""
@@ -132,7 +149,8 @@ def run_variant(name: str, changes: dict, args) -> dict:
 
     changes = {**changes, **({"train_steps": args.train_steps} if args.train_steps else {})}
     out = os.path.join(args.out, name)
-    settings = DemoSettings(out_dir=out, vae_dir=os.path.abspath(args.vae_dir), **changes)
+    vae_dir = os.path.abspath(args.vae_dir) if args.vae_dir else None
+    settings = DemoSettings(out_dir=out, vae_dir=vae_dir, **changes)
     adapter, result, data_dir, report = train_tiny_model(settings)
     losses = list(result.losses.values())
     entry = {
@@ -204,7 +222,9 @@ def table(results: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--vae-dir", required=True, help="a finished demo's train/base_model/vae (reused)")
+    p.add_argument("--vae-dir", help="a finished demo's train/base_model/vae, reused by every variant so that only the "
+                   "transformer changes; without it each variant trains its own VAE first (~2.5 min; needed by the "
+                   "variants that change the VAE: z8, z4, ...)")
     p.add_argument("--out", default="outputs/demo_teacher", help="output folder")
     p.add_argument("--variants", nargs="*", default=["default", "before"], choices=sorted(VARIANTS),
                    help="variants to train (see VARIANTS)")
@@ -243,7 +263,12 @@ def main(argv: list[str] | None = None) -> int:
         unknown = sorted(set(custom[name]) - known)
         if unknown:  # refused before any variant trains, not after the others have run
             p.error(f"--custom {name}: unknown DemoSettings fields {unknown}; known: {sorted(known)}")
-    for name, changes in [*((n, VARIANTS[n]) for n in args.variants), *custom.items()]:
+    chosen = [*((n, VARIANTS[n]) for n in args.variants), *custom.items()]
+    changes_vae = [n for n, changes in chosen if "vae_kwargs" in changes]
+    if args.vae_dir and changes_vae:
+        p.error(f"variants {changes_vae} change the VAE (vae_kwargs), which --vae-dir would replace: run them without "
+                "--vae-dir, so that each trains its own VAE")
+    for name, changes in chosen:
         key = name + (f"@{args.train_steps}" if args.train_steps else "")
         results[key] = run_variant(name, changes, args)
         write_json_atomic(path, results, indent=2)

@@ -38,3 +38,11 @@ def test_table_has_one_row_per_sampler():
     rows = [line for line in table({"v": entry}).splitlines() if line.startswith("| v |")]
     assert [r.split(" | ")[1] for r in rows] == ["full", "causal"]
     assert "| 0.600 |" in rows[1] and "| 0.75 |" in rows[1]  # 0.6 / 0.8 of the ceiling
+
+
+def test_variants_that_change_the_vae_are_refused_with_a_reused_vae(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["--vae-dir", str(tmp_path), "--out", str(tmp_path / "out"), "--variants", "z4"])
+    assert "without --vae-dir" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "results.json").exists()
+    assert DemoSettings(**VARIANTS["z4"]).vae_kwargs["z_dim"] == 4
