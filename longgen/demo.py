@@ -312,6 +312,17 @@ def _vae_stage(settings: DemoSettings, pipe, train_dir: str, data_dir: str) -> d
     )
 
 
+def _reused_vae_kwargs(vae_dir: str) -> dict[str, Any]:
+    """The demo-VAE settings (:data:`DEMO_VAE` keys) of the VAE saved in ``vae_dir``: the pipeline is built with
+    them, so that its transformer reads and writes that VAE's latent channels (``z_dim``), whatever
+    ``DemoSettings.vae_kwargs`` says."""
+    import json
+
+    with open(os.path.join(vae_dir, "config.json")) as fh:
+        config = json.load(fh)
+    return {key: config[key] for key in DEMO_VAE if key in config}
+
+
 def _reuse_vae(pipe, vae_dir: str) -> dict[str, Any]:
     """Put the trained VAE saved in ``vae_dir`` into ``pipe`` (instead of the VAE stage); its report."""
     from diffusers import AutoencoderKLWan
@@ -378,7 +389,7 @@ def train_tiny_model(settings: DemoSettings):
     lap("data")
     pipe = WanAdapter.tiny_pipeline(
         seed=settings.seed,
-        vae_kwargs=settings.vae_kwargs,
+        vae_kwargs=_reused_vae_kwargs(settings.vae_dir) if settings.vae_dir else settings.vae_kwargs,
         transformer_kwargs=settings.transformer_kwargs,
         text_length=settings.text_length,
     )

@@ -342,3 +342,18 @@ def test_mean_over_clips_averages_every_prompt_and_seed_and_reuses_the_demo_clip
     assert means["per_clip"][2][1] == {k: v or 0.0 for k, v in overall_by_label(again).items()}
     with pytest.raises(ValueError, match="eval_worlds=3 prompts more worlds"):
         DemoSettings(num_videos=2, eval_worlds=3)
+
+
+def test_a_reused_vae_sets_the_transformers_latent_channels(tmp_path):
+    from longgen.backbones.wan import _tiny_wan_vae, make_vae_per_frame
+    from longgen.demo import DEMO_VAE, DemoSettings, train_tiny_model
+
+    vae = _tiny_wan_vae(**{**DEMO_VAE, "z_dim": 4})
+    make_vae_per_frame(vae)
+    vae.save_pretrained(tmp_path / "vae")
+    settings = DemoSettings(out_dir=str(tmp_path / "run"), vae_dir=str(tmp_path / "vae"), train_steps=2, num_videos=2,
+                            eval_worlds=1, batch_size=2, cache_stride=16)
+    assert settings.vae_kwargs["z_dim"] == 16  # the settings' own VAE; the reused one wins
+    adapter, result, _, report = train_tiny_model(settings)
+    assert result.step == 2 and report["reused"]
+    assert adapter.model.config.in_channels == adapter.model.config.out_channels == adapter.vae.config.z_dim == 4
