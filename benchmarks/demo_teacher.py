@@ -24,16 +24,18 @@ from longgen.files import write_json_atomic
 from longgen.samplers import sampler_names
 
 PREVIOUS: dict = {"text_length": 512, "train_steps": 1000, "lr": 1e-3, "caption_dropout": 0.0, "clip_share": 0.0,
-                  "shift": 1.0, "weighting": "native"}
+                  "shift": 1.0, "weighting": "native", "num_videos": 24, "video_frames": 65,
+                  "vae_kwargs": {**DEMO_VAE, "z_dim": 16}}
 """The demo's teacher before the third ablation (diffusion forcing only, 512-token prompts, lr 1e-3, 1000 steps,
-the flow model's native loss): the base of the first two ablations' variants."""
+the flow model's native loss; 24 videos of 65 frames, a VAE with 16 latent channels): the base of the first three
+ablations' variants."""
 CANDIDATE = {**PREVIOUS, "caption_dropout": 0.1, "guidance_scale": 3.0, "text_length": 64}
 """Caption dropout (trains the empty prompt) + guidance 3 + 64-token prompts: the candidate the first ablation varied."""
 CSS = {**PREVIOUS, "text_length": 64, "train_steps": 2000, "lr": 2e-3, "caption_dropout": 0.1, "clip_share": 0.5,
        "shift": 3.0}
 """The second ablation's best reader of its prompt: clip_share 0.5 at the sampling shift 3, 64-token prompts."""
 X0W = {**CSS, "train_steps": 3000, "weighting": "none"}
-"""The third ablation's winner (x0 loss, 3000 steps), today's defaults: the base of the fourth ablation."""
+"""The third ablation's winner (x0 loss, 3000 steps; the defaults until the fourth): the base of the fourth ablation."""
 VARIANTS: dict[str, dict] = {
     "default": {},
     "before": PREVIOUS,
@@ -60,9 +62,9 @@ VARIANTS: dict[str, dict] = {
     "clip3k": {**CSS, "train_steps": 3000, "clip_share": 0.0, "extra_overrides": ["objective.mode=clip"]},
     "big2k": {**CSS, "transformer_kwargs": {
         "num_attention_heads": 4, "attention_head_dim": 32, "ffn_dim": 512, "num_layers": 6}},
-    "w96": {**CSS, "train_steps": 4000, "num_videos": 96, "extra_overrides": ["data.synthetic.num_frames=33"]},
+    "w96": {**CSS, "train_steps": 4000, "num_videos": 96, "video_frames": 33},
     "x0w": X0W,
-    # fourth ablation (on x0w, today's defaults): the world, the VAE's channels, the captions
+    # fourth ablation (on x0w): the world, the VAE's channels, the captions, more and shorter videos
     "big12": {**X0W, "extra_overrides": ["data.synthetic.size_range=[0.12,0.18]"]},
     "one": {**X0W, "extra_overrides": ["data.synthetic.num_objects=[1,1]"]},
     "z8": {**X0W, "vae_kwargs": {**DEMO_VAE, "z_dim": 8}},
@@ -73,11 +75,10 @@ VARIANTS: dict[str, dict] = {
                       "clip_share": 0.7, "shift": 5.0},
     "z8_short32_hs": {**X0W, "vae_kwargs": {**DEMO_VAE, "z_dim": 8}, "caption_style": "short", "text_length": 32,
                       "clip_share": 0.7, "shift": 5.0},
-    "w96z4": {**X0W, "vae_kwargs": {**DEMO_VAE, "z_dim": 4}, "num_videos": 96,
-              "extra_overrides": ["data.synthetic.num_frames=33"]},
+    "w96z4": {**X0W, "vae_kwargs": {**DEMO_VAE, "z_dim": 4}, "num_videos": 96, "video_frames": 33},
 }
-"""Named changes to :class:`longgen.demo.DemoSettings`. ``default`` is today's defaults (the third ablation's
-``x0w``); every other variant spells out what it trains, so it means the same whatever the defaults are."""
+"""Named changes to :class:`longgen.demo.DemoSettings`. ``default`` is today's defaults (the fourth ablation's
+``w96z4``); every other variant spells out what it trains, so it means the same whatever the defaults are."""
 
 
 def _score(adapter, data_dir: str, out: str, worlds: int, guidance: float, steps: int,
@@ -264,10 +265,17 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:  # refused before any variant trains, not after the others have run
             p.error(f"--custom {name}: unknown DemoSettings fields {unknown}; known: {sorted(known)}")
     chosen = [*((n, VARIANTS[n]) for n in args.variants), *custom.items()]
-    changes_vae = [n for n, changes in chosen if "vae_kwargs" in changes]
-    if args.vae_dir and changes_vae:
-        p.error(f"variants {changes_vae} change the VAE (vae_kwargs), which --vae-dir would replace: run them without "
-                "--vae-dir, so that each trains its own VAE")
+    if args.vae_dir:  # a variant whose VAE differs from the reused one would be trained on the wrong latents
+        from longgen.demo import _reused_vae_kwargs
+
+        if not os.path.isfile(os.path.join(args.vae_dir, "config.json")):
+            p.error(f"--vae-dir {args.vae_dir} holds no VAE (config.json): give <demo out>/train/base_model/vae")
+        reused = _reused_vae_kwargs(args.vae_dir)
+        other = [n for n, changes in chosen
+                 if any(changes.get("vae_kwargs", DEMO_VAE).get(k) != v for k, v in reused.items())]
+        if other:
+            p.error(f"variants {other} use another VAE than --vae-dir's ({reused}): run them without --vae-dir, so "
+                    "that each trains its own VAE, or reuse a VAE trained with their vae_kwargs")
     for name, changes in chosen:
         key = name + (f"@{args.train_steps}" if args.train_steps else "")
         results[key] = run_variant(name, changes, args)

@@ -55,17 +55,19 @@ DEMO_SAMPLERS = sampler_names()
 
 DEMO_VAE: dict[str, Any] = {
     "base_dim": 8,
-    "z_dim": 16,
+    "z_dim": 4,
     "dim_mult": [1, 1, 1],
     "num_res_blocks": 1,
     "temperal_downsample": [False, False],
     "scale_factor_spatial": 4,
     "scale_factor_temporal": 1,
 }
-"""The demo's VAE: two levels, 4x space and no time compression (32x32 frames -> 8x8x16 latents, one latent
+"""The demo's VAE: two levels, 4x space and no time compression (32x32 frames -> 8x8x4 latents, one latent
 frame per frame), so a latent cell covers 4x4 pixels and the small shapes (radius 2-4 px) keep their colour.
 Trained per frame (:func:`make_vae_per_frame`). A VAE that also compresses time 4x (the Wan default) trained in
-the same few minutes returned only about half of the objects' pixels in their colour on 4x-long clips."""
+the same few minutes returned only about half of the objects' pixels in their colour on 4x-long clips. 4 latent
+channels (``z_dim``) instead of 16 reconstruct as well (ceiling 0.909 vs 0.906 over 16 clips) and give the
+transformer an easier latent to model (benchmarks/RESULTS.md, "Fourth ablation")."""
 DEMO_TRANSFORMER: dict[str, Any] = {
     "num_attention_heads": 4,
     "attention_head_dim": 24,
@@ -83,7 +85,11 @@ class DemoSettings:
 
     out_dir: str = "outputs/demo"
     train_steps: int = 3000
-    num_videos: int = 24
+    num_videos: int = 96
+    """Synthetic worlds (videos) of the training set, each with its own caption: 96 short videos teach the
+    caption's words better than 24 long ones of the same total frames (benchmarks/RESULTS.md, "Fourth ablation")."""
+    video_frames: int = 33
+    """Frames per synthetic video (``data.synthetic.num_frames``); the training windows are the native 9."""
     length_factor: int = 4
     samplers: tuple[str, ...] = DEMO_SAMPLERS
     num_inference_steps: int = 16
@@ -171,6 +177,8 @@ class DemoSettings:
 
         if self.caption_style not in CAPTION_STYLES:
             raise ValueError(f"caption_style={self.caption_style!r} is not a caption style; choose one of {list(CAPTION_STYLES)}")
+        if self.video_frames < 9:
+            raise ValueError(f"video_frames={self.video_frames} is shorter than the native 9-frame training window")
         if self.eval_worlds < 1 or not self.eval_seeds:
             raise ValueError(
                 f"the mean-over-clips table needs eval_worlds >= 1 and at least one seed, got eval_worlds="
@@ -230,7 +238,7 @@ def _train_overrides(settings: DemoSettings, train_dir: str) -> list[str]:
         "data.width=32",
         f"data.synthetic.num_videos={settings.num_videos}",
         f"data.synthetic.caption_style={settings.caption_style}",
-        "data.synthetic.num_frames=65",
+        f"data.synthetic.num_frames={settings.video_frames}",
         "validation.every=0",
         *settings.extra_overrides,
     ]

@@ -14,8 +14,8 @@ def test_every_variant_is_a_valid_demo_setting_and_spells_out_what_it_trains():
             assert set(PREVIOUS) <= set(changes), name
         assert settings.train_steps > 0
     assert VARIANTS["default"] == {}
-    # the third ablation's winner is today's default teacher
-    assert DemoSettings(**VARIANTS["x0w"]) == DemoSettings()
+    # the fourth ablation's winner is today's default teacher
+    assert DemoSettings(**VARIANTS["w96z4"]) == DemoSettings()
 
 
 def test_custom_variants_are_refused_before_training(tmp_path, capsys):
@@ -40,9 +40,20 @@ def test_table_has_one_row_per_sampler():
     assert "| 0.600 |" in rows[1] and "| 0.75 |" in rows[1]  # 0.6 / 0.8 of the ceiling
 
 
-def test_variants_that_change_the_vae_are_refused_with_a_reused_vae(tmp_path, capsys):
-    with pytest.raises(SystemExit):
-        main(["--vae-dir", str(tmp_path), "--out", str(tmp_path / "out"), "--variants", "z4"])
-    assert "without --vae-dir" in capsys.readouterr().err
+def test_variants_of_another_vae_are_refused_with_a_reused_vae(tmp_path, capsys):
+    import json
+
+    from longgen.demo import DEMO_VAE
+
+    with pytest.raises(SystemExit):  # no VAE there
+        main(["--vae-dir", str(tmp_path), "--out", str(tmp_path / "out"), "--variants", "default"])
+    assert "holds no VAE" in capsys.readouterr().err
+    (tmp_path / "config.json").write_text(json.dumps({**DEMO_VAE, "z_dim": 16, "latents_mean": [0.0] * 16}))
+    for variant in ("z4", "default"):  # today's default VAE has 4 channels
+        with pytest.raises(SystemExit):
+            main(["--vae-dir", str(tmp_path), "--out", str(tmp_path / "out"), "--variants", variant])
+        err = capsys.readouterr().err
+        assert f"variants ['{variant}'] use another VAE" in err and "without --vae-dir" in err
     assert not (tmp_path / "out" / "results.json").exists()
-    assert DemoSettings(**VARIANTS["z4"]).vae_kwargs["z_dim"] == 4
+    assert DemoSettings(**VARIANTS["z4"]).vae_kwargs["z_dim"] == 4 == DemoSettings().vae_kwargs["z_dim"]
+    assert DemoSettings(**VARIANTS["big12"]).vae_kwargs["z_dim"] == 16  # spelled out: measured on that VAE
