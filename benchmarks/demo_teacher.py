@@ -36,6 +36,8 @@ CSS = {**PREVIOUS, "text_length": 64, "train_steps": 2000, "lr": 2e-3, "caption_
 """The second ablation's best reader of its prompt: clip_share 0.5 at the sampling shift 3, 64-token prompts."""
 X0W = {**CSS, "train_steps": 3000, "weighting": "none"}
 """The third ablation's winner (x0 loss, 3000 steps; the defaults until the fourth): the base of the fourth ablation."""
+W96Z4 = {**X0W, "vae_kwargs": {**DEMO_VAE, "z_dim": 4}, "num_videos": 96, "video_frames": 33}
+"""The fourth ablation's winner, today's defaults."""
 VARIANTS: dict[str, dict] = {
     "default": {},
     "before": PREVIOUS,
@@ -75,7 +77,9 @@ VARIANTS: dict[str, dict] = {
                       "clip_share": 0.7, "shift": 5.0},
     "z8_short32_hs": {**X0W, "vae_kwargs": {**DEMO_VAE, "z_dim": 8}, "caption_style": "short", "text_length": 32,
                       "clip_share": 0.7, "shift": 5.0},
-    "w96z4": {**X0W, "vae_kwargs": {**DEMO_VAE, "z_dim": 4}, "num_videos": 96, "video_frames": 33},
+    "w96z4": W96Z4,
+    "hs_w96z4": {**W96Z4, "clip_share": 0.7, "shift": 5.0},
+    "short32_w96z4": {**W96Z4, "caption_style": "short", "text_length": 32},
 }
 """Named changes to :class:`longgen.demo.DemoSettings`. ``default`` is today's defaults (the fourth ablation's
 ``w96z4``); every other variant spells out what it trains, so it means the same whatever the defaults are."""
