@@ -66,8 +66,9 @@ DEMO_VAE: dict[str, Any] = {
 frame per frame), so a latent cell covers 4x4 pixels and the small shapes (radius 2-4 px) keep their colour.
 Trained per frame (:func:`make_vae_per_frame`). A VAE that also compresses time 4x (the Wan default) trained in
 the same few minutes returned only about half of the objects' pixels in their colour on 4x-long clips. 4 latent
-channels (``z_dim``) instead of 16 reconstruct as well (ceiling 0.909 vs 0.906 over 16 clips) and give the
-transformer an easier latent to model (benchmarks/RESULTS.md, "Fourth ablation")."""
+channels (``z_dim``) instead of 16 reconstruct as well (ceiling 0.909 vs 0.906 over 16 clips), and the same
+transformer trained on them scored higher with every sampler at 4x (+0.10 to +0.21; benchmarks/RESULTS.md, "Fourth
+ablation")."""
 DEMO_TRANSFORMER: dict[str, Any] = {
     "num_attention_heads": 4,
     "attention_head_dim": 24,
@@ -86,8 +87,9 @@ class DemoSettings:
     out_dir: str = "outputs/demo"
     train_steps: int = 3000
     num_videos: int = 96
-    """Synthetic worlds (videos) of the training set, each with its own caption: 96 short videos teach the
-    caption's words better than 24 long ones of the same total frames (benchmarks/RESULTS.md, "Fourth ablation")."""
+    """Synthetic worlds (videos) of the training set, each with its own caption: 96 of 33 frames rather than 24 of 65
+    (the same frames, 4x the captions) scored within the noise of 24 on the fourth ablation's 1x and 4x means, and
+    are kept for the more distinct captions a binding of the caption's words needs (benchmarks/RESULTS.md)."""
     video_frames: int = 33
     """Frames per synthetic video (``data.synthetic.num_frames``); the training windows are the native 9."""
     length_factor: int = 4
