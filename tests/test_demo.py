@@ -357,3 +357,13 @@ def test_a_reused_vae_sets_the_transformers_latent_channels(tmp_path):
     adapter, result, _, report = train_tiny_model(settings)
     assert result.step == 2 and report["reused"]
     assert adapter.model.config.in_channels == adapter.model.config.out_channels == adapter.vae.config.z_dim == 8
+
+
+def test_demo_settings_refuse_an_unknown_caption_style_and_videos_shorter_than_a_window():
+    from longgen.demo import DemoSettings
+
+    with pytest.raises(ValueError, match="caption_style='long' is not a caption style"):
+        DemoSettings(caption_style="long")
+    with pytest.raises(ValueError, match="video_frames=8 is shorter than the native 9-frame"):
+        DemoSettings(video_frames=8)
+    assert DemoSettings(caption_style="short", video_frames=9).video_frames == 9

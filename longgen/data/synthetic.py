@@ -38,6 +38,10 @@ BACKGROUND: tuple[int, int, int] = (30, 30, 30)
 BACKGROUND_NAME = "dark grey"
 SHAPES = ("circle", "square")
 CAPTION_STYLES = ("full", "short")
+DEFAULT_SIZE_RANGE: tuple[float, float] = (0.07, 0.12)
+"""Object radius range (fraction of the short side) of :func:`sample_world` and ``data.synthetic.size_range``."""
+DEFAULT_NUM_OBJECTS: tuple[int, int] = (2, 3)
+"""Objects per world (inclusive range) of :func:`sample_world` and ``data.synthetic.num_objects``."""
 RENDER_CHUNK = 64
 
 
@@ -152,8 +156,8 @@ def _overlap_fraction(world: WorldSpec, num_frames: int = 128, side: int = 64) -
 def sample_world(
     seed: int,
     *,
-    num_objects: int | tuple[int, int] = (2, 3),
-    size_range: tuple[float, float] = (0.07, 0.12),
+    num_objects: int | tuple[int, int] = DEFAULT_NUM_OBJECTS,
+    size_range: tuple[float, float] = DEFAULT_SIZE_RANGE,
     speed_range: tuple[float, float] = (0.01, 0.04),
     max_overlap: float = 0.15,
     max_tries: int = 64,
@@ -342,9 +346,9 @@ def ensure_synthetic_dataset(folder: str | os.PathLike, data_config) -> str:
     }
     # The world knobs enter the spec (and so the comparison) only when changed, so that data sets written
     # before they existed still match their spec file.
-    if list(syn.size_range) != [0.07, 0.12]:
+    if tuple(syn.size_range) != DEFAULT_SIZE_RANGE:
         spec["size_range"] = [float(v) for v in syn.size_range]
-    if list(syn.num_objects) != [2, 3]:
+    if tuple(syn.num_objects) != DEFAULT_NUM_OBJECTS:
         spec["num_objects"] = [int(v) for v in syn.num_objects]
     if syn.caption_style != "full":
         spec["caption_style"] = syn.caption_style

@@ -31,6 +31,7 @@ from typing import Any, Literal
 
 import yaml
 
+from ..data.synthetic import CAPTION_STYLES, DEFAULT_NUM_OBJECTS, DEFAULT_SIZE_RANGE, PALETTE
 from ..dtypes import DTYPE_NAMES
 from .objectives import MODES as OBJECTIVE_MODES  # clip, diffusion_forcing, ar_diffusion
 from .objectives import WEIGHTINGS as LOSS_WEIGHTINGS  # native, none, flow, eps, v, edm_v
@@ -106,9 +107,9 @@ class SyntheticDataConfig:
     width: int | None = None
     fps: float = 16.0
     seed: int = 0
-    size_range: list[float] = field(default_factory=lambda: [0.07, 0.12])
+    size_range: list[float] = field(default_factory=lambda: list(DEFAULT_SIZE_RANGE))
     """Object radius (half side for squares) range as a fraction of the short side (``sample_world``)."""
-    num_objects: list[int] = field(default_factory=lambda: [2, 3])
+    num_objects: list[int] = field(default_factory=lambda: list(DEFAULT_NUM_OBJECTS))
     """Inclusive range of objects per world (one palette colour each: at most 7)."""
     caption_style: str = "full"
     """Captions as a sentence (``full``) or only the words that differ between worlds (``short``)."""
@@ -120,11 +121,11 @@ class SyntheticDataConfig:
             f"got {self.size_range}",
         )
         _check(
-            len(self.num_objects) == 2 and 1 <= self.num_objects[0] <= self.num_objects[1] <= 7,
-            f"data.synthetic.num_objects is [low, high] with 1 <= low <= high <= 7 (one colour each), "
+            len(self.num_objects) == 2 and 1 <= self.num_objects[0] <= self.num_objects[1] <= len(PALETTE),
+            f"data.synthetic.num_objects is [low, high] with 1 <= low <= high <= {len(PALETTE)} (one colour each), "
             f"got {self.num_objects}",
         )
-        _choice("data.synthetic.caption_style", self.caption_style, ("full", "short"))
+        _choice("data.synthetic.caption_style", self.caption_style, CAPTION_STYLES)
         _check(self.num_videos >= 1, f"data.synthetic.num_videos must be >= 1, got {self.num_videos}")
         _check(self.num_frames >= 1, f"data.synthetic.num_frames must be >= 1, got {self.num_frames}")
         _check(self.fps > 0, f"data.synthetic.fps must be positive, got {self.fps}")
