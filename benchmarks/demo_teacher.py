@@ -80,6 +80,9 @@ VARIANTS: dict[str, dict] = {
     "w96z4": W96Z4,
     "hs_w96z4": {**W96Z4, "clip_share": 0.7, "shift": 5.0},
     "short32_w96z4": {**W96Z4, "caption_style": "short", "text_length": 32},
+    # fifth ablation
+    "w384": {**W96Z4, "num_videos": 384, "video_frames": 9},
+    "pos384": {**W96Z4, "num_videos": 384, "video_frames": 9, "caption_style": "position"},
 }
 """Named changes to :class:`longgen.demo.DemoSettings`. ``default`` is today's defaults (the fourth ablation's
 ``w96z4``); every other variant spells out what it trains, so it means the same whatever the defaults are."""

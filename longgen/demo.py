@@ -181,6 +181,12 @@ class DemoSettings:
             raise ValueError(f"caption_style={self.caption_style!r} is not a caption style; choose one of {list(CAPTION_STYLES)}")
         if self.video_frames < 9:
             raise ValueError(f"video_frames={self.video_frames} is shorter than the native 9-frame training window")
+        if self.caption_style == "position" and self.video_frames != 9:
+            raise ValueError(
+                f"caption_style='position' describes where the objects are at a video's first frame, so every "
+                f"training window must start there: set video_frames=9 (one window per video; raise num_videos for "
+                f"more frames), not {self.video_frames}"
+            )
         if self.eval_worlds < 1 or not self.eval_seeds:
             raise ValueError(
                 f"the mean-over-clips table needs eval_worlds >= 1 and at least one seed, got eval_worlds="

@@ -272,11 +272,17 @@ def test_tiny_tokenizer_knows_every_word_that_describes_a_world():
     from longgen.backbones.tiny import tiny_tokenizer
     from longgen.data.synthetic import sample_world
 
-    vocab = tiny_tokenizer(model_max_length=64, vocab_size=64).get_vocab()
+    from longgen.data.synthetic import CAPTION_STYLES
+
+    tok = tiny_tokenizer(model_max_length=64, vocab_size=64)
+    vocab = tok.get_vocab()
     for seed in range(40):
-        description = sample_world(seed, num_objects=(1, 3)).caption().split(".")[0]  # before the boilerplate
-        words = re.findall(r"\w+", description)
-        assert words and all(w in vocab for w in words), (description, [w for w in words if w not in vocab])
+        for style in CAPTION_STYLES:
+            caption = sample_world(seed, num_objects=(1, 3)).caption(style)
+            description = caption.split(".")[0]  # before the boilerplate
+            words = re.findall(r"\w+", description)
+            assert words and all(w in vocab for w in words), (description, [w for w in words if w not in vocab])
+            assert len(tok(caption).input_ids) <= 64, caption  # the demo's 64-token prompts hold it whole
 
 
 def test_demo_settings_refuse_guidance_without_an_unconditional_model(tmp_path, capsys):
@@ -367,3 +373,6 @@ def test_demo_settings_refuse_an_unknown_caption_style_and_videos_shorter_than_a
     with pytest.raises(ValueError, match="video_frames=8 is shorter than the native 9-frame"):
         DemoSettings(video_frames=8)
     assert DemoSettings(caption_style="short", video_frames=9).video_frames == 9
+    with pytest.raises(ValueError, match="set video_frames=9"):
+        DemoSettings(caption_style="position", video_frames=33)
+    assert DemoSettings(caption_style="position", video_frames=9).caption_style == "position"

@@ -7,7 +7,9 @@ _WORDS = (
     "bouncing fast slow video cat dog city night day sky sea light dark small large left right up down "
     # the synthetic world's captions (longgen.data.synthetic: WorldSpec.caption): object count, the rest of
     # its palette, sizes and paces, so that a caption's tokens name what the clip shows (not <unk>)
-    "1 2 3 4 shapes cyan magenta medium quickly slowly grey background"
+    "1 2 3 4 shapes cyan magenta medium quickly slowly grey background "
+    # where an object starts and where it heads (caption style "position")
+    "at top bottom middle"
 ).split()
 """The word list; appended words take the ``w<i>`` fillers' ids, so earlier words keep theirs."""
 

@@ -37,7 +37,7 @@ PALETTE: dict[str, tuple[int, int, int]] = {
 BACKGROUND: tuple[int, int, int] = (30, 30, 30)
 BACKGROUND_NAME = "dark grey"
 SHAPES = ("circle", "square")
-CAPTION_STYLES = ("full", "short")
+CAPTION_STYLES = ("full", "short", "position")
 DEFAULT_SIZE_RANGE: tuple[float, float] = (0.07, 0.12)
 """Object radius range (fraction of the short side) of :func:`sample_world` and ``data.synthetic.size_range``."""
 DEFAULT_NUM_OBJECTS: tuple[int, int] = (2, 3)
@@ -86,6 +86,20 @@ class ShapeSpec:
     def size_word(self) -> str:
         return "small" if self.size < 0.085 else ("medium" if self.size < 0.105 else "large")
 
+    def place_words(self) -> str:
+        """Where the object is at frame 0, by thirds of its travel range: ``top left``, ``top``, ``middle``,
+        ``bottom right``, ... (image rows grow downwards)."""
+        x, y = self.position
+        col = "left" if x < 1 / 3 else ("right" if x > 2 / 3 else "")
+        row = "top" if y < 1 / 3 else ("bottom" if y > 2 / 3 else "")
+        return " ".join(w for w in (row, col) if w) or "middle"
+
+    def heading_words(self) -> str:
+        """Where the object heads at frame 0, one of 8 directions: ``up``, ``down right``, ``left``, ..."""
+        angle = math.degrees(math.atan2(-self.velocity[1], self.velocity[0])) % 360.0  # counter-clockwise, up > 0
+        sector = int(((angle + 22.5) % 360.0) // 45.0)
+        return ("right", "up right", "up", "up left", "left", "down left", "down", "down right")[sector]
+
 
 @dataclass(frozen=True)
 class WorldSpec:
@@ -118,7 +132,11 @@ class WorldSpec:
         """A caption naming every object's size, colour, shape and speed. ``style="full"`` is a sentence
         (``2 shapes on a dark grey background: a medium green circle moving quickly and ... bounces off the
         edges.``); ``"short"`` keeps only the words that differ between worlds (``2 shapes: medium green circle
-        quickly and small blue square slowly``), so that a small text encoder's tokens are mostly the world's."""
+        quickly and small blue square slowly``), so that a small text encoder's tokens are mostly the world's;
+        ``"position"`` is ``short`` plus where each object is and heads at frame 0 (``2 shapes: medium green circle
+        at top left moving down right quickly and ...``), so each colour is tied to a place a model can draw it
+        at before anything else in the frame says which object is which. Only the first frame is described:
+        use it for videos that are one training window long."""
         if style not in CAPTION_STYLES:
             raise ValueError(f"unknown caption style {style!r}; choose from {CAPTION_STYLES}")
         parts = []
@@ -127,9 +145,13 @@ class WorldSpec:
             pace = "slowly" if speed < 0.02 else "quickly"
             if style == "short":
                 parts.append(f"{s.size_word()} {s.color} {s.shape} {pace}")
+            elif style == "position":
+                parts.append(
+                    f"{s.size_word()} {s.color} {s.shape} at {s.place_words()} moving {s.heading_words()} {pace}"
+                )
             else:
                 parts.append(f"a {s.size_word()} {s.color} {s.shape} moving {pace}")
-        if style == "short":
+        if style in ("short", "position"):
             return f"{len(parts)} {'shape' if len(parts) == 1 else 'shapes'}: " + " and ".join(parts)
         listed = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
         noun = "shape" if len(parts) == 1 else "shapes"

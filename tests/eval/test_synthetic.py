@@ -3,6 +3,7 @@
 
 import dataclasses
 import json
+import math
 import os
 
 import numpy as np
@@ -229,6 +230,38 @@ def test_short_captions_keep_every_world_word_and_drop_the_boilerplate(tmp_path)
     assert open(records[0]["caption_file"]).read().strip() == records[0]["caption"]
     with pytest.raises(ConfigError, match="caption_style"):
         load_config(None, ["data.synthetic.caption_style=long"])
+
+
+def test_position_captions_say_where_each_object_is_and_heads_at_frame_0():
+    """The words of a ``position`` caption agree with the rendered first frames: the object's centre lies in the
+    named third of the frame, and it moves within 45 degrees of the named direction."""
+    import re
+
+    checked = 0
+    for seed in range(30):
+        world = sample_world(seed, num_objects=(1, 3))
+        caption = world.caption("position")
+        assert caption.startswith(f"{len(world.shapes)} shape")
+        _, centres = render_clip(world, 2, 48, 48)
+        for k, s in enumerate(world.shapes):
+            m = re.search(rf"{s.color} {s.shape} at ([a-z ]+?) moving ([a-z ]+?) (quickly|slowly)", caption)
+            assert m, caption
+            place, heading = m.group(1).split(), m.group(2).split()
+            r = s.radius_px(48, 48)
+            u = (centres[0, k] - r) / (48 - 2 * r)  # travel-range coordinates of frame 0
+            for word, axis, low in (("left", 0, True), ("right", 0, False), ("top", 1, True), ("bottom", 1, False)):
+                if word in place:
+                    assert (u[axis] < 1 / 3) if low else (u[axis] > 2 / 3), (caption, word, u)
+            if place == ["middle"]:
+                assert np.all(np.abs(u - 0.5) <= 1 / 6 + 1e-9), (caption, u)
+            step = centres[1, k] - centres[0, k]
+            if np.allclose(u, world.shapes[k].position) and np.all((u > 0.05) & (u < 0.95)):  # no bounce
+                want = {"right": (1, 0), "left": (-1, 0), "up": (0, -1), "down": (0, 1)}
+                direction = np.sum([want[w] for w in heading], axis=0, dtype=float)
+                cos = step @ direction / (np.linalg.norm(step) * np.linalg.norm(direction))
+                assert cos >= math.cos(math.radians(45)) - 1e-9, (caption, step, heading)
+                checked += 1
+    assert checked > 30
 
 
 def test_world_knobs_of_the_data_config_reach_the_worlds(tmp_path):
