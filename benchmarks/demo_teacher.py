@@ -83,6 +83,9 @@ VARIANTS: dict[str, dict] = {
     # fifth ablation
     "w384": {**W96Z4, "num_videos": 384, "video_frames": 9},
     "pos384": {**W96Z4, "num_videos": 384, "video_frames": 9, "caption_style": "position"},
+    "rgbw": {**W96Z4, "extra_overrides": ["data.synthetic.colors=[red,green,blue,white]"]},
+    "rgbw_w384": {**W96Z4, "num_videos": 384, "video_frames": 9,
+                  "extra_overrides": ["data.synthetic.colors=[red,green,blue,white]"]},
 }
 """Named changes to :class:`longgen.demo.DemoSettings`. ``default`` is today's defaults (the fourth ablation's
 ``w96z4``); every other variant spells out what it trains, so it means the same whatever the defaults are."""

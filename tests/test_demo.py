@@ -270,9 +270,7 @@ def test_tiny_tokenizer_knows_every_word_that_describes_a_world():
     import re
 
     from longgen.backbones.tiny import tiny_tokenizer
-    from longgen.data.synthetic import sample_world
-
-    from longgen.data.synthetic import CAPTION_STYLES
+    from longgen.data.synthetic import CAPTION_STYLES, sample_world
 
     tok = tiny_tokenizer(model_max_length=64, vocab_size=64)
     vocab = tok.get_vocab()

@@ -42,6 +42,8 @@ DEFAULT_SIZE_RANGE: tuple[float, float] = (0.07, 0.12)
 """Object radius range (fraction of the short side) of :func:`sample_world` and ``data.synthetic.size_range``."""
 DEFAULT_NUM_OBJECTS: tuple[int, int] = (2, 3)
 """Objects per world (inclusive range) of :func:`sample_world` and ``data.synthetic.num_objects``."""
+DEFAULT_COLORS: tuple[str, ...] = tuple(sorted(PALETTE))
+"""The palette colours a world's objects are drawn from (:func:`sample_world`, ``data.synthetic.colors``)."""
 RENDER_CHUNK = 64
 
 
@@ -183,27 +185,33 @@ def sample_world(
     speed_range: tuple[float, float] = (0.01, 0.04),
     max_overlap: float = 0.15,
     max_tries: int = 64,
+    colors: tuple[str, ...] | list[str] = DEFAULT_COLORS,
 ) -> WorldSpec:
     """A random world, deterministic in ``seed``: ``num_objects`` (or a random count in an inclusive
     range) of distinct colours, sizes in ``size_range`` and speeds in ``speed_range`` (travel-range
-    fractions per frame), biggest first so small objects are never hidden.
+    fractions per frame), biggest first so small objects are never hidden. The colours are drawn from
+    ``colors`` (palette names; the whole palette by default).
 
     Worlds whose objects overlap in more than ``max_overlap`` of their first 128 frames are drawn again
     (up to ``max_tries`` times, keeping the least overlapping), so occlusion stays the exception and a
     scorer can see every object most of the time.
     """
+    colors = tuple(colors)
+    unknown = sorted(set(colors) - set(PALETTE))
+    if unknown or len(set(colors)) != len(colors) or not colors:
+        raise ValueError(f"colors must be distinct palette colours {sorted(PALETTE)}, got {list(colors)}")
     rng = np.random.default_rng(seed)
     if isinstance(num_objects, int):
         count = num_objects
     else:
         count = int(rng.integers(num_objects[0], num_objects[1] + 1))
-    if not 1 <= count <= len(PALETTE):
-        raise ValueError(f"num_objects must be in [1, {len(PALETTE)}] (one colour each), got {count}")
+    if not 1 <= count <= len(colors):
+        raise ValueError(f"num_objects must be in [1, {len(colors)}] (one colour each of {list(colors)}), got {count}")
     best: tuple[float, WorldSpec] | None = None
     for _ in range(max(1, max_tries)):
-        colors = rng.choice(sorted(PALETTE), size=count, replace=False)
+        chosen = rng.choice(sorted(colors), size=count, replace=False)
         shapes = []
-        for color in colors:
+        for color in chosen:
             angle = rng.uniform(0.0, 2.0 * math.pi)
             speed = rng.uniform(*speed_range)
             shapes.append(
@@ -374,6 +382,8 @@ def ensure_synthetic_dataset(folder: str | os.PathLike, data_config) -> str:
         spec["num_objects"] = [int(v) for v in syn.num_objects]
     if syn.caption_style != "full":
         spec["caption_style"] = syn.caption_style
+    if tuple(sorted(syn.colors)) != DEFAULT_COLORS:
+        spec["colors"] = sorted(syn.colors)
     folder = os.fspath(folder)
     manifest = os.path.join(folder, "manifest.jsonl")
     spec_path = os.path.join(folder, SPEC_NAME)
@@ -384,7 +394,7 @@ def ensure_synthetic_dataset(folder: str | os.PathLike, data_config) -> str:
         os.remove(manifest)  # a different data set: written again below
     logging.getLogger(__name__).info("writing the synthetic data set (%d videos) to %s", syn.num_videos, folder)
     kwargs = dict(spec)
-    for key in ("size_range", "num_objects"):
+    for key in ("size_range", "num_objects", "colors"):
         if key in kwargs:
             kwargs[key] = tuple(kwargs[key])
     write_synthetic_dataset(folder, **kwargs)

@@ -31,7 +31,7 @@ from typing import Any, Literal
 
 import yaml
 
-from ..data.synthetic import CAPTION_STYLES, DEFAULT_NUM_OBJECTS, DEFAULT_SIZE_RANGE, PALETTE
+from ..data.synthetic import CAPTION_STYLES, DEFAULT_COLORS, DEFAULT_NUM_OBJECTS, DEFAULT_SIZE_RANGE, PALETTE
 from ..dtypes import DTYPE_NAMES
 from .objectives import MODES as OBJECTIVE_MODES  # clip, diffusion_forcing, ar_diffusion
 from .objectives import WEIGHTINGS as LOSS_WEIGHTINGS  # native, none, flow, eps, v, edm_v
@@ -112,7 +112,10 @@ class SyntheticDataConfig:
     num_objects: list[int] = field(default_factory=lambda: list(DEFAULT_NUM_OBJECTS))
     """Inclusive range of objects per world (one palette colour each: at most 7)."""
     caption_style: str = "full"
-    """Captions as a sentence (``full``) or only the words that differ between worlds (``short``)."""
+    """Captions as a sentence (``full``), only the words that differ between worlds (``short``), or those plus where
+    each object is and heads at the first frame (``position``)."""
+    colors: list[str] = field(default_factory=lambda: list(DEFAULT_COLORS))
+    """Palette colours the objects are drawn from (``sample_world``; distinct, at least num_objects' high)."""
 
     def __post_init__(self) -> None:
         _check(
@@ -126,6 +129,15 @@ class SyntheticDataConfig:
             f"got {self.num_objects}",
         )
         _choice("data.synthetic.caption_style", self.caption_style, CAPTION_STYLES)
+        _check(
+            bool(self.colors) and len(set(self.colors)) == len(self.colors) and set(self.colors) <= set(PALETTE),
+            f"data.synthetic.colors are distinct palette colours from {sorted(PALETTE)}, got {self.colors}",
+        )
+        _check(
+            self.num_objects[1] <= len(self.colors),
+            f"data.synthetic.num_objects allows {self.num_objects[1]} objects but data.synthetic.colors has only "
+            f"{len(self.colors)} colours (one per object): add colours or lower num_objects",
+        )
         _check(self.num_videos >= 1, f"data.synthetic.num_videos must be >= 1, got {self.num_videos}")
         _check(self.num_frames >= 1, f"data.synthetic.num_frames must be >= 1, got {self.num_frames}")
         _check(self.fps > 0, f"data.synthetic.fps must be positive, got {self.fps}")

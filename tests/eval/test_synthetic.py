@@ -277,3 +277,16 @@ def test_world_knobs_of_the_data_config_reach_the_worlds(tmp_path):
         load_config(None, ["data.synthetic.size_range=[0.2,0.1]"])
     with pytest.raises(ConfigError, match="num_objects"):
         load_config(None, ["data.synthetic.num_objects=[0,8]"])
+    # A smaller palette: every world's colours come from it, and a changed palette rewrites the data set.
+    rgbw = load_config(None, ["data.synthetic.num_videos=6", "data.synthetic.num_frames=2",
+                              "data.synthetic.colors=[red,green,blue,white]"])
+    ensure_synthetic_dataset(tmp_path, rgbw.data)
+    records = load_manifest(tmp_path / "manifest.jsonl")
+    assert len(records) == 6 and {s.color for r in records for s in r["world"].shapes} <= {"red", "green", "blue", "white"}
+    assert sample_world(5) == sample_world(5, colors=sorted(PALETTE))  # the default palette draws the same worlds
+    with pytest.raises(ConfigError, match="add colours or lower num_objects"):
+        load_config(None, ["data.synthetic.colors=[red,green]"])
+    with pytest.raises(ConfigError, match="distinct palette colours"):
+        load_config(None, ["data.synthetic.colors=[red,pink,blue]"])
+    with pytest.raises(ValueError, match="distinct palette colours"):
+        sample_world(0, colors=["red", "red", "blue"])
