@@ -86,6 +86,17 @@ VARIANTS: dict[str, dict] = {
     "rgbw": {**W96Z4, "extra_overrides": ["data.synthetic.colors=[red,green,blue,white]"]},
     "rgbw_w384": {**W96Z4, "num_videos": 384, "video_frames": 9,
                   "extra_overrides": ["data.synthetic.colors=[red,green,blue,white]"]},
+    "rgbw_w768": {**W96Z4, "num_videos": 768, "video_frames": 9,
+                  "extra_overrides": ["data.synthetic.colors=[red,green,blue,white]"]},
+    "ema_w96z4": {**W96Z4, "ema_decay": 0.999},
+    "narrow6k_w96z4": {**W96Z4, "train_steps": 6000, "transformer_kwargs": {
+        "num_attention_heads": 4, "attention_head_dim": 16, "ffn_dim": 160, "num_layers": 4}},
+    "narrow5k_w96z4": {**W96Z4, "train_steps": 5000, "transformer_kwargs": {
+        "num_attention_heads": 4, "attention_head_dim": 16, "ffn_dim": 160, "num_layers": 4}},
+    "narrower6k_w96z4": {**W96Z4, "train_steps": 6000, "transformer_kwargs": {
+        "num_attention_heads": 4, "attention_head_dim": 12, "ffn_dim": 128, "num_layers": 4}},
+    "hs_rgbw_w384": {**W96Z4, "num_videos": 384, "video_frames": 9, "clip_share": 0.7, "shift": 5.0,
+                     "extra_overrides": ["data.synthetic.colors=[red,green,blue,white]"]},
 }
 """Named changes to :class:`longgen.demo.DemoSettings`. ``default`` is today's defaults (the fourth ablation's
 ``w96z4``); every other variant spells out what it trains, so it means the same whatever the defaults are."""
