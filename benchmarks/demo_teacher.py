@@ -95,6 +95,9 @@ VARIANTS: dict[str, dict] = {
         "num_attention_heads": 4, "attention_head_dim": 16, "ffn_dim": 160, "num_layers": 4}},
     "narrower6k_w96z4": {**W96Z4, "train_steps": 6000, "transformer_kwargs": {
         "num_attention_heads": 4, "attention_head_dim": 12, "ffn_dim": 128, "num_layers": 4}},
+    "narrow6k_rgbw_w384": {**W96Z4, "train_steps": 6000, "num_videos": 384, "video_frames": 9, "transformer_kwargs": {
+        "num_attention_heads": 4, "attention_head_dim": 16, "ffn_dim": 160, "num_layers": 4},
+        "extra_overrides": ["data.synthetic.colors=[red,green,blue,white]"]},
     "hs_rgbw_w384": {**W96Z4, "num_videos": 384, "video_frames": 9, "clip_share": 0.7, "shift": 5.0,
                      "extra_overrides": ["data.synthetic.colors=[red,green,blue,white]"]},
 }
