@@ -136,9 +136,10 @@ class WorldSpec:
         edges.``); ``"short"`` keeps only the words that differ between worlds (``2 shapes: medium green circle
         quickly and small blue square slowly``), so that a small text encoder's tokens are mostly the world's;
         ``"position"`` is ``short`` plus where each object is and heads at frame 0 (``2 shapes: medium green circle
-        at top left moving down right quickly and ...``), so each colour is tied to a place a model can draw it
-        at before anything else in the frame says which object is which. Only the first frame is described:
-        use it for videos that are one training window long."""
+        at top left moving down right quickly and ...``), for models that can tie a colour to a place before
+        anything in the frame says which object is which (the demo's Wan transformer reads these words but has no
+        absolute position signal to draw them by: benchmarks/RESULTS.md, "Fifth ablation"). Only the first frame
+        is described: use it for videos that are one training window long."""
         if style not in CAPTION_STYLES:
             raise ValueError(f"unknown caption style {style!r}; choose from {CAPTION_STYLES}")
         parts = []

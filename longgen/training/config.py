@@ -110,7 +110,7 @@ class SyntheticDataConfig:
     size_range: list[float] = field(default_factory=lambda: list(DEFAULT_SIZE_RANGE))
     """Object radius (half side for squares) range as a fraction of the short side (``sample_world``)."""
     num_objects: list[int] = field(default_factory=lambda: list(DEFAULT_NUM_OBJECTS))
-    """Inclusive range of objects per world (one palette colour each: at most 7)."""
+    """Inclusive range of objects per world (one colour each: at most the number of ``colors``)."""
     caption_style: str = "full"
     """Captions as a sentence (``full``), only the words that differ between worlds (``short``), or those plus where
     each object is and heads at the first frame (``position``)."""
