@@ -188,6 +188,13 @@ class DataConfig:
             0.0 <= self.caption_dropout < 1.0,
             f"data.caption_dropout is a probability in [0, 1), got {self.caption_dropout}",
         )
+        span = (self.num_frames - 1) * self.frame_stride + 1
+        _check(
+            self.source is not None or self.synthetic.caption_style != "position" or self.synthetic.num_frames == span,
+            f"data.synthetic.caption_style=position describes each video's first frame, so a training clip must be the "
+            f"whole video: set data.synthetic.num_frames={span} (the clip's span), not {self.synthetic.num_frames}, or "
+            "use caption_style full or short",
+        )
 
 
 @dataclass

@@ -230,6 +230,9 @@ def test_short_captions_keep_every_world_word_and_drop_the_boilerplate(tmp_path)
     assert open(records[0]["caption_file"]).read().strip() == records[0]["caption"]
     with pytest.raises(ConfigError, match="caption_style"):
         load_config(None, ["data.synthetic.caption_style=long"])
+    with pytest.raises(ConfigError, match="set data.synthetic.num_frames=9"):
+        load_config(None, ["data.synthetic.caption_style=position", "data.synthetic.num_frames=33"])
+    assert load_config(None, ["data.synthetic.caption_style=position", "data.synthetic.num_frames=9"])
 
 
 def test_position_captions_say_where_each_object_is_and_heads_at_frame_0():
@@ -283,7 +286,10 @@ def test_world_knobs_of_the_data_config_reach_the_worlds(tmp_path):
     ensure_synthetic_dataset(tmp_path, rgbw.data)
     records = load_manifest(tmp_path / "manifest.jsonl")
     assert len(records) == 6 and {s.color for r in records for s in r["world"].shapes} <= {"red", "green", "blue", "white"}
-    assert sample_world(5) == sample_world(5, colors=sorted(PALETTE))  # the default palette draws the same worlds
+    # The default palette draws the worlds it drew before `colors` existed (read off the code of 8e685d7).
+    assert [(x.color, x.shape) for x in sample_world(5).shapes] == [("magenta", "square"), ("cyan", "circle"),
+                                                                    ("green", "circle")]
+    assert sample_world(0).shapes[0].position == pytest.approx((0.9337689099568427, 0.684050448075033))
     with pytest.raises(ConfigError, match="add colours or lower num_objects"):
         load_config(None, ["data.synthetic.colors=[red,green]"])
     with pytest.raises(ConfigError, match="distinct palette colours"):
