@@ -10,6 +10,38 @@ import os
 from typing import Any
 
 
+def yaml_load(stream: Any) -> Any:
+    """``yaml.safe_load`` with YAML 1.2 booleans: only ``true`` / ``false`` are booleans, so ``no``, ``off``,
+    ``yes`` and ``on`` stay strings (accelerate's ``mixed_precision: no``; a bool field still takes them, as
+    OmegaConf reads those words as booleans)."""
+    import yaml
+
+    return yaml.load(stream, Loader=_yaml12_loader())
+
+
+_LOADER: list[Any] = []
+
+
+def _yaml12_loader() -> Any:
+    if not _LOADER:
+        import re
+
+        import yaml
+
+        bool_tag = "tag:yaml.org,2002:bool"
+
+        class Loader(yaml.SafeLoader):
+            pass
+
+        Loader.yaml_implicit_resolvers = {
+            first: [(tag, rx) for tag, rx in resolvers if tag != bool_tag]
+            for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+        }
+        Loader.add_implicit_resolver(bool_tag, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+        _LOADER.append(Loader)
+    return _LOADER[0]
+
+
 def read_yaml(path: str | os.PathLike, *, what: str = "config", error: type[Exception] = ValueError) -> dict[str, Any]:
     """A YAML file as a mapping (``{}`` when empty). A missing file is a ``FileNotFoundError``; a syntax
     error or a non-mapping is ``error`` naming the file, line and column."""
@@ -20,7 +52,7 @@ def read_yaml(path: str | os.PathLike, *, what: str = "config", error: type[Exce
         raise FileNotFoundError(f"{what} file {path!r} does not exist")
     with open(path) as fh:
         try:
-            data = yaml.safe_load(fh)
+            data = yaml_load(fh)
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""

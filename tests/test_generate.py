@@ -489,3 +489,16 @@ def test_command_line_lora_replaces_the_configs(saved, tmp_path):
     assert args.lora == ["from/config.safetensors:0.5"]
     args = apply_generate_config(build_parser(), ["generate", "--config", str(config), "--lora", "mine.safetensors"])
     assert args.lora == ["mine.safetensors"]
+
+
+def test_generate_config_switches_take_true_false_yes_no(tmp_path):
+    from longgen.cli import load_generate_config
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command").choices["generate"]
+    cfg = tmp_path / "gen.yaml"
+    cfg.write_text("quiet: yes\nlookahead: no\nrecache: true\n")
+    assert load_generate_config(str(cfg), sub) == {"quiet": True, "lookahead": False, "recache": True}
+    cfg.write_text("quiet: sometimes\n")
+    with pytest.raises(ValueError, match="quiet: a switch takes true or false, got 'sometimes'"):
+        load_generate_config(str(cfg), sub)

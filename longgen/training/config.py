@@ -694,7 +694,8 @@ def _build_config(tree) -> Config:
 
 # --- YAML + dotted overrides ----------------------------------------------------------------------
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """``"train.steps=4"`` -> (["train", "steps"], 4); values are parsed as YAML (``null``, lists, ...)."""
+    """``"train.steps=4"`` -> (["train", "steps"], 4); values are parsed as YAML 1.2 (``null``, lists, ...;
+    ``no`` is the string, as in ``train.mixed_precision=no``)."""
     if "=" not in text:
         raise ConfigError(f"override {text!r} is not key=value (e.g. train.steps=4)")
     key, raw = text.split("=", 1)
@@ -702,8 +703,10 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     parts = key.split(".")
     if not key or any(not p for p in parts):
         raise ConfigError(f"override {text!r} has an empty key part; write section.key=value")
+    from ..configfile import yaml_load
+
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = yaml_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     return parts, value

@@ -189,3 +189,16 @@ def test_train_script_prints_setup_errors_without_a_traceback(tmp_path):
         )  # fmt: skip
         assert proc.returncode == 2, proc.stderr[-2000:]
         assert expected in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
+def test_no_and_off_are_words_in_recipes_and_overrides_booleans_still_read_them(tmp_path):
+    """YAML 1.1 reads ``no`` as False, which turned accelerate's ``mixed_precision=no`` into an error; configs
+    are read as YAML 1.2 (only true/false are booleans) and a bool field still takes yes/no/on/off."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("train:\n  mixed_precision: no\n  gradient_checkpointing: yes\n")
+    config = load_config(recipe)
+    assert config.train.mixed_precision == "no" and config.train.gradient_checkpointing is True
+    config = load_config(None, ["train.mixed_precision=no", "train.gradient_checkpointing=off"])
+    assert config.train.mixed_precision == "no" and config.train.gradient_checkpointing is False
+    with pytest.raises(ConfigError, match="must be one of"):
+        load_config(None, ["train.mixed_precision=maybe"])
