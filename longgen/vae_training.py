@@ -166,6 +166,7 @@ def _optimize(vae, videos, background, cfg: VAEStageConfig) -> tuple[list[float]
     from .backbones.wan import current_frame_convolutions
     from .training.checkpoint import (
         TrainingState,
+        load_checkpoint,
         register_trainable_state_hooks,
         resolve_resume,
         save_checkpoint,
@@ -180,7 +181,7 @@ def _optimize(vae, videos, background, cfg: VAEStageConfig) -> tuple[list[float]
     accelerator.register_for_checkpointing(state, _GeneratorState(generator))
     resume = resolve_resume(cfg.resume, cfg.output_dir) if cfg.output_dir else None
     if resume:
-        accelerator.load_state(resume)
+        load_checkpoint(accelerator, resume)
     first, losses, saved = state.step, [], resume
     every = cfg.checkpoint_every if cfg.checkpoint_every > 0 else cfg.steps
     model.train()

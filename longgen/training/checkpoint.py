@@ -130,6 +130,42 @@ def resolve_resume(resume: str | None, output_dir: str | os.PathLike) -> str | N
     return path
 
 
+def load_checkpoint(accelerator, path: str) -> None:
+    """``accelerator.load_state(path)``, safely and with a message that names the fix.
+
+    Accelerate unpickles the custom objects' states (``custom_checkpoint_<i>.pkl``: the EMA, the step counter)
+    with ``weights_only=False``, which runs whatever code a crafted file holds. Every such file is first read with
+    ``torch.load(weights_only=True)``, which only rebuilds tensors and plain containers; one that needs more was
+    not written by this trainer and is refused unread. A damaged or foreign checkpoint is a ``ValueError`` naming
+    the file and what to do instead of a traceback from deep inside the loader.
+    """
+    import pickle
+
+    for name in sorted(os.listdir(path)):
+        if re.fullmatch(r"custom_checkpoint_\d+\.pkl", name):
+            try:
+                torch.load(os.path.join(path, name), map_location="cpu", weights_only=True)
+            except Exception as err:  # noqa: BLE001 - any failure: the file is not a plain tensor state
+                raise ValueError(
+                    f"{os.path.join(path, name)} is not a plain tensor state (a weights-only load refused it: "
+                    f"{_first_line(err)}); longgen does not unpickle it. Resume from a checkpoint this trainer wrote "
+                    "(train.resume=latest picks the newest complete one) or start afresh in a new train.output_dir"
+                ) from None
+    try:
+        accelerator.load_state(path)
+    except (RuntimeError, OSError, EOFError, KeyError, pickle.UnpicklingError) as err:
+        raise ValueError(
+            f"checkpoint {path} could not be read ({type(err).__name__}: {_first_line(err)}): it is damaged or "
+            "was written by another run; resume from an earlier checkpoint of the run (train.resume=PATH) or "
+            "start afresh in a new train.output_dir"
+        ) from err
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:300] if text else type(err).__name__
+
+
 def _remove_tree(path: str) -> None:
     """Delete a folder by first renaming it out of the checkpoint namespace (a kill mid-delete is harmless)."""
     if not os.path.exists(path):

@@ -36,7 +36,7 @@ from .callbacks import (  # noqa: F401  (re-exported names)
     LoggingCallback,
     ValidationCallback,
 )
-from .checkpoint import TrainingState, register_trainable_state_hooks, resolve_resume
+from .checkpoint import TrainingState, load_checkpoint, register_trainable_state_hooks, resolve_resume
 from .config import Config
 from .denoiser import DenoiserModule
 from .export import EXTENSION_INFO, EXVIDEO_WEIGHTS  # noqa: F401  (re-exported names)
@@ -106,7 +106,7 @@ class Trainer:
         self._build_callbacks()
         register_trainable_state_hooks(acc)
         if self.resumed_from is not None:
-            acc.load_state(self.resumed_from)
+            load_checkpoint(acc, self.resumed_from)
             logger.info("resumed from %s at step %d", self.resumed_from, self.state.step)
         self._init_trackers()
         self._paths_file = self._open_paths_log() if config.train.log_data_paths else None

@@ -83,6 +83,8 @@ def test_resume_continues_the_same_run_exactly(tmp_path, clips):
     os.makedirs(os.path.join(root, "step_00000005"))
     assert latest_checkpoint(root).endswith(f"step_{half:08d}")
 
+    _foreign_checkpoints_are_refused_unread(tmp_path, clips, latest_checkpoint(root))
+
     second, weights_b, ema_b, lr_b = _run(_config(tmp_path / "b", clips, "train.resume=latest"))
     assert second.step == STEPS
     assert sorted(second.losses) == list(range(half + 1, STEPS + 1))
@@ -114,3 +116,34 @@ def test_resume_resolution_rules(tmp_path):
         resolve_resume(os.path.join(root, "step_00000006"), tmp_path)
     with pytest.raises(FileNotFoundError, match="pass 'latest' or a checkpoint folder"):
         resolve_resume(str(tmp_path / "nope"), tmp_path)
+
+
+class _Evil:
+    """A pickle that creates a file when unpickled (what a crafted checkpoint could run)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _foreign_checkpoints_are_refused_unread(tmp_path, clips, checkpoint):
+    """Accelerate unpickles custom states with weights_only=False: a crafted one is refused before it runs, and
+    a damaged optimizer state is a message naming the checkpoint, not a traceback."""
+    import pickle
+    import shutil
+
+    evil, marker = tmp_path / "evil_ckpt", tmp_path / "PWNED"
+    shutil.copytree(checkpoint, evil)
+    with open(evil / "custom_checkpoint_0.pkl", "wb") as fh:
+        pickle.dump(_Evil(str(marker)), fh)
+    with pytest.raises(ValueError, match="custom_checkpoint_0.pkl is not a plain tensor state"):
+        _run(_config(tmp_path / "c", clips, f"train.resume={evil}"))
+    assert not marker.exists()
+    damaged = tmp_path / "damaged_ckpt"
+    shutil.copytree(checkpoint, damaged)
+    data = (damaged / "optimizer.bin").read_bytes()
+    (damaged / "optimizer.bin").write_bytes(data[:100])
+    with pytest.raises(ValueError, match=r"checkpoint .*damaged_ckpt could not be read .*resume from an earlier"):
+        _run(_config(tmp_path / "d", clips, f"train.resume={damaged}"))
