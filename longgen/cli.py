@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -33,11 +34,24 @@ def positive_int(text: str) -> int:
     return value
 
 
-def positive_float(text: str) -> float:
+def finite_float(text: str) -> float:
+    """argparse type: a finite number (``nan`` and ``inf`` parse as floats and would sample garbage)."""
     value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = finite_float(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
     return value
+
+
+def _float_type(kind):
+    """The argparse type of a config field's type: floats must be finite."""
+    return finite_float if kind is float else kind
 
 
 def check_attention_backend(name: str) -> None:
@@ -69,7 +83,8 @@ def add_sampler_args(p: argparse.ArgumentParser) -> None:
         if knob.type is bool:
             g.add_argument(flag, dest=knob.name, action=argparse.BooleanOptionalAction, default=None, help=text)
         else:
-            g.add_argument(flag, dest=knob.name, type=knob.type, choices=knob.choices, default=None, help=text)
+            g.add_argument(flag, dest=knob.name, type=_float_type(knob.type), choices=knob.choices, default=None,
+                           help=text)
 
 
 def sampler_options(args: argparse.Namespace) -> dict:
@@ -169,7 +184,7 @@ def _add_clip_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--prompt-transition",
-        type=float,
+        type=finite_float,
         default=0.0,
         help="latent frames over which neighbouring prompts' conditioning is blended",
     )
@@ -188,8 +203,8 @@ def _add_clip_args(p: argparse.ArgumentParser) -> None:
         "--steps", type=positive_int, default=None,
         help="denoising steps (default: the model's; the fifo sampler takes num_partitions*window)",
     )
-    g.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale; 1 disables it")
-    g.add_argument("--shift", type=float, default=None, help="flow timestep shift (default: the scheduler's)")
+    g.add_argument("--guidance", type=finite_float, default=None, help="classifier-free guidance scale; 1 disables it")
+    g.add_argument("--shift", type=positive_float, default=None, help="flow timestep shift > 0 (default: the scheduler's)")
     g.add_argument("--seed", type=int, default=0, help="random seed of the initial noise")
     g.add_argument(
         "--prompts-file",
@@ -932,7 +947,7 @@ def add_extension_args(p: argparse.ArgumentParser) -> None:
                 continue
             flag, dest = _extension_flag(name, f.name)
             kind = _option_type(f.type)
-            extra = {"action": argparse.BooleanOptionalAction} if kind is bool else {"type": kind}
+            extra = {"action": argparse.BooleanOptionalAction} if kind is bool else {"type": _float_type(kind)}
             text = f"{name}: {f.metadata.get('help', f.name)}"
             if f.default is not None and f.default is not dataclasses.MISSING and "default" not in text:
                 text += f" (default: {f.default})"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from typing import Any
 
@@ -46,6 +47,8 @@ def parse_lora_spec(text: str) -> tuple[str, float]:
         ) from None
     if not path:
         raise ValueError(f"--lora {text!r} names no file; write PATH[:SCALE]")
+    if not math.isfinite(scale):
+        raise ValueError(f"--lora {text!r}: the scale {tail!r} is not a finite number; write e.g. {path}:0.8")
     return path, scale
 
 

@@ -92,6 +92,16 @@ class _Run:
     framing: Any = None
     """:class:`~longgen.conditioning.OutputFraming` of the mp4 (input frames around the generated ones), or None."""
 
+    def __post_init__(self) -> None:
+        import math
+
+        for name, value, positive in (("guidance_scale", self.guidance_scale, False), ("shift", self.shift, True),
+                                      ("fps", self.fps, True), ("prompt_transition", self.prompt_transition, False)):
+            if value is None:
+                continue
+            if not math.isfinite(float(value)) or (positive and float(value) <= 0):
+                raise ValueError(f"{name} must be a finite number{' > 0' if positive else ''}, got {value!r}")
+
 
 def frames_as(frames: torch.Tensor, output_type: str):
     """Decoded ``[B, F, H, W, 3]`` frames in [0, 1] as diffusers' ``video_processor.postprocess_video`` returns

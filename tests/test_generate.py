@@ -502,3 +502,31 @@ def test_generate_config_switches_take_true_false_yes_no(tmp_path):
     cfg.write_text("quiet: sometimes\n")
     with pytest.raises(ValueError, match="quiet: a switch takes true or false, got 'sometimes'"):
         load_generate_config(str(cfg), sub)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--guidance", "nan"], "--guidance: must be a finite number, got 'nan'"),
+        (["--guidance", "inf"], "--guidance: must be a finite number, got 'inf'"),
+        (["--shift", "0"], "--shift: must be > 0, got 0.0"),
+        (["--shift", "-1"], "--shift: must be > 0"),
+        (["--shift", "nan"], "--shift: must be a finite number"),
+        (["--fps", "inf"], "--fps: must be a finite number"),
+        (["--eta", "nan"], "--eta: must be a finite number"),
+        (["--lora", "some/dir:nan"], "is not a finite number"),
+    ],
+    ids=["guidance-nan", "guidance-inf", "shift-0", "shift-negative", "shift-nan", "fps-inf", "eta-nan", "lora-nan"],
+)
+def test_non_finite_numbers_are_refused_before_sampling(flags, message, saved, tmp_path, capsys):
+    """nan / inf parse as floats; they used to sample garbage and report success (--guidance nan, --shift 0)."""
+    out = tmp_path / "x.mp4"
+    argv = ["generate", "--model", saved("wan"), "--prompt", "a cat", "--num-frames", "9", "--steps", "2",
+            "--out", str(out), *flags]
+    try:
+        code = main(argv)
+    except SystemExit as exit_:  # argparse's own refusal of a flag's value
+        code = exit_.code
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()

@@ -160,3 +160,11 @@ def test_ltx_image_to_video_equals_the_stock_pipeline(tmp_path, monkeypatch):
     assert long.shape[2] == 5
     torch.testing.assert_close(long[:, :, :1], adapter._image_condition(image, 1, 33, 64, 64)[IMAGE_LATENTS],
                                atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kwargs", [{"guidance_scale": float("nan")}, {"shift": 0.0}, {"shift": float("inf")},
+                                    {"fps": float("nan")}])
+def test_non_finite_numbers_are_refused(pipes, kwargs):
+    ours, _ = pipes
+    with pytest.raises(ValueError, match="must be a finite number"):
+        ours.generate("a cat", num_frames=9, num_inference_steps=2, show_progress=False, **kwargs)
