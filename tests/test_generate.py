@@ -530,3 +530,32 @@ def test_non_finite_numbers_are_refused_before_sampling(flags, message, saved, t
     assert code == 2
     assert message in capsys.readouterr().err
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        ("rm:vae", "is incomplete: vae/ is missing (listed in model_index.json)"),
+        ("rm:transformer/config.json", "is incomplete: transformer/config.json is missing"),
+        ("cut:transformer/diffusion_pytorch_model.safetensors", "could not be loaded (Unable to load weights"),
+    ],
+    ids=["no-vae", "no-config", "truncated-weights"],
+)
+def test_a_damaged_model_folder_is_explained(damage, message, saved, tmp_path, capsys):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(saved("wan"), model)
+    action, name = damage.split(":")
+    target = model / name
+    if action == "rm":
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
+    else:
+        target.write_bytes(target.read_bytes()[:1000])
+    for argv in (["info", "--model", str(model)],
+                 ["generate", "--model", str(model), "--prompt", "x", "--num-frames", "9", "--steps", "2",
+                  "--out", str(tmp_path / "x.mp4")]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err
+    assert not (tmp_path / "x.mp4").exists()

@@ -92,7 +92,37 @@ def load_adapter(path: str | os.PathLike, torch_dtype: torch.dtype = torch.float
     """Load a local diffusers pipeline folder and wrap it in the adapter its ``model_index.json`` names."""
     index = read_model_index(os.fspath(path))
     cls = adapter_class_for_pipeline(index.get("_class_name", "<missing _class_name>"))
-    return cls.from_pretrained(path, torch_dtype=torch_dtype, **kwargs)
+    _check_components(os.fspath(path), index, given=kwargs)
+    try:
+        return cls.from_pretrained(path, torch_dtype=torch_dtype, **kwargs)
+    except (OSError, RuntimeError) as err:  # diffusers' "no file named ...", safetensors' "Error while deserializing"
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+        raise ValueError(
+            f"the model folder {os.fspath(path)} could not be loaded ({first}): a file in it is missing or damaged "
+            "(a truncated weights file, a deleted config.json); copy the pipeline folder again, or re-save it with "
+            "save_pretrained"
+        ) from err
+
+
+def _check_components(path: str, index: dict, given: dict) -> None:
+    """Every component ``model_index.json`` lists (and the caller does not pass) has its subfolder, and a model
+    subfolder its ``config.json``; diffusers' own error for a missing ``vae/`` names the pipeline folder instead."""
+    problems = []
+    for name, spec in index.items():
+        if name.startswith("_") or name in given or not isinstance(spec, (list, tuple)) or None in spec:
+            continue
+        sub = os.path.join(path, name)
+        if not os.path.isdir(sub):
+            problems.append(f"{name}/ is missing")
+        elif spec[0] == "diffusers" and not os.path.isfile(os.path.join(sub, "config.json")) and not any(
+            f.endswith("_config.json") for f in os.listdir(sub)
+        ):
+            problems.append(f"{name}/config.json is missing")
+    if problems:
+        raise ValueError(
+            f"the model folder {path} is incomplete: {'; '.join(problems)} (listed in model_index.json"
+            "); copy the whole pipeline folder, or re-save it with save_pretrained"
+        )
 
 
 def build_tiny(family: str, seed: int = 0) -> BackboneAdapter:
