@@ -424,11 +424,15 @@ def cmd_precompute(args: argparse.Namespace) -> int:
     adapter = load_adapter(args.model, torch_dtype=torch_dtype(args.dtype))
     adapter.pipe.to(args.device)
     native_frames, native_height, native_width = adapter.native_video_size
+    num_frames, height, width = args.num_frames or native_frames, args.height or native_height, args.width or native_width
+    # the sizes generation and training take (frames of the VAE's stride, VAE x patch multiples): a cache of
+    # others would only fail later, in the trainer's first step
+    adapter.latent_shape(num_frames, height, width)
     dataset = VideoClipDataset(
         args.data,
-        num_frames=args.num_frames or native_frames,
-        height=args.height or native_height,
-        width=args.width or native_width,
+        num_frames=num_frames,
+        height=height,
+        width=width,
         frame_stride=args.frame_stride,
         target_fps=args.target_fps,
         random_start=args.random_start,

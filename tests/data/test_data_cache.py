@@ -106,6 +106,13 @@ def test_precompute_command(wan, manifest, tmp_path):
     assert len(cache) == 3 and cache.family == "wan"
     latents = wan.encode_video(dataset[0]["video"][None])[0]
     torch.testing.assert_close(cache[0]["latents"], latents, atol=1e-5, rtol=1e-5)
+    # a size the model cannot generate or train (40 is no multiple of VAE 8 x patch 2) is refused before encoding
+    bad = tmp_path / "bad_cache"
+    args = parser.parse_args(["precompute", "--model", str(model_dir), "--data", manifest, "--out", str(bad),
+                              "--height", "40", "--width", "40"])
+    with pytest.raises(ValueError, match="wan needs height and width divisible by 16 .* Use 32x32"):
+        args.func(args)
+    assert not bad.exists()
 
 
 def test_index_records_the_schema_and_files_respect_the_umask(wan, manifest, tmp_path):
