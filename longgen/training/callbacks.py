@@ -186,6 +186,32 @@ class ValidationCallback(Callback):
         """Prompt source for the pipeline (the validation prompt encoded once), or None: the adapter's."""
         self.validated_step: int | None = None
 
+    def check(self, adapter, method) -> None:
+        """The validation clip's size and sampler options, checked when the trainer is built: they are otherwise
+        first read at step ``validation.every``, after that many steps of training."""
+        vcfg, data = self.config.validation, self.config.data
+        if not (vcfg.every or vcfg.at_end) or getattr(method, "generate_validation", None) is not None:
+            return
+        from ..pipeline import LongVideoPipeline
+
+        native_latent = adapter.num_latent_frames(adapter.native_video_size[0])
+        num_frames = vcfg.num_frames or adapter.num_pixel_frames(2 * native_latent)
+        try:
+            shape = adapter.latent_shape(num_frames, vcfg.height or data.height, vcfg.width or data.width)
+            _, knobs, _ = LongVideoPipeline(adapter).plan_sampler(
+                vcfg.sampler, shape[2], dict(vcfg.sampler_options), vcfg.steps
+            )
+            window, stride = getattr(knobs, "window", None), getattr(knobs, "stride", None)
+            if isinstance(window, int):  # windowed samplers check their windows against the clip only when run
+                from ..windows import window_starts
+
+                window_starts(shape[2], window, stride if isinstance(stride, int) else 1)
+        except ValueError as err:
+            raise ValueError(
+                f"the validation clip cannot be generated: {err} (validation.num_frames / height / width / sampler / "
+                "sampler_options; validation.every=0 and validation.at_end=false train without one)"
+            ) from None
+
     def on_step_end(self, trainer, step, loss, result) -> None:
         every = self.config.validation.every
         if every and step % every == 0:

@@ -104,6 +104,7 @@ class Trainer:
         owned = prepared[:1] if len(pairs) > 1 else prepared
         self.params = [p for m in owned for p in acc.unwrap_model(m).parameters() if p.requires_grad]
         self._build_callbacks()
+        self.validation.check(self.adapter, self.method)
         register_trainable_state_hooks(acc)
         if self.resumed_from is not None:
             load_checkpoint(acc, self.resumed_from)

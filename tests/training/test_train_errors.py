@@ -190,3 +190,21 @@ def test_ddp_config_on_a_cpu_machine_stops_with_the_fix(tmp_path):
     assert proc.returncode != 0
     assert "ACCELERATE_USE_CPU=true" in proc.stderr and "WORLD_SIZE=2" in proc.stderr, proc.stderr[-3000:]
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["validation.num_frames=10"], r"wan needs num_frames = 4k\+1"),
+        (["validation.height=40"], "wan needs height and width divisible by 16"),
+        (["validation.sampler=sliding", "validation.sampler_options={window: 100}"], "window of 100 latent frames"),
+        (["validation.sampler=sliding", "validation.sampler_options={window: 2, stride: 3}"], "stride 3 > window 2"),
+    ],
+    ids=["frames", "height", "window", "stride"],
+)
+def test_validation_settings_are_checked_before_step_one(overrides, message, tmp_path, clips):
+    """They were read only at step validation.every: a bad one killed the run after that many steps."""
+    config = _config(tmp_path, clips, "validation.every=100", "train.steps=200", *overrides)
+    with pytest.raises(ValueError, match="the validation clip cannot be generated: " + message):
+        Trainer(config)
+    assert not os.path.exists(tmp_path / "checkpoints")
