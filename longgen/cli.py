@@ -587,6 +587,9 @@ def cmd_make_tiny(args: argparse.Namespace) -> int:
         adapter = cls(cls.tiny_pipeline(seed=args.seed, image_to_video=True), native_video_size=cls.tiny_video_size)
     else:
         adapter = build_tiny(args.family, seed=args.seed)
+    from .files import make_output_dir
+
+    make_output_dir(args.out, "--out")
     adapter.save_pretrained(args.out)
     n, h, w = adapter.native_video_size
     kind = f"{type(adapter.pipe).__name__} ({args.family})"
@@ -734,8 +737,8 @@ def _add_demo_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out", default="outputs/demo", help="output folder")
     p.add_argument("--quick", action="store_true", help="a reduced run (about a minute): little training")
-    p.add_argument("--train-steps", type=int, default=None, help="transformer training steps (default 3000; quick 20)")
-    p.add_argument("--length-factor", type=int, default=None, help="clip length / native length (default 4)")
+    p.add_argument("--train-steps", type=positive_int, default=None, help="transformer training steps (default 3000; quick 20)")
+    p.add_argument("--length-factor", type=positive_int, default=None, help="clip length / native length (default 4)")
     p.add_argument("--samplers", nargs="+", default=None, choices=sampler_names(),
                    help="samplers to compare (default: all; full is the naive baseline)")
     p.add_argument("--vae-dir", default=None,

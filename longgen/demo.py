@@ -164,6 +164,10 @@ class DemoSettings:
     """Say plainly in the output that the run only smoke-tests (:data:`QUICK_NOTE`); set by :meth:`quick`."""
 
     def __post_init__(self) -> None:
+        flags = {"length_factor": " (--length-factor)", "train_steps": " (--train-steps)"}
+        for name in ("length_factor", "train_steps", "num_inference_steps", "num_videos"):
+            if getattr(self, name) < 1:  # these used to fail only after the data (or the whole training) stage
+                raise ValueError(f"{name}{flags.get(name, '')} must be >= 1, got {getattr(self, name)}")
         if self.guidance_scale != 1.0 and self.caption_dropout <= 0.0:
             raise ValueError(
                 f"guidance_scale={self.guidance_scale} needs a model trained on the empty prompt too: set "
@@ -533,7 +537,9 @@ def generate_and_evaluate(
     pipe = LongVideoPipeline(adapter)
     native_latent = adapter.num_latent_frames(adapter.native_video_size[0])
     num_frames = adapter.num_pixel_frames(native_latent * length_factor)
-    os.makedirs(out_dir, exist_ok=True)
+    from .files import make_output_dir
+
+    make_output_dir(out_dir, "demo clip folder")
     videos, runs = [], {}
     gen_start = time.perf_counter()
     for sampler in samplers:
@@ -820,7 +826,9 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
     ``mean_over_clips`` (:func:`mean_over_clips`, when the settings ask for more than one clip) and
     ``note`` (:data:`QUICK_NOTE` for a smoke test, else None).
     """
-    from .files import write_json_atomic, write_text_atomic
+    from .files import make_output_dir, write_json_atomic, write_text_atomic
+
+    make_output_dir(settings.out_dir, "--out")
 
     start = time.perf_counter()
     torch.manual_seed(settings.seed)

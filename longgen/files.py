@@ -33,6 +33,21 @@ __all__ = [
 ]
 
 
+def make_output_dir(path: str | os.PathLike, what: str = "output folder") -> str:
+    """``os.makedirs(path, exist_ok=True)``, with a message that names the fix when ``path`` (or a parent) is an
+    existing file instead of errno 17 / 20."""
+    path = os.fspath(path)
+    probe = path
+    while probe and not os.path.exists(probe):
+        probe = os.path.dirname(probe.rstrip(os.sep))
+    if probe and not os.path.isdir(probe):
+        raise ValueError(
+            f"{what} {path!r}: {probe!r} is an existing file, not a folder; choose another path or move the file"
+        )
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
 def _umask() -> int:
     # os.umask can only be read by setting it; set it straight back (one call, no other thread
     # creates files between the two in this library).

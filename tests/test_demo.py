@@ -292,6 +292,13 @@ def test_demo_settings_refuse_guidance_without_an_unconditional_model(tmp_path, 
         DemoSettings(ema_decay=1.0)
     with pytest.raises(ValueError, match="weighting='x0' is not a loss weighting; choose one of"):
         DemoSettings(weighting="x0")
+    with pytest.raises(ValueError, match=r"length_factor \(--length-factor\) must be >= 1, got 0"):
+        DemoSettings(length_factor=0)  # used to fail only after the whole training stage
+    with pytest.raises(ValueError, match=r"train_steps \(--train-steps\) must be >= 1"):
+        DemoSettings(train_steps=0)
+    (tmp_path / "a_file").write_text("x")
+    assert main(["demo", "--quick", "--out", str(tmp_path / "a_file")]) != 0
+    assert "is an existing file, not a folder; choose another path" in capsys.readouterr().err
     with pytest.raises(FileNotFoundError, match="longgen demo --out"):
         load_demo_model(str(tmp_path))
     assert main(["demo", "--quick", "--out", str(tmp_path / "demo"), "--vae-dir", str(tmp_path)]) != 0

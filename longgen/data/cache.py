@@ -114,6 +114,10 @@ def encode_conds(adapter, captions: list[str], video: torch.Tensor) -> dict[str,
     return cat_conds(conds)
 
 
+ODE_SETTINGS_NAME = "ode_pairs.json"
+"""What marks a folder as an ODE-pair build (:data:`longgen.training.ode_pairs.SETTINGS_NAME`)."""
+
+
 class CacheWriter:
     """The one writer of the ``longgen-latent-cache`` format (``longgen precompute`` and the demo).
 
@@ -130,7 +134,14 @@ class CacheWriter:
         self.out_dir = os.fspath(out_dir)
         self.family = family
         self.shard_size = shard_size
-        os.makedirs(self.out_dir, exist_ok=True)
+        from ..files import make_output_dir
+
+        if os.path.isfile(os.path.join(self.out_dir, ODE_SETTINGS_NAME)):
+            raise ValueError(
+                f"{self.out_dir} holds ODE pairs (`longgen ode-pairs`, {ODE_SETTINGS_NAME}); writing a latent cache "
+                "into it would mix the two: choose another folder"
+            )
+        make_output_dir(self.out_dir, "the latent cache folder (--out, data.cache_dir)")
         stale = os.path.join(self.out_dir, INDEX_NAME)
         if os.path.exists(stale):
             os.remove(stale)  # the folder is unfinished until the new index is written

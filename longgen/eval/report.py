@@ -158,10 +158,9 @@ def evaluate_videos(
 
     files: list[str] = []
     if out_dir is not None:
-        from ..files import write_json_atomic
+        from ..files import make_output_dir, write_json_atomic
 
-        out_dir = os.fspath(out_dir)
-        os.makedirs(out_dir, exist_ok=True)
+        out_dir = make_output_dir(out_dir, "--out")
         if plots:
             files.extend(plot_report(report, os.path.join(out_dir, PLOTS_DIR)))
         json_path = os.path.join(out_dir, REPORT_FILE)

@@ -78,7 +78,9 @@ class Trainer:
             build.check_resume_config(self.resumed_from, config)
         set_seed(config.train.seed)
         if acc.is_main_process:
-            os.makedirs(self.output_dir, exist_ok=True)
+            from ..files import make_output_dir
+
+            make_output_dir(self.output_dir, "train.output_dir")
             config.save(os.path.join(self.output_dir, "config.yaml"))
         self._build_model()
         self.dataset, loader, null_cond = build.build_data(config, acc, self.output_dir, self.dp_size, self.adapter.family)

@@ -34,18 +34,19 @@ from ..data.cache import (
     CACHE_FORMAT,
     CACHE_VERSION,
     INDEX_NAME,
+    ODE_SETTINGS_NAME,
     _progress,
     _save_atomic,
     _tensor_items,
     dtype_name,
 )
-from ..files import write_json_atomic
+from ..files import make_output_dir, write_json_atomic
 from ..schedules import ddim_step
 from .causal_methods import ODE_STATES_KEY
 
 logger = logging.getLogger(__name__)
 
-SETTINGS_NAME = "ode_pairs.json"
+SETTINGS_NAME = ODE_SETTINGS_NAME
 BUILD_COMMAND = "longgen ode-pairs --config CONFIG"
 
 __all__ = ["BUILD_COMMAND", "ODEBuild", "build_ode_pairs", "ode_trajectory", "read_prompts"]
@@ -130,6 +131,11 @@ def _settings(config, family: str, latent_shape: list[int], sigmas: torch.Tensor
 def _check_settings(out_dir: str, settings: dict) -> None:
     """Refuse to continue a build of other settings; record these for the next resume."""
     path = os.path.join(out_dir, SETTINGS_NAME)
+    if not os.path.isfile(path) and os.path.isfile(os.path.join(out_dir, INDEX_NAME)):
+        raise ValueError(
+            f"data.cache_dir={out_dir} holds a latent cache of `longgen precompute` (its {INDEX_NAME}, no "
+            f"{SETTINGS_NAME}); writing ODE pairs into it would mix the two: set data.cache_dir to a new folder"
+        )
     if os.path.isfile(path):
         with open(path) as fh:
             saved = json.load(fh)
@@ -140,7 +146,7 @@ def _check_settings(out_dir: str, settings: dict) -> None:
                 f"data.cache_dir={out_dir} holds ODE pairs of other settings ({details}): rerun with the same "
                 "settings to continue that build, or set data.cache_dir to a new folder"
             )
-    os.makedirs(out_dir, exist_ok=True)
+    make_output_dir(out_dir, "data.cache_dir")
     write_json_atomic(path, settings, indent=1)
 
 

@@ -430,3 +430,27 @@ def test_longgen_generate_reapplies_the_recorded_mask(saved, clips, tmp_path, ca
     code, _ = generate("window", "--local-attn-size", "2")
     assert code != 0 and "--no-auto-extension" in capsys.readouterr().err
     assert generate("window2", "--local-attn-size", "2", "--no-auto-extension")[0] == 0
+
+
+def test_ode_pairs_and_precompute_refuse_each_others_cache(ode_cache, clips, tmp_path):
+    """Either command into the other's folder used to mix the two caches (and ode-pairs then crashed)."""
+    import shutil
+
+    from longgen.backbones import build_tiny
+    from longgen.cli import main
+    from longgen.data.cache import precompute_cache
+    from longgen.data.video import VideoClipDataset
+
+    root, recipe, cache = ode_cache
+    ode_copy = tmp_path / "ode_copy"
+    shutil.copytree(cache, ode_copy)
+    before = sorted(os.listdir(ode_copy))
+    dataset = VideoClipDataset(clips, num_frames=9, height=32, width=32, random_start=False)
+    with pytest.raises(ValueError, match="holds ODE pairs .* choose another folder"):
+        precompute_cache(build_tiny("wan"), dataset, ode_copy)
+    assert sorted(os.listdir(ode_copy)) == before
+    latent = tmp_path / "latent"
+    precompute_cache(build_tiny("wan"), dataset, latent)
+    before = sorted(os.listdir(latent))
+    assert main(["ode-pairs", "--config", str(recipe), f"data.cache_dir={latent}", "--no-progress"]) == 2
+    assert sorted(os.listdir(latent)) == before

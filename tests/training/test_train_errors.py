@@ -208,3 +208,10 @@ def test_validation_settings_are_checked_before_step_one(overrides, message, tmp
     with pytest.raises(ValueError, match="the validation clip cannot be generated: " + message):
         Trainer(config)
     assert not os.path.exists(tmp_path / "checkpoints")
+
+
+def test_output_dir_that_is_a_file_is_a_message(tmp_path, clips):
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(ValueError, match="train.output_dir .* is an existing file, not a folder; choose another path"):
+        Trainer(_config(tmp_path / "a_file", clips))
+    assert (tmp_path / "a_file").read_text() == "x"
