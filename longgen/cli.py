@@ -980,6 +980,11 @@ def apply_extension_args(pipe, args: argparse.Namespace):
     options = extension_options_from_args(args)
     if args.extension == "none":
         return None
+    if args.target_frames:
+        try:
+            pipe.adapter.num_latent_frames(args.target_frames)
+        except ValueError as err:  # the adapter's message says num_frames; the flag here is --target-frames
+            raise ValueError(f"--target-frames {args.target_frames}: {err}") from None
     target = args.target_frames or args.num_frames or pipe.adapter.native_video_size[0]
     handle = pipe.apply_extension(args.extension, target, **options)
     logger.info("extension %s", json.dumps(handle.describe()))

@@ -235,9 +235,10 @@ def read_tensor_file(path: str | os.PathLike) -> Any:
             "Fix: in an environment you trust, re-save just the tensors, e.g. "
             "torch.save({k: v for k, v in sd.items()}, 'weights.pt'), or convert it to .safetensors"
         ) from None
-    except (RuntimeError, EOFError) as err:  # truncated zip, not a torch file at all
+    except (KeyError, EOFError, ValueError, RuntimeError, OSError) as err:  # a truncated zip, not a torch file
         raise ValueError(
-            f"{path}: not a readable torch checkpoint ({err}); pass a .pt/.safetensors file"
+            f"{path}: not a readable torch checkpoint ({type(err).__name__}: {err}); pass a .pt/.pth/.safetensors "
+            "file saved by torch.save or safetensors"
         ) from None
 
 
@@ -247,7 +248,9 @@ def _is_tensor_dict(obj: Any) -> bool:
     return isinstance(obj, Mapping) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
 
 
-def select_entry(obj: Any, entry: str | None, what: str = "checkpoint") -> dict[str, torch.Tensor]:
+def select_entry(
+    obj: Any, entry: str | None, what: str = "checkpoint", flag: str = "--entry"
+) -> dict[str, torch.Tensor]:
     """The tensor state dict in ``obj``: the object itself if it is one, else its ``entry`` (a sub-dict)."""
     if not isinstance(obj, Mapping):
         raise ValueError(
@@ -260,7 +263,7 @@ def select_entry(obj: Any, entry: str | None, what: str = "checkpoint") -> dict[
         asked = "no entry was given" if entry is None else f"it has no entry {entry!r}"
         raise ValueError(
             f"the {what} holds several state dicts and {asked}; entries: {', '.join(entries) or '(none)'}. "
-            "Fix: pass --entry NAME (one of those)"
+            f"Fix: pass {flag} NAME (one of those)"
         )
     sd = obj[entry]
     if not _is_tensor_dict(sd):
@@ -573,7 +576,7 @@ def convert_wan_checkpoint(
     lora_sd, lora_info = None, {}
     if lora is not None:
         lora_alpha = lora_alpha if lora_alpha is not None else PRESETS[preset].get("lora_alpha")
-        raw = select_entry(read_tensor_file(lora), lora_entry, what="LoRA file")
+        raw = select_entry(read_tensor_file(lora), lora_entry, what="LoRA file", flag="--lora-entry")
         lora_sd, lora_info = convert_lora_state_dict(raw, alpha=lora_alpha)
         if merge_lora:
             merge_lora_into(diffusers_sd, lora_sd, lora_scale)

@@ -122,6 +122,10 @@ def transformer_folder(path: str, model_attr: str) -> str:
     if not os.path.isfile(os.path.join(path, "config.json")) and os.path.isdir(os.path.join(path, model_attr)):
         path = os.path.join(path, model_attr)
     if not os.path.isfile(os.path.join(path, "config.json")):
+        if any(f.endswith(".safetensors") and "lora" in f for f in os.listdir(path)):
+            raise FileNotFoundError(
+                f"--transformer {path!r} holds LoRA weights, not a full model: load them with --lora {path}"
+            )
         raise FileNotFoundError(f"--transformer {path!r} has no config.json: not a diffusers model folder")
     return path
 

@@ -202,9 +202,13 @@ def test_file_needing_full_unpickling_is_refused(tmp_path):
     assert not (tmp_path / "out").exists()
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     (tmp_path / "junk.safetensors").write_bytes(b"not a checkpoint")
-    for junk in ("junk.pt", "junk.safetensors"):
+    (tmp_path / "notes.txt").write_text("hi\n")  # torch's loader raised a bare KeyError on this
+    torch.save({"generator_ema": original_layout(tiny_model(5))}, tmp_path / "whole.pt")
+    (tmp_path / "cut.pt").write_bytes((tmp_path / "whole.pt").read_bytes()[:300])  # a truncated download
+    for junk in ("junk.pt", "junk.safetensors", "notes.txt", "cut.pt"):
         with pytest.raises(ValueError, match="not a readable"):
             convert_wan_checkpoint(tmp_path / junk, tmp_path / "out", head_dim=8)
+    assert not (tmp_path / "out").exists()
 
 
 def test_unknown_missing_keys_and_entries_are_named(tmp_path):
@@ -266,6 +270,9 @@ def test_lora_converts_for_diffusers_and_merges(tmp_path):
     expected = run(merged_by_hand(base, lora, scale=8 / 4))
     assert not torch.allclose(expected, run(base), atol=1e-3)
 
+    with pytest.raises(ValueError, match="no entry 'nope'.*Fix: pass --lora-entry NAME"):
+        convert_wan_checkpoint(src, tmp_path / "bad", entry="generator", preset="longlive", head_dim=8,
+                               lora=tmp_path / "lora.pt", lora_entry="nope", lora_alpha=8)
     out = convert_wan_checkpoint(
         src,
         tmp_path / "ll",

@@ -559,3 +559,16 @@ def test_a_damaged_model_folder_is_explained(damage, message, saved, tmp_path, c
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err
     assert not (tmp_path / "x.mp4").exists()
+
+
+def test_target_frames_and_a_lora_folder_as_transformer_name_their_flags(saved, tmp_path, capsys):
+    base = ["generate", "--model", saved("wan"), "--prompt", "x", "--num-frames", "9", "--steps", "2",
+            "--out", str(tmp_path / "x.mp4")]
+    assert main([*base, "--extension", "pi", "--target-frames", "10"]) == 2
+    assert "--target-frames 10: wan needs num_frames = 4k+1" in capsys.readouterr().err
+    lora_run = tmp_path / "final"
+    lora_run.mkdir()
+    (lora_run / "pytorch_lora_weights.safetensors").write_bytes(b"")
+    assert main([*base, "--transformer", str(lora_run)]) == 2
+    assert f"holds LoRA weights, not a full model: load them with --lora {lora_run}" in capsys.readouterr().err
+    assert not (tmp_path / "x.mp4").exists()
