@@ -587,10 +587,15 @@ def cmd_make_tiny(args: argparse.Namespace) -> int:
         adapter = cls(cls.tiny_pipeline(seed=args.seed, image_to_video=True), native_video_size=cls.tiny_video_size)
     else:
         adapter = build_tiny(args.family, seed=args.seed)
-    from .files import make_output_dir
+    from .files import atomic_dir, make_output_dir
 
-    make_output_dir(args.out, "--out")
-    adapter.save_pretrained(args.out)
+    if os.path.isdir(args.out) and os.listdir(args.out) and not args.overwrite:
+        raise ValueError(f"--out {args.out!r} already holds files: pass --overwrite to replace them, or another folder")
+    make_output_dir(os.path.dirname(os.path.abspath(args.out)), "--out")
+    if os.path.isfile(args.out):
+        make_output_dir(args.out, "--out")  # the message for an existing file
+    with atomic_dir(args.out, overwrite=True) as tmp:  # a failed save leaves no half-written model folder
+        adapter.save_pretrained(tmp)
     n, h, w = adapter.native_video_size
     kind = f"{type(adapter.pipe).__name__} ({args.family})"
     print(f"wrote a tiny random {kind} pipeline to {args.out} (native clip {n} frames at {h}x{w})")
@@ -717,7 +722,8 @@ def _add_make_tiny_parser(sub: argparse._SubParsersAction, load_choices: bool) -
     if load_choices:  # the family names import the backbones (torch): only when make-tiny runs
         from .backbones import FAMILIES as families
     p.add_argument("--family", choices=families, default="wan", help="backbone family")
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--out", required=True, help="output folder (refused if it holds files, unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     p.add_argument("--seed", type=int, default=0, help="weights seed")
     p.add_argument("--i2v", action="store_true",
                    help="the family's image-to-video pipeline (wan, skyreels_v2, ltx, cogvideox; svd is one "

@@ -572,3 +572,14 @@ def test_target_frames_and_a_lora_folder_as_transformer_name_their_flags(saved, 
     assert main([*base, "--transformer", str(lora_run)]) == 2
     assert f"holds LoRA weights, not a full model: load them with --lora {lora_run}" in capsys.readouterr().err
     assert not (tmp_path / "x.mp4").exists()
+
+
+def test_make_tiny_refuses_to_overwrite_a_folder_with_files(tmp_path, capsys):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "my_weights.safetensors").write_bytes(b"keep me")
+    assert main(["make-tiny", "--out", str(folder)]) == 2
+    assert "already holds files: pass --overwrite" in capsys.readouterr().err
+    assert (folder / "my_weights.safetensors").read_bytes() == b"keep me"
+    assert main(["make-tiny", "--out", str(folder), "--overwrite"]) == 0
+    assert (folder / "model_index.json").is_file() and not (folder / "my_weights.safetensors").exists()

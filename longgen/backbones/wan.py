@@ -364,7 +364,7 @@ class WanAdapter(BackboneAdapter, TemporalRopeFrequencies, WindowAttention, Mixt
         if not self.supports_image_condition:
             raise ValueError(
                 f"{type(pipe).__name__} takes no image. Load an image-to-video pipeline folder "
-                f"({', '.join(self.image_to_video_pipeline_class_names)}) or drop image=."
+                f"({', '.join(self.image_to_video_pipeline_class_names)}) or drop the image (--image, image=)."
             )
         if getattr(pipe.config, "expand_timesteps", False):
             raise NotImplementedError(
