@@ -100,7 +100,8 @@ class _Run:
             if value is None:
                 continue
             if not math.isfinite(float(value)) or (positive and float(value) <= 0):
-                raise ValueError(f"{name} must be a finite number{' > 0' if positive else ''}, got {value!r}")
+                rule = "(a finite number) must be > 0" if positive else "must be a finite number"
+                raise ValueError(f"{name} {rule}, got {value!r}")
 
 
 def frames_as(frames: torch.Tensor, output_type: str):

@@ -166,5 +166,5 @@ def test_ltx_image_to_video_equals_the_stock_pipeline(tmp_path, monkeypatch):
                                     {"fps": float("nan")}])
 def test_non_finite_numbers_are_refused(pipes, kwargs):
     ours, _ = pipes
-    with pytest.raises(ValueError, match="must be a finite number"):
+    with pytest.raises(ValueError, match="finite number"):
         ours.generate("a cat", num_frames=9, num_inference_steps=2, show_progress=False, **kwargs)
