@@ -251,8 +251,21 @@ class GivenFrames:
 
     def __post_init__(self) -> None:
         self.positions = [int(p) for p in self.positions]
+        if not isinstance(self.frames, torch.Tensor):
+            raise TypeError(
+                f"given frames must be a torch.Tensor [T, H, W, 3] in [0, 1], got {type(self.frames).__name__} "
+                "(a numpy array: torch.from_numpy(frames))"
+            )
         if self.frames.ndim != 4 or self.frames.shape[-1] != 3:
             raise ValueError(f"given frames must be [T, H, W, 3] in [0, 1], got shape {tuple(self.frames.shape)}")
+        if self.frames.dtype == torch.uint8:  # what video readers return (torchvision.io.read_video, longgen's)
+            self.frames = self.frames.float() / 255.0
+        elif not self.frames.is_floating_point():
+            raise TypeError(f"given frames must be uint8 (0..255) or float in [0, 1], got {self.frames.dtype}")
+        elif self.frames.numel() and (float(self.frames.min()) < -1e-3 or float(self.frames.max()) > 1 + 1e-3):
+            lo, hi = float(self.frames.min()), float(self.frames.max())
+            hint = " ([-1, 1] input: (frames + 1) / 2)" if lo < 0 else " (0..255 floats: frames / 255)"
+            raise ValueError(f"given frames must be in [0, 1], got values in [{lo:.3g}, {hi:.3g}]{hint}")
         if len(self.positions) != self.frames.shape[0]:
             raise ValueError(f"{self.frames.shape[0]} given frames but {len(self.positions)} positions: one each")
         if len(set(self.positions)) != len(self.positions) or min(self.positions, default=0) < 0:
@@ -319,6 +332,13 @@ def encode_given_frames(adapter: Any, given: GivenFrames, num_latent_frames: int
         raise ValueError(
             f"a given frame at pixel frame {last} is outside the clip of {adapter.num_pixel_frames(num_latent_frames)} "
             "frames: raise --num-frames or give frames inside the clip"
+        )
+    if num_latent_frames is not None and given.repaint is None and len(keys) == num_latent_frames:
+        # a latent frame holds several pixel frames: one given pixel frame fixes all of them
+        raise ValueError(
+            f"the given frames fill every one of the clip's {num_latent_frames} latent frames (each holds up to {tc} "
+            f"pixel frames, and one given pixel frame fixes its whole latent frame): nothing is left to generate. "
+            f"Raise --num-frames to at least {adapter.num_pixel_frames(num_latent_frames + 1)}, or give fewer frames"
         )
     pieces = []
     for run in _runs(keys, max(1, int(given.encode_chunk))):

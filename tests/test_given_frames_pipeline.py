@@ -170,6 +170,25 @@ def test_pipeline_refuses_bad_given_frames():
                       show_progress=False)
 
 
+def test_given_frames_take_uint8_refuse_other_ranges_and_a_clip_with_nothing_left(saved):
+    """uint8 frames (what video readers return) used to reach the VAE unscaled (values up to 509), and a bridge
+    whose frames fixed every latent frame generated nothing and succeeded."""
+    frames = torch.randint(0, 256, (2, 32, 32, 3), dtype=torch.uint8)
+    given = GivenFrames(frames, [0, 1])
+    assert given.frames.dtype == torch.float32 and float(given.frames.max()) <= 1.0
+    torch.testing.assert_close(given.frames * 255, frames.float())
+    with pytest.raises(ValueError, match=r"must be in \[0, 1\], got values in \[0, 255\] \(0..255 floats"):
+        GivenFrames(frames.float(), [0, 1])
+    with pytest.raises(ValueError, match=r"\[-1, 1\] input: \(frames \+ 1\) / 2"):
+        GivenFrames(frames.float() / 127.5 - 1, [0, 1])
+    with pytest.raises(TypeError, match="torch.from_numpy"):
+        GivenFrames(frames.numpy(), [0, 1])
+    pipe = LongVideoPipeline.from_pretrained(saved("wan"))  # 9 frames = 3 latent frames: 0 | 1-4 | 5-8
+    with pytest.raises(ValueError, match="fill every one of the clip's 3 latent frames.*at least 13"):
+        pipe.generate("a", num_frames=9, num_inference_steps=2, show_progress=False,
+                      conditioning=GivenFrames(torch.rand(3, 32, 32, 3), [0, 1, 8]))
+
+
 # --- longgen generate on a tiny Wan ---------------------------------------------------------------
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
