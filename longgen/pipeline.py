@@ -104,6 +104,24 @@ class _Run:
                 raise ValueError(f"{name} {rule}, got {value!r}")
 
 
+def _check_sigmas(sigmas) -> torch.Tensor:
+    """``sigmas`` of ``__call__``: a 1-D sequence of finite noise levels in [0, 1], strictly descending, with at
+    least one level above 0 (the trailing 0 is added when missing)."""
+    try:
+        t = torch.as_tensor(sigmas, dtype=torch.float32)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise ValueError(f"sigmas must be a 1-D sequence of numbers, got {type(sigmas).__name__} ({err})") from None
+    if t.ndim != 1 or t.numel() == 0:
+        raise ValueError(f"sigmas must be a non-empty 1-D sequence, got shape {tuple(t.shape)}")
+    if not torch.isfinite(t).all() or float(t.min()) < 0 or float(t.max()) > 1 + 1e-6:
+        raise ValueError(f"sigmas must be finite noise levels in [0, 1], got {t.tolist()}")
+    if t.numel() > 1 and not bool((t[1:] < t[:-1]).all()):
+        raise ValueError(f"sigmas must be strictly descending (from noise to clean), got {t.tolist()}")
+    if float(t[0]) == 0.0:
+        raise ValueError("sigmas hold no noise level above 0: nothing to denoise; e.g. sigmas=[1.0, 0.5, 0.0]")
+    return t
+
+
 def frames_as(frames: torch.Tensor, output_type: str):
     """Decoded ``[B, F, H, W, 3]`` frames in [0, 1] as diffusers' ``video_processor.postprocess_video`` returns
     them: ``np`` float32 ``[B, F, H, W, 3]``, ``pt`` ``[B, F, 3, H, W]``, ``pil`` lists of PIL images."""
@@ -742,7 +760,7 @@ class LongVideoPipeline:
         prompts = [p for p in prompts for _ in range(n)]
         negatives = [p for p in negatives for _ in range(n)] if negatives is not None else None
         if sigmas is not None:
-            sigmas = torch.as_tensor(sigmas, dtype=torch.float32)
+            sigmas = _check_sigmas(sigmas)
             sigmas = sigmas if float(sigmas[-1]) == 0.0 else torch.cat([sigmas, sigmas.new_zeros(1)])
         run = _Run(
             prompts, negatives, image, num_frames, height, width, num_inference_steps, guidance_scale, shift,

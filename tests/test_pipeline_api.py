@@ -168,3 +168,17 @@ def test_non_finite_numbers_are_refused(pipes, kwargs):
     ours, _ = pipes
     with pytest.raises(ValueError, match="finite number"):
         ours.generate("a cat", num_frames=9, num_inference_steps=2, show_progress=False, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "sigmas, message",
+    [([0.2, 0.5, 1.0], "strictly descending"), ([1.0, float("nan"), 0.0], r"finite noise levels in \[0, 1\]"),
+     ([0.0], "no noise level above 0"), ([], "non-empty 1-D"), ([[1.0, 0.5]], "non-empty 1-D"),
+     ([1.5, 0.5], r"in \[0, 1\]"), ("fast", "1-D sequence of numbers")],
+    ids=["ascending", "nan", "only-zero", "empty", "2d", "above-one", "text"],
+)
+def test_bad_sigmas_are_refused(pipes, sigmas, message):
+    """The docstring promised 'descending, ending at 0'; ascending or NaN levels used to run (NaN frames)."""
+    ours, _ = pipes
+    with pytest.raises(ValueError, match=message):
+        ours("a cat", num_frames=9, sigmas=sigmas, show_progress=False)
