@@ -117,7 +117,46 @@ class SamplerSpec:
             raise ValueError(
                 f"sampler {self.name!r} takes no option(s) {unknown}; it takes {names} (flags: {flags})"
             )
-        return self.knobs(**given)
+        return self.knobs(**{k: _coerce(self.name, k, _field_type(self.knobs, k), v) for k, v in given.items()})
+
+
+_BOOL_WORDS = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
+
+
+def _coerce(sampler: str, name: str, kind: Any, value: Any) -> Any:
+    """A knob value as its field's type (bool / int / float; a YAML or CLI string too), or a ValueError naming the
+    knob: a wrong type used to fail deep inside the sampler, and any string ran as True for a bool knob."""
+    import math
+    import numbers
+
+    where = f"sampler {sampler!r}: {name}"
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in _BOOL_WORDS:
+            return _BOOL_WORDS[value.lower()]
+        raise ValueError(f"{where} is true or false, got {value!r}")
+    if kind is int:
+        if isinstance(value, bool):
+            raise ValueError(f"{where} is an integer, got {value!r}")
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+            return int(value)
+        if not isinstance(value, numbers.Integral):
+            raise ValueError(f"{where} is an integer, got {value!r}")
+        return int(value)
+    if kind is float:
+        if isinstance(value, bool):
+            raise ValueError(f"{where} is a number, got {value!r}")
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{where} is a number, got {value!r}") from None
+        if not math.isfinite(number):
+            raise ValueError(f"{where} must be a finite number, got {value!r}")
+        return number
+    return value
 
 
 def _resolve(target: Callable[..., Any] | str) -> Callable[..., Any]:

@@ -221,3 +221,23 @@ def test_non_streaming_progress_shows_steps_then_decoding(saved, tmp_path, capsy
     assert "denoising (sliding)" in err  # (its last step may not be drawn: tqdm throttles redraws)
     assert err.index("denoising (sliding)") < err.index("decoding")  # no frame bar waiting at 0 while sampling
     assert "sliding: frames" not in err
+
+
+def test_knob_values_are_checked_and_converted_by_type():
+    """A bool knob used to run any string as True ('no' too, which YAML 1.2 configs now keep as a string), and a
+    wrong type failed deep inside the sampler."""
+    from longgen.samplers.registry import get_sampler
+
+    assert get_sampler("fifo").make_knobs({"lookahead": "no"}).lookahead is False
+    assert get_sampler("causal").make_knobs({"recache": "yes"}).recache is True
+    assert get_sampler("sliding").make_knobs({"window": "2", "eta": "0.5"}).window == 2
+    assert get_sampler("sliding").make_knobs({"window": 2.0}).window == 2
+    for sampler, options, message in [
+        ("fifo", {"lookahead": "maybe"}, "lookahead is true or false, got 'maybe'"),
+        ("sliding", {"window": 2.5}, "window is an integer, got 2.5"),
+        ("sliding", {"window": True}, "window is an integer, got True"),
+        ("causal", {"chunk_size": "three"}, "chunk_size is an integer"),
+        ("sliding", {"eta": float("nan")}, "eta must be a finite number"),
+    ]:
+        with pytest.raises(ValueError, match=f"sampler '{sampler}': {message}"):
+            get_sampler(sampler).make_knobs(options)
