@@ -53,11 +53,22 @@ def output_paths(output_path: str | os.PathLike, batch: int) -> list[str]:
 
 def _prompt_lists(prompt, negative_prompt, multi_prompt: bool) -> tuple[list[str], list[str] | None]:
     """Prompts as a list (a batch, or one multi-prompt video) and negatives to match (None: no negatives)."""
-    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    prompts = _strings(prompt, "prompt")
     if negative_prompt is None:
         return prompts, None
     n = 1 if multi_prompt else len(prompts)
-    return prompts, [negative_prompt] * n if isinstance(negative_prompt, str) else list(negative_prompt)
+    return prompts, [negative_prompt] * n if isinstance(negative_prompt, str) else _strings(negative_prompt,
+                                                                                          "negative_prompt")
+
+
+def _strings(value, name: str) -> list[str]:
+    """A str or a non-empty list / tuple of str, as a list; anything else is a TypeError naming ``name``."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
+        return list(value)
+    what = "an empty list" if isinstance(value, (list, tuple)) and not value else type(value).__name__
+    raise TypeError(f"{name} must be a str or a non-empty list of str, got {what}")
 
 
 OUTPUT_TYPES = ("np", "pt", "pil", "latent")
@@ -94,11 +105,19 @@ class _Run:
 
     def __post_init__(self) -> None:
         import math
+        import numbers
 
+        for name in ("num_frames", "height", "width", "steps"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
+                flag = "num_inference_steps" if name == "steps" else name
+                raise TypeError(f"{flag} must be an integer, got {value!r}")
         for name, value, positive in (("guidance_scale", self.guidance_scale, False), ("shift", self.shift, True),
                                       ("fps", self.fps, True), ("prompt_transition", self.prompt_transition, False)):
             if value is None:
                 continue
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise TypeError(f"{name} must be a number, got {value!r}")
             if not math.isfinite(float(value)) or (positive and float(value) <= 0):
                 rule = "(a finite number) must be > 0" if positive else "must be a finite number"
                 raise ValueError(f"{name} {rule}, got {value!r}")
@@ -643,6 +662,8 @@ class LongVideoPipeline:
             sampler, sampler_options, prompt_frames, prompt_transition, output_path, fps,
             decode_chunk_latent_frames, show_progress, save_latents, conditioning=conditioning, framing=framing,
         )
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+            raise ValueError(f"seed must be an integer in [0, 2**63), got {seed!r}")
         noise_fn = partial(self.make_noise, seed=seed, noise=noise, window=noise_window, stride=noise_stride)
         result, _ = self._sample(run, noise_fn, renoise_seed=seed + 1, noise_name=noise)
         return result
@@ -783,9 +804,19 @@ class LongVideoPipeline:
         from diffusers.utils.torch_utils import randn_tensor
 
         if latents is not None:
+            if not isinstance(latents, torch.Tensor):
+                raise TypeError(f"latents must be a torch.Tensor, got {type(latents).__name__} (torch.from_numpy(a))")
+            if not torch.isfinite(latents).all():
+                raise ValueError("latents hold NaN or inf values: pass finite noise (e.g. torch.randn(shape))")
             if tuple(latents.shape) != tuple(shape):
                 raise ValueError(f"latents have shape {tuple(latents.shape)}, this clip needs {tuple(shape)}")
             return latents.to(self.device, torch.float32)
+        gens = generator if isinstance(generator, list) else [generator]
+        if generator is not None and not all(isinstance(g, torch.Generator) for g in gens):
+            raise TypeError(
+                f"generator must be a torch.Generator or a list of them, got {type(generator).__name__}: e.g. "
+                "generator=torch.Generator().manual_seed(0)"
+            )
         if isinstance(generator, list) and len(generator) != shape[0]:
             raise ValueError(
                 f"{len(generator)} generators for {shape[0]} videos (prompts x num_videos_per_prompt): give one "

@@ -182,3 +182,27 @@ def test_bad_sigmas_are_refused(pipes, sigmas, message):
     ours, _ = pipes
     with pytest.raises(ValueError, match=message):
         ours("a cat", num_frames=9, sigmas=sigmas, show_progress=False)
+
+
+def test_wrong_types_are_named(pipes):
+    """Each of these used to fail deep inside torch or the tokenizer (or, a dict prompt, run with its keys)."""
+    import numpy as np
+
+    ours, _ = pipes
+    cases = [
+        (dict(prompt=[]), TypeError, "prompt must be a str or a non-empty list of str, got an empty list"),
+        (dict(prompt=5), TypeError, "got int"),
+        (dict(prompt={"a": 1}), TypeError, "got dict"),
+        (dict(prompt="a", num_frames=9.0), TypeError, "num_frames must be an integer, got 9.0"),
+        (dict(prompt="a", num_inference_steps=2.5), TypeError, "num_inference_steps must be an integer"),
+        (dict(prompt="a", guidance_scale="5"), TypeError, "guidance_scale must be a number, got '5'"),
+        (dict(prompt="a", generator=0), TypeError, "generator must be a torch.Generator"),
+        (dict(prompt="a", latents=np.zeros((1, 4, 3, 4, 4))), TypeError, "latents must be a torch.Tensor"),
+        (dict(prompt="a", latents=torch.full((1, 4, 3, 4, 4), float("nan"))), ValueError, "NaN or inf"),
+    ]
+    for kwargs, error, message in cases:
+        with pytest.raises(error, match=message):
+            ours(num_inference_steps=kwargs.pop("num_inference_steps", 2), show_progress=False, **kwargs)
+    for seed in ("1", -1, 2**70):
+        with pytest.raises(ValueError, match=r"seed must be an integer in \[0, 2\*\*63\)"):
+            ours.generate("a", num_frames=9, num_inference_steps=2, seed=seed, show_progress=False)
