@@ -566,7 +566,9 @@ def _check_given_files(inputs) -> None:
     for flag, path in (("--video", inputs.video), ("--end-video", inputs.end_video), ("--mask", inputs.mask),
                        ("--mask-image", inputs.mask_image)):
         if path is not None and not os.path.isfile(path):
-            raise FileNotFoundError(f"{flag} {path!r} does not exist")
+            from .given_io import missing_file
+
+            raise missing_file(flag, path)
 
 
 def cmd_make_tiny(args: argparse.Namespace) -> int:

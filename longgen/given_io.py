@@ -69,11 +69,18 @@ class GivenPlan:
     notes: list[str] = field(default_factory=list)
 
 
+def missing_file(flag: str, path: str) -> FileNotFoundError:
+    """The error for a flag's input file that is not a file: a folder, or nothing at all."""
+    if os.path.isdir(path):
+        return FileNotFoundError(f"{flag} {path!r} is a folder: pass a file inside it")
+    return FileNotFoundError(f"{flag} {path!r} does not exist")
+
+
 def _read_clip(path: str, flag: str, indices: Sequence[int] | None = None) -> np.ndarray:
     from .io import read_video
 
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{flag} {path!r} does not exist")
+        raise missing_file(flag, path)
     try:
         return read_video(path, indices)
     except (ValueError, OSError) as err:
@@ -84,7 +91,7 @@ def _probe(path: str, flag: str):
     from .io import probe_video
 
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{flag} {path!r} does not exist")
+        raise missing_file(flag, path)
     try:
         return probe_video(path)
     except (ValueError, OSError) as err:
@@ -95,7 +102,7 @@ def _read_image(path: str, flag: str) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{flag} {path!r} does not exist")
+        raise missing_file(flag, path)
     try:
         with Image.open(path) as image:
             return np.asarray(image.convert("RGB"))
@@ -151,6 +158,16 @@ def _check_flags(inputs: GivenInputs) -> None:
             raise ValueError("give one of --mask, --mask-image, --mask-box, --outpaint")
     if inputs.context_frames is not None and inputs.context_frames < 1:
         raise ValueError(f"--context-frames must be >= 1, got {inputs.context_frames}")
+    if inputs.context_frames is not None and (inputs.video is None or inputs.repaints):
+        raise ValueError(
+            "--context-frames sets how many frames of --video start the clip: it needs --video, and a repaint "
+            "(--mask, --mask-image, --mask-box, --outpaint) keeps the whole video; drop --context-frames"
+        )
+    if inputs.resample != 1 and not inputs.any:
+        raise ValueError(
+            "--resample-steps re-noises around given frames (--video, --end-video, --frames-at, a mask): there are "
+            "none here; drop it"
+        )
 
 
 def plan_given_frames(

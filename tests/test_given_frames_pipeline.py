@@ -276,6 +276,12 @@ def test_cli_given_frames_bad_inputs_are_clear_errors(saved, inputs, capsys):
         (["--end-video", inputs["video"]], "also give its start with --video"),
         (["--video", inputs["video"], "--mask-box", "0,0,99,8"], "inside the 32x32 output"),
         (["--video", inputs["video"], "--context-frames", "5", "--num-frames", "5"], "leaves none to generate"),
+        (["--video", str(root)], "is a folder: pass a file inside it"),
+        (["--context-frames", "5"], "--context-frames sets how many frames of --video start the clip"),
+        (["--video", inputs["video"], "--mask", inputs["mask"], "--context-frames", "5"], "drop --context-frames"),
+        (["--resample-steps", "4"], "--resample-steps re-noises around given frames"),
+        (["--video", inputs["video"], "--end-video", inputs["video"], "--context-frames", "5", "--num-frames", "13"],
+         "nothing is left to generate"),
     ]
     for flags, message in cases:
         assert _generate(model, out, *flags) == 2, flags
