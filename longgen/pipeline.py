@@ -694,6 +694,8 @@ class LongVideoPipeline:
         )
         given = prepare_conditioning(adapter, run.conditioning, shape, spec.function(), spec.name)
         x_noise = noise_fn(shape)
+        if run.sigmas is not None and knobs.get("denoising_steps"):
+            raise ValueError("sigmas and denoising_steps (--denoising-steps) both set the schedule: pass one")
         sigmas = run.sigmas if run.sigmas is not None else adapter.sigmas(steps, shift=run.shift)
         denoiser = GuidedDenoiser(adapter, cond, uncond, guidance)
         logger.info(

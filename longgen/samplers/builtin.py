@@ -272,6 +272,11 @@ class CausalKnobs:
             raise ValueError(f"--causal-step must be 'auto', 'renoise' or 'ddim', got {self.causal_step!r}")
         if self.timestep_shift <= 0:
             raise ValueError(f"--timestep-shift must be > 0, got {self.timestep_shift}")
+        if self.warp_denoising_step and self.denoising_steps is None:
+            raise ValueError(
+                "--warp-denoising-step maps the --denoising-steps timesteps through a shifted table: give "
+                "--denoising-steps too (e.g. 1000,750,500,250), or drop it"
+            )
         if self.denoising_steps is not None:
             try:
                 steps = [float(t) for t in str(self.denoising_steps).replace(" ", "").split(",") if t]

@@ -108,3 +108,16 @@ def test_block_causal_extension_from_the_registry(saved):
         pipe.remove_extensions()
         again = pipe.generate("a red ball", num_frames=17, num_inference_steps=2, show_progress=False).latents
         assert torch.equal(again, plain)
+
+
+def test_schedule_flags_that_would_be_ignored_are_refused(saved):
+    """--warp-denoising-step without --denoising-steps, and sigmas= with denoising_steps, each did nothing."""
+    from longgen.pipeline import LongVideoPipeline
+    from longgen.samplers.registry import get_sampler
+
+    with pytest.raises(ValueError, match="--warp-denoising-step maps the --denoising-steps"):
+        get_sampler("causal").make_knobs({"warp_denoising_step": True})
+    pipe = LongVideoPipeline.from_pretrained(saved("wan"))
+    with pytest.raises(ValueError, match="sigmas and denoising_steps .* both set the schedule"):
+        pipe("a", sampler="causal", num_frames=21, sigmas=[1.0, 0.3, 0.0], show_progress=False,
+             sampler_options={"denoising_steps": "1000,500", "chunk_size": 2})
