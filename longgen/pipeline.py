@@ -404,8 +404,23 @@ class LongVideoPipeline:
             if not target_num_frames:
                 raise ValueError(f"extension {method!r} needs target_num_frames (--target-frames)")
             target_latent = adapter.num_latent_frames(target_num_frames)
+            native = adapter.native_video_size[0]
+            if spec.sets_window and target_latent < adapter.num_latent_frames(native):
+                raise ValueError(
+                    f"target_num_frames (--target-frames) {target_num_frames} is shorter than the model's native "
+                    f"{native} frames: {method} extends the model to a longer clip; give the length to generate"
+                )
             options = {"target_latent_frames": target_latent, **options}
-        handle = apply_extension(adapter, method, options)
+        applied = [h.describe().get("method") for h in self.extensions]
+        if method in applied:
+            raise ValueError(f"extension {method!r} is already applied: call pipe.remove_extensions() first")
+        try:
+            handle = apply_extension(adapter, method, options)
+        except (ValueError, RuntimeError) as err:
+            if not applied:
+                raise
+            raise type(err)(f"{err} (applied already: {', '.join(map(str, applied))}; pipe.remove_extensions() "
+                            "removes them)") from err
         if spec.sets_window:
             self.window_latent_frames = target_latent
         self.extensions.append(handle)

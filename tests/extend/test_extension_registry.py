@@ -201,3 +201,18 @@ def test_cli_extension_flag_reaches_the_model(saved, tmp_path, caplog, monkeypat
     assert video_info(out)["num_frames"] == 16
     bad = [*argv[:-6], "--extension", "riflex", "--fusion-window", "2"]
     assert main(bad) == 2  # a flag of another extension: a clear error, no traceback
+
+
+def test_pipeline_refuses_an_extension_twice_and_a_target_shorter_than_native():
+    pipe = LongVideoPipeline(build_tiny("wan"))
+    stock = {k: v.clone() for k, v in pipe.adapter.model.state_dict().items()}
+    with pytest.raises(ValueError, match="shorter than the model's native 9 frames"):
+        pipe.apply_extension("riflex", target_num_frames=5)
+    pipe.apply_extension("riflex", target_num_frames=33)
+    with pytest.raises(ValueError, match="'riflex' is already applied: call pipe.remove_extensions"):
+        pipe.apply_extension("riflex", target_num_frames=33)
+    with pytest.raises(ValueError, match=r"applied already: riflex; pipe.remove_extensions\(\) removes them"):
+        pipe.apply_extension("pi", target_num_frames=33)
+    pipe.remove_extensions()
+    assert all(torch.equal(v, stock[k]) for k, v in pipe.adapter.model.state_dict().items())
+    pipe.apply_extension("pi", target_num_frames=33).remove()
