@@ -619,6 +619,17 @@ class LongVideoPipeline:
         starts = [-(-f // tc) if (adapter.causal_vae and tc > 1) else f // tc for f in prompt_frames]
         if starts[-1] >= num_latent_frames:
             raise ValueError(f"prompt start frame {prompt_frames[-1]} is past the clip's end")
+        for i in range(1, len(starts)):
+            if starts[i] <= starts[i - 1]:  # both start in one latent frame: the earlier prompt would get none
+                raise ValueError(
+                    f"prompt start frames {prompt_frames[i - 1]} and {prompt_frames[i]} fall in the same latent frame "
+                    f"(a latent frame holds {tc} pixel frames): space prompt starts at least {tc} frames apart"
+                )
+        if negatives is not None and len(negatives) > 1:
+            raise ValueError(
+                f"{len(negatives)} negative prompts for one multi-prompt video (prompt_frames): give one negative "
+                "prompt, which applies to every segment"
+            )
         ranges = list(zip(starts, starts[1:] + [num_latent_frames]))
         conds, uncond = [], None
         for text in prompts:

@@ -206,3 +206,14 @@ def test_wrong_types_are_named(pipes):
     for seed in ("1", -1, 2**70):
         with pytest.raises(ValueError, match=r"seed must be an integer in \[0, 2\*\*63\)"):
             ours.generate("a", num_frames=9, num_inference_steps=2, seed=seed, show_progress=False)
+
+
+def test_multi_prompt_starts_in_one_latent_frame_and_several_negatives_are_refused(pipes):
+    ours, _ = pipes
+    for starts in ([0, 8, 8], [0, 5, 7]):  # the tiny Wan's latent frame 2 holds pixel frames 5-8
+        with pytest.raises(ValueError, match="fall in the same latent frame .* at least 4 frames apart"):
+            ours.generate(["a", "b", "c"], num_frames=17, num_inference_steps=2, prompt_frames=starts,
+                          show_progress=False)
+    with pytest.raises(ValueError, match="2 negative prompts for one multi-prompt video"):
+        ours.generate(["a", "b"], negative_prompt=["x", "y"], num_frames=17, num_inference_steps=2,
+                      prompt_frames=[0, 8], show_progress=False)
