@@ -600,6 +600,10 @@ class LongVideoPipeline:
         if noise == "gaussian":
             return torch.randn(shape, generator=generator).to(self.device)
         if noise == "freenoise":
+            for name, value in (("noise_window", window), ("noise_stride", stride)):
+                if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                    raise ValueError(f"{name} (--{name.replace('_', '-')}) must be an integer >= 1 (or None for "
+                                     f"the default), got {value!r}")
             window = window or min(self.default_window(), shape[2])
             stride = stride or max(1, window // 4)
             return freenoise_noise(shape, window, stride, generator=generator).to(self.device)

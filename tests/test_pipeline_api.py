@@ -217,3 +217,10 @@ def test_multi_prompt_starts_in_one_latent_frame_and_several_negatives_are_refus
     with pytest.raises(ValueError, match="2 negative prompts for one multi-prompt video"):
         ours.generate(["a", "b"], negative_prompt=["x", "y"], num_frames=17, num_inference_steps=2,
                       prompt_frames=[0, 8], show_progress=False)
+
+
+def test_freenoise_zero_window_is_refused(pipes):
+    ours, _ = pipes
+    with pytest.raises(ValueError, match=r"noise_window \(--noise-window\) must be an integer >= 1"):
+        ours.generate("a", num_frames=17, num_inference_steps=2, noise="freenoise", noise_window=0,
+                      show_progress=False)
