@@ -34,3 +34,16 @@ def test_eval_names_an_unreadable_file(tmp_path, capsys):
     bad.write_bytes(b"\x00" * 100)
     assert main(["eval", str(bad), "--out", str(tmp_path / "r")]) == 2
     assert "broken.mp4" in capsys.readouterr().err
+
+
+def test_eval_says_when_a_clip_is_too_short_for_what_was_asked(tmp_path):
+    """A one-frame clip reported every metric empty without a word; windows past the clip were cut silently."""
+    one, short = tmp_path / "one.mp4", tmp_path / "short.mp4"
+    write_video(one, [_clip(0, 30)[:1]], fps=8)
+    write_video(short, [_clip(0, 30)[:13]], fps=8)
+    out = tmp_path / "r"
+    assert main(["eval", str(one), str(short), "--out", str(out), "--window", "50", "--stream-window", "50"]) == 0
+    videos = json.loads((out / "metrics.json").read_text())["videos"]
+    assert any("has 1 frame: no metric over time" in c for c in videos["one"]["caveats"])
+    assert any("window of 50 frames is longer than the clip's 13" in c for c in videos["short"]["caveats"])
+    assert any("stream window of 50 frames cut to 6" in c for c in videos["short"]["drift_caveats"])

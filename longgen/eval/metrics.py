@@ -560,7 +560,7 @@ BLANK_STD = 2.0
 """A frame whose luma standard deviation is below this (grey levels of 255) is uniform: blank."""
 STATIC_DIFF = 0.5
 """Consecutive frames whose mean absolute difference is below this (of 255) do not change: static."""
-TEMPORAL_BY_CONSTRUCTION = "temporal_flicker, ssim_prev, psnr_prev, warping_error and motion_smoothness"
+TEMPORAL_BY_CONSTRUCTION = "temporal_flicker, ssim_prev, psnr_prev, warping_error, motion_smoothness and stream_t"
 
 
 def clip_caveats(frames: np.ndarray) -> list[str]:
@@ -628,6 +628,15 @@ def evaluate_frames(
         "width": int(w),
         "window": int(window),
         "stride": int(window if stride is None else stride),
-        "caveats": clip_caveats(frames),
+        "caveats": clip_caveats(frames) + _window_caveats(int(n), int(window)),
         "metrics": metrics,
     }
+
+
+def _window_caveats(num_frames: int, window: int) -> list[str]:
+    """A clip too short for what was asked: one frame has no metric over time; a window past its end is cut."""
+    if num_frames < 2:
+        return [f"the clip has {num_frames} frame: no metric over time (every one needs 2 frames or more) is reported"]
+    if window > num_frames:
+        return [f"window of {window} frames is longer than the clip's {num_frames}: one window of the whole clip"]
+    return []

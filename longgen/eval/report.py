@@ -235,6 +235,9 @@ def drift_entries(
     else:
         out["stream"] = stream_report(frames, window=stream_window, embedder=stream_embedder)
         caveats += out["stream"]["caveats"]
+        if stream_window > n // 2:
+            caveats.append(f"stream window of {stream_window} frames cut to {n // 2}: STREAM-T needs at least two "
+                           f"windows in the clip's {n} frames")
     out["drift_caveats"] = caveats
     return out
 
