@@ -723,6 +723,12 @@ class LongVideoPipeline:
             do_classifier_free_guidance=guidance != 1.0, num_frames=num_frames, height=height, width=width,
         )
         given = prepare_conditioning(adapter, run.conditioning, shape, spec.function(), spec.name)
+        if given and int(given["conditioning"].resample) > 1 and not spec.resamples:
+            able = [n for n in sampler_names() if get_sampler(n).resamples]
+            raise ValueError(
+                f"--resample-steps (resample={given['conditioning'].resample}) is RePaint's resampling, which the "
+                f"{spec.name!r} sampler does not run: use --sampler {' or '.join(able)}, or drop it"
+            )
         x_noise = noise_fn(shape)
         if run.sigmas is not None and knobs.get("denoising_steps"):
             raise ValueError("sigmas and denoising_steps (--denoising-steps) both set the schedule: pass one")

@@ -280,6 +280,8 @@ def test_cli_given_frames_bad_inputs_are_clear_errors(saved, inputs, capsys):
         (["--context-frames", "5"], "--context-frames sets how many frames of --video start the clip"),
         (["--video", inputs["video"], "--mask", inputs["mask"], "--context-frames", "5"], "drop --context-frames"),
         (["--resample-steps", "4"], "--resample-steps re-noises around given frames"),
+        (["--video", inputs["video"], "--num-frames", "21", "--sampler", "df", "--resample-steps", "4"],
+         "which the 'df' sampler does not run: use --sampler full or sliding"),
         (["--video", inputs["video"], "--end-video", inputs["video"], "--context-frames", "5", "--num-frames", "13"],
          "nothing is left to generate"),
     ]

@@ -315,6 +315,7 @@ register_sampler(SamplerSpec(
     fn="longgen.samplers.full:sample_full",
     knobs=FullKnobs,
     description="the whole clip at once (naive baseline)",
+    resamples=True,
 ))
 register_sampler(SamplerSpec(
     name="sliding",
@@ -322,6 +323,7 @@ register_sampler(SamplerSpec(
     knobs=SlidingKnobs,
     description="overlapping windows of the native length fused every step (MultiDiffusion / FreeNoise)",
     resolve=_resolve_sliding,
+    resamples=True,
 ))
 register_sampler(SamplerSpec(
     name="fifo",

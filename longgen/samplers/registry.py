@@ -80,6 +80,8 @@ class SamplerSpec:
     knobs: type
     description: str = ""
     streams: bool = False
+    resamples: bool = False
+    """``fn`` runs RePaint's resampling (``conditioning.resample`` steps, ``--resample-steps``) around given frames."""
     resolve: Callable[[Any, SamplerContext], Any] = _default_resolve
     num_steps: Callable[[Any, SamplerContext], int] = _default_num_steps
     fit_steps: Callable[[int, SamplerContext], dict[str, Any]] | None = None
