@@ -18,6 +18,7 @@ are resized with it (nearest). Every bad input is a ``ValueError`` that names th
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -27,6 +28,8 @@ import numpy as np
 import torch
 
 from .conditioning import GivenFrames, OutputFraming
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["GivenInputs", "GivenPlan", "plan_given_frames"]
 
@@ -238,6 +241,12 @@ def _context_frames(inputs: GivenInputs, adapter: Any, plan: GivenPlan) -> tuple
             raise ValueError(
                 f"--end-video {inputs.end_video!r} has {end_meta.num_frames} frames, fewer than the {n} context "
                 f"frames: pass --context-frames {end_meta.num_frames} or less"
+            )
+        if meta.fps and end_meta.fps and abs(meta.fps - end_meta.fps) > 0.01 * meta.fps:
+            logger.warning(
+                "--end-video runs at %.3g fps and --video at %.3g: the transition is written at %.3g fps, so the end "
+                "clip plays %.2gx as fast (resample one of them to the other's rate for a seamless bridge)",
+                end_meta.fps, meta.fps, meta.fps, end_meta.fps / meta.fps,
             )
         end = _read_clip(inputs.end_video, "--end-video", None if inputs.keep_input else range(n))
         frames.append(_resize(end[:n], plan.height, plan.width))

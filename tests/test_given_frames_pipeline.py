@@ -341,3 +341,14 @@ def test_image_to_video_windows_pin_the_image_in_the_first_window_only():
     out = pipe.generate("a ball", image=Image.new("RGB", (32, 32), (200, 40, 40)), num_frames=17, sampler="sliding",
                         num_inference_steps=1, show_progress=False)
     assert out.latents.shape[2] == 5
+
+
+def test_an_end_video_at_another_frame_rate_is_warned_about(saved, inputs, caplog):
+    import logging
+
+    out = inputs["root"] / "bridge.mp4"
+    with caplog.at_level(logging.WARNING, logger="longgen.given_io"):
+        assert _generate(saved("wan"), out, "--video", inputs["video"], "--end-video", inputs["mask"],
+                         "--context-frames", "5", "--num-frames", "21") == 0
+    assert "--end-video runs at 8 fps and --video at 10" in caplog.text
+    assert out.exists()
