@@ -324,8 +324,9 @@ def _config_value(path: str, key: str, action: argparse.Action, value):
     if value is None:
         return None
     if action.nargs == 0:  # a switch (--flag, --flag/--no-flag): YAML 1.2 reads only true/false as booleans
-        words = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
-        value = words.get(value.lower(), value) if isinstance(value, str) else value
+        from .configfile import BOOL_WORDS
+
+        value = BOOL_WORDS.get(value.lower(), value) if isinstance(value, str) else value
         if not isinstance(value, bool):
             raise ValueError(f"{path}: {key}: a switch takes true or false, got {value!r}")
         return value

@@ -9,6 +9,9 @@ from __future__ import annotations
 import os
 from typing import Any
 
+BOOL_WORDS = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
+"""The words a boolean setting takes as a string (YAML 1.2 keeps ``yes`` / ``no`` / ``on`` / ``off`` as strings)."""
+
 
 def yaml_load(stream: Any) -> Any:
     """``yaml.safe_load`` with YAML 1.2 booleans: only ``true`` / ``false`` are booleans, so ``no``, ``off``,

@@ -122,9 +122,6 @@ class SamplerSpec:
         return self.knobs(**{k: _coerce(self.name, k, _field_type(self.knobs, k), v) for k, v in given.items()})
 
 
-_BOOL_WORDS = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
-
-
 def _coerce(sampler: str, name: str, kind: Any, value: Any) -> Any:
     """A knob value as its field's type (bool / int / float; a YAML or CLI string too), or a ValueError naming the
     knob: a wrong type used to fail deep inside the sampler, and any string ran as True for a bool knob."""
@@ -135,8 +132,10 @@ def _coerce(sampler: str, name: str, kind: Any, value: Any) -> Any:
     if kind is bool:
         if isinstance(value, bool):
             return value
-        if isinstance(value, str) and value.lower() in _BOOL_WORDS:
-            return _BOOL_WORDS[value.lower()]
+        from ..configfile import BOOL_WORDS
+
+        if isinstance(value, str) and value.lower() in BOOL_WORDS:
+            return BOOL_WORDS[value.lower()]
         raise ValueError(f"{where} is true or false, got {value!r}")
     if kind is int:
         if isinstance(value, bool):
