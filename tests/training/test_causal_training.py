@@ -432,7 +432,7 @@ def test_longgen_generate_reapplies_the_recorded_mask(saved, clips, tmp_path, ca
     assert generate("window2", "--local-attn-size", "2", "--no-auto-extension")[0] == 0
 
 
-def test_ode_pairs_and_precompute_refuse_each_others_cache(ode_cache, clips, tmp_path):
+def test_ode_pairs_and_precompute_refuse_each_others_cache(ode_cache, clips, tmp_path, capsys):
     """Either command into the other's folder used to mix the two caches (and ode-pairs then crashed)."""
     import shutil
 
@@ -452,5 +452,7 @@ def test_ode_pairs_and_precompute_refuse_each_others_cache(ode_cache, clips, tmp
     latent = tmp_path / "latent"
     precompute_cache(build_tiny("wan"), dataset, latent)
     before = sorted(os.listdir(latent))
+    capsys.readouterr()
     assert main(["ode-pairs", "--config", str(recipe), f"data.cache_dir={latent}", "--no-progress"]) == 2
+    assert "holds a latent cache of `longgen precompute`" in capsys.readouterr().err
     assert sorted(os.listdir(latent)) == before
